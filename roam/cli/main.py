@@ -1,0 +1,18 @@
+"""The `roam` command. Each part of roam adds its own command group here."""
+
+from __future__ import annotations
+
+import typer
+
+from roam.cli import device
+
+app = typer.Typer(
+    name="roam",
+    help="Run Linux VMs anywhere and live-migrate them between hosts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(device.app, name="device")
+
+if __name__ == "__main__":
+    app()
