@@ -1,0 +1,1 @@
+"""Exposure: how the hypervisor sees engine devices (NBD exports, FUSE files)."""
