@@ -34,7 +34,11 @@ class Provider(Protocol):
     async def close(self) -> None: ...
 
 
-def check_range(provider: Provider, offset: int, length: int) -> None:
+class HasSize(Protocol):
+    def size(self) -> int: ...
+
+
+def check_range(provider: HasSize, offset: int, length: int) -> None:
     """Raise StorageError unless [offset, offset+length) lies inside the device."""
     if offset < 0 or length < 0 or offset + length > provider.size():
         raise StorageError(

@@ -1,0 +1,357 @@
+"""The receiving end: builds the devices, verifies every block, takes authority.
+
+Every device sits behind a waiting cache, so whatever reads it (a resumed VM, an NBD or
+FUSE export) waits for blocks that have not arrived and asks for them first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import blake3
+
+from roam.migration.blocks import block_hash, decompress
+from roam.migration.channel import Channel, PeerLost
+from roam.migration.source import MigrationError, RemoteError
+from roam.migration.wire import (
+    ALL_CAPS,
+    VERSION,
+    Blocks,
+    DeviceSpec,
+    Dirty,
+    Encoding,
+    Error,
+    ErrorCode,
+    Event,
+    EventKind,
+    Group,
+    Hashes,
+    Hello,
+    Message,
+    MsgType,
+    ProtocolError,
+    decode,
+    encode_error,
+    encode_event,
+    encode_hashes,
+    encode_hello,
+    encode_range,
+)
+from roam.storage.combinator import WriteCombinator
+from roam.storage.provider import Provider
+from roam.storage.waiting import WaitingCache
+
+log = logging.getLogger(__name__)
+
+MAX_REFETCH = 3  # a block that fails verification this often is an error, not bad luck
+
+LOCAL, REMOTE = 1, 0  # write priorities: the VM's own writes beat blocks from the source
+
+
+class Decline(Exception):
+    """Raised by an authority hook to refuse authority; the source then resumes."""
+
+
+@dataclass
+class NewDevice:
+    """A device the destination made for an announced spec."""
+
+    provider: Provider
+    fresh: bool = True  # all zero now: zero blocks need no write
+    existing: bool = False  # holds older content: offer it to the source by hash
+
+
+DeviceFactory = Callable[[DeviceSpec], Awaitable[NewDevice]]
+
+
+async def _accept(payload: bytes, devices: dict[str, WaitingCache]) -> None:
+    return None
+
+
+@dataclass
+class DestinationResult:
+    group: Group | None = None
+    payload: bytes = b""
+    bytes_received: int = 0
+    blocks_received: int = 0
+    integrity_errors: int = 0
+    dropped_blocks: int = 0  # arrived after the VM wrote its own copy
+    verified_blocks: int = 0
+    seconds_to_authority: float = 0.0
+    total_seconds: float = 0.0
+    declined: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class Destination:
+    def __init__(self, channel: Channel, make_device: DeviceFactory,
+                 on_authority: Callable[[bytes, dict[str, WaitingCache]], Awaitable[None]]
+                 = _accept) -> None:
+        self.channel = channel
+        self.make_device = make_device
+        self.on_authority = on_authority
+        self.devices: dict[str, WaitingCache] = {}
+        self.ready = asyncio.Event()  # set once the devices exist
+        self.result = DestinationResult()
+        self._by_id: dict[int, tuple[DeviceSpec, WaitingCache, NewDevice]] = {}
+        self._written_ever: dict[int, bytearray] = {}
+        self._refetches: dict[tuple[int, int], int] = {}
+        self._complete_from_source = False
+        self._authority_task: asyncio.Task[None] | None = None
+        self._start = 0.0
+
+    async def run(self) -> DestinationResult:
+        start = time.perf_counter()
+        try:
+            self.channel.send(encode_hello(ALL_CAPS))
+            self._start = start
+            while not await self._step():
+                pass
+            if self._authority_task is not None:
+                await self._authority_task
+        except (ProtocolError, MigrationError) as e:
+            self._fail(e)
+            code = ErrorCode.INTEGRITY if "verification" in str(e) else ErrorCode.PROTOCOL
+            with contextlib.suppress(Exception):
+                self.channel.send(encode_error(code, str(e)))
+                await self.channel.drain()
+            raise
+        except PeerLost as e:
+            self._fail(e)
+            raise MigrationError(f"lost the source: {e}") from e
+        except BaseException as e:
+            self._fail(e)
+            raise
+        finally:
+            if self._authority_task is not None and not self._authority_task.done():
+                self._authority_task.cancel()
+            self.result.total_seconds = time.perf_counter() - start
+            self.result.bytes_received = self.channel.bytes_received
+        return self.result
+
+    async def _step(self) -> bool:
+        """Handle the next message, or notice that authority was taken; True when done."""
+        task = self._authority_task
+        if task is None or task.done():
+            kind, body = await self.channel.recv()
+            return await self._handle(decode(kind, body))
+        recv = asyncio.ensure_future(self.channel.recv())
+        await asyncio.wait([recv, task], return_when=asyncio.FIRST_COMPLETED)
+        if not recv.done():
+            recv.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recv
+            task.result()
+            return self._finished()
+        kind, body = recv.result()
+        return await self._handle(decode(kind, body))
+
+    def _fail(self, error: BaseException) -> None:
+        for cache in self.devices.values():
+            cache.fail(error)
+
+    # -- messages ------------------------------------------------------------------------
+
+    async def _handle(self, msg: Message) -> bool:
+        """Apply one message; True when the migration is finished."""
+        if isinstance(msg, Blocks):
+            await self._blocks(msg)
+        elif isinstance(msg, Dirty):
+            spec, cache, _ = self._device(msg.device)
+            if any(b >= spec.nblocks for b in msg.blocks):
+                raise ProtocolError(f"DIRTY names a block beyond device {spec.name}")
+            cache.mark_absent(msg.blocks)
+        elif isinstance(msg, Hashes) and msg.kind == MsgType.HASHES:
+            await self._verify(msg)
+        elif isinstance(msg, Event):
+            return await self._event(msg)
+        elif isinstance(msg, Hello):
+            if msg.version != VERSION:
+                raise ProtocolError(f"source speaks version {msg.version}, not {VERSION}")
+        elif isinstance(msg, Group):
+            await self._group(msg)
+        elif isinstance(msg, Error):
+            raise RemoteError(f"source: {msg.message} ({msg.code.name})")
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__} from source")
+        return self._finished()
+
+    async def _group(self, group: Group) -> None:
+        if self.result.group is not None:
+            raise ProtocolError("GROUP sent twice")
+        self.result.group = group
+        for spec in group.devices:
+            made = await self.make_device(spec)
+            if made.provider.size() != spec.size:
+                raise MigrationError(f"device {spec.name}: made {made.provider.size()} bytes, "
+                                     f"announced {spec.size}")
+            combinator = WriteCombinator(made.provider, spec.block_size)
+            cache = WaitingCache(combinator.input(LOCAL), combinator.input(REMOTE),
+                                 spec.block_size)
+            cache.on_need = self._asker(spec.id, MsgType.NEED_AT)
+            cache.on_dont_need = self._asker(spec.id, MsgType.DONT_NEED_AT)
+            self.devices[spec.name] = cache
+            self._by_id[spec.id] = (spec, cache, made)
+            self._written_ever[spec.id] = bytearray(spec.nblocks)
+            if made.existing:
+                await self._offer_existing(spec, made.provider)
+        self.ready.set()
+        self.channel.send(encode_event(EventKind.READY))
+
+    async def _offer_existing(self, spec: DeviceSpec, provider: Provider) -> None:
+        """Tell the source what we hold, so it sends "you have this" instead of data."""
+        bs = spec.block_size
+        per_frame = 4096
+        for start in range(0, spec.nblocks, per_frame):
+            stop = min(spec.nblocks, start + per_frame)
+            view = memoryview(await provider.read_at(start * bs, min(spec.size, stop * bs)
+                                                     - start * bs))
+            digests = [blake3.blake3(view[k * bs : (k + 1) * bs]).digest()
+                       for k in range(stop - start)]
+            self.channel.send(encode_hashes(MsgType.HAVE, spec.id, start, digests))
+            await self.channel.drain()
+
+    async def _blocks(self, msg: Blocks) -> None:
+        spec, cache, made = self._device(msg.device)
+        if msg.first + msg.count > spec.nblocks:
+            raise ProtocolError(f"BLOCKS beyond the end of device {spec.name}")
+        bs = spec.block_size
+        sizes = [min(bs, spec.size - (msg.first + i) * bs) for i in range(msg.count)]
+        written = self._written_ever[msg.device]
+        self.result.blocks_received += msg.count
+        if msg.encoding == Encoding.ZERO:
+            for i, size in enumerate(sizes):
+                block = msg.first + i
+                if made.fresh and not written[block]:
+                    cache.mark_present([block])
+                else:
+                    await self._store(cache, block, bytes(size), written)
+            return
+        if msg.encoding == Encoding.HAVE:
+            for i, size in enumerate(sizes):
+                block = msg.first + i
+                local = await made.provider.read_at(block * bs, size)
+                if blake3.blake3(local).digest() == msg.hash(i):
+                    cache.mark_present([block])
+                else:
+                    self._refetch(msg.device, block, "content hash does not match local data")
+            return
+        if msg.encoding == Encoding.RAW:
+            if len(msg.payload) != sum(sizes):
+                raise ProtocolError(f"BLOCKS payload is {len(msg.payload)} bytes, "
+                                    f"{sum(sizes)} expected")
+            pos = 0
+            chunks = []
+            for size in sizes:
+                chunks.append(msg.payload[pos : pos + size])
+                pos += size
+        else:
+            chunks = []
+            pos = 0
+            for length, size in zip(msg.lengths, sizes, strict=True):
+                chunks.append(memoryview(decompress(msg.encoding,
+                                                    msg.payload[pos : pos + length], size)))
+                pos += length
+        for i, chunk in enumerate(chunks):
+            block = msg.first + i
+            if block_hash(chunk) != msg.hash(i):
+                self._refetch(msg.device, block, "block hash mismatch")
+                continue
+            await self._store(cache, block, chunk, written)
+
+    async def _store(self, cache: WaitingCache, block: int, data: bytes | memoryview,
+                     written: bytearray) -> None:
+        written[block] = 1
+        if not await cache.write_remote(block, data):
+            self.result.dropped_blocks += 1
+
+    def _refetch(self, device: int, block: int, why: str) -> None:
+        spec, cache, _ = self._device(device)
+        key = (device, block)
+        self._refetches[key] = self._refetches.get(key, 0) + 1
+        self.result.integrity_errors += 1
+        log.warning("device %s block %d failed verification (%s); fetching it again",
+                    spec.name, block, why)
+        if self._refetches[key] > MAX_REFETCH:
+            raise MigrationError(f"device {spec.name} block {block} failed verification "
+                                 f"{self._refetches[key]} times: {why}")
+        cache.mark_absent([block])
+        bs = spec.block_size
+        self.channel.send(encode_range(MsgType.NEED_AT, device, block * bs,
+                                       min(bs, spec.size - block * bs)))
+
+    async def _verify(self, msg: Hashes) -> None:
+        """Compare our copy with the source's hashes; re-fetch whatever differs."""
+        spec, cache, made = self._device(msg.device)
+        if msg.first + len(msg.digests) > spec.nblocks:
+            raise ProtocolError(f"HASHES beyond the end of device {spec.name}")
+        bs = spec.block_size
+        for i, digest in enumerate(msg.digests):
+            block = msg.first + i
+            if not cache.is_present(block) or cache.local.combinator.owner(block) == LOCAL:
+                continue  # still arriving, or rewritten here after the handover
+            size = min(bs, spec.size - block * bs)
+            if block_hash(await made.provider.read_at(block * bs, size)) != digest:
+                self._refetch(msg.device, block, "final comparison differs")
+            else:
+                self.result.verified_blocks += 1
+
+    async def _event(self, msg: Event) -> bool:
+        if msg.kind == EventKind.AUTHORITY:
+            if self._authority_task is not None:
+                raise ProtocolError("AUTHORITY sent twice")
+            self.result.payload = msg.payload
+            self._authority_task = asyncio.create_task(self._take_authority(msg.payload),
+                                                       name="take-authority")
+        elif msg.kind == EventKind.COMPLETE:
+            self._complete_from_source = True
+        else:
+            raise ProtocolError(f"unexpected event {msg.kind.name} from source")
+        return self._finished()
+
+    async def _take_authority(self, payload: bytes) -> None:
+        """Run the application's hook (it may read devices: blocks keep arriving)."""
+        self.result.seconds_to_authority = time.perf_counter() - self._start
+        try:
+            await self.on_authority(payload, self.devices)
+        except Decline as e:
+            log.warning("declining authority: %s", e)
+            self.result.declined = True
+            self.channel.send(encode_event(EventKind.AUTHORITY_DECLINE, str(e).encode()))
+            await self.channel.drain()
+            return
+        self.channel.send(encode_event(EventKind.AUTHORITY_ACK))
+        await self.channel.drain()
+
+    def _finished(self) -> bool:
+        if not self._complete_from_source:
+            return False
+        if any(cache.present_count < cache.nblocks for cache in self.devices.values()):
+            return False
+        if self._authority_task is not None and not self._authority_task.done():
+            return False
+        self.channel.send(encode_event(EventKind.DONE))
+        return True
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _device(self, device: int) -> tuple[DeviceSpec, WaitingCache, NewDevice]:
+        try:
+            return self._by_id[device]
+        except KeyError:
+            raise ProtocolError(f"no device {device} in this group") from None
+
+    def _asker(self, device: int, kind: MsgType) -> Callable[[list[int]], None]:
+        def ask(blocks: list[int]) -> None:
+            spec = self._by_id[device][0]
+            bs = spec.block_size
+            for block in blocks:
+                with contextlib.suppress(PeerLost):
+                    self.channel.send(encode_range(kind, device, block * bs,
+                                                   min(bs, spec.size - block * bs)))
+        return ask

@@ -1,0 +1,497 @@
+"""The sending end of a migration: pre-copy, dirty cycles, handover, post-copy serving.
+
+Order of work: priority requests from the destination first, then every block once
+(least volatile first), then dirty cycles until the dirty set is small or the policy
+says stop; then suspend, final dirty list, authority transfer, and the last blocks
+stream while the destination already runs (unless post-copy is off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import blake3
+
+from roam.migration.blocks import Compressor, block_hash, is_zero
+from roam.migration.channel import Channel, PeerLost
+from roam.migration.wire import (
+    ALL_CAPS,
+    VERSION,
+    Caps,
+    DeviceSpec,
+    Encoding,
+    Error,
+    ErrorCode,
+    Event,
+    EventKind,
+    Group,
+    Hashes,
+    Hello,
+    Message,
+    MsgType,
+    ProtocolError,
+    Range,
+    decode,
+    encode_blocks_header,
+    encode_dirty,
+    encode_error,
+    encode_event,
+    encode_group,
+    encode_hashes,
+    encode_hello,
+)
+from roam.storage.dirty import DirtyTracker
+from roam.storage.provider import DEFAULT_BLOCK_SIZE, Provider
+from roam.storage.volatility import VolatilityMonitor
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RUN_BYTES = 1024 * 1024  # largest run of blocks in one BLOCKS frame
+
+
+class MigrationError(Exception):
+    """The migration failed; the source still has authority and runs as before."""
+
+
+class InDoubt(MigrationError):
+    """Authority was sent but never acknowledged: the source stays paused. An operator
+    (or the control plane) must find out whether the destination runs the workload."""
+
+
+class PostcopyFailed(MigrationError):
+    """The destination owns the workload but did not get every block."""
+
+
+class RemoteError(MigrationError):
+    """The peer reported an error."""
+
+
+@dataclass
+class SourceDevice:
+    """One device of the group, as the migrator sees it."""
+
+    name: str
+    tracker: DirtyTracker
+    volatility: VolatilityMonitor | None = None
+    sized_at_handover: bool = False
+
+    @classmethod
+    def stack(cls, name: str, source: Provider, block_size: int = DEFAULT_BLOCK_SIZE,
+              *, sized_at_handover: bool = False) -> SourceDevice:
+        """The usual stack: dirty tracker over volatility monitor over the source.
+        Write to `device.tracker` so that migration sees every change."""
+        volatility = VolatilityMonitor(source, block_size)
+        tracker = DirtyTracker(volatility, block_size)
+        return cls(name, tracker, volatility, sized_at_handover)
+
+    @property
+    def block_size(self) -> int:
+        return self.tracker.block_size
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _no_payload() -> bytes:
+    return b""
+
+
+@dataclass
+class SourceHooks:
+    """What the VM layer plugs in. Any hook that raises aborts the migration."""
+
+    before_collect: Callable[[], Awaitable[None]] = _nothing  # e.g. fsync the memory file
+    suspend: Callable[[], Awaitable[None]] = _nothing  # pause the workload, save its state
+    authority: Callable[[], Awaitable[bytes]] = _no_payload  # payload for the destination
+    resume: Callable[[], Awaitable[None]] = _nothing  # undo suspend (abort or decline)
+
+
+@dataclass
+class Policy:
+    max_dirty_blocks: int = 256  # hand over once a cycle finds at most this many dirty
+    min_cycles: int = 1
+    max_cycles: int = 20
+    cycle_throttle: float = 0.0  # seconds to wait between dirty cycles
+    postcopy: bool = True  # resume the destination before the last blocks arrive
+    compression: Encoding = Encoding.RAW  # RAW, ZSTD or LZ4
+    verify: bool = True  # send every block's hash at the end for a full comparison
+
+
+@dataclass
+class SourceResult:
+    outcome: str  # "completed" or "declined"
+    bytes_sent: int = 0
+    blocks_sent: int = 0
+    cycles: int = 0
+    dirty_per_cycle: list[int] = field(default_factory=list)
+    final_dirty: int = 0
+    total_seconds: float = 0.0
+    suspended_seconds: float = 0.0  # suspend called to authority acknowledged
+    handover_seconds: float = 0.0  # suspend called to authority sent
+    priority_blocks: int = 0
+    payload: bytes = b""
+
+
+class Source:
+    def __init__(self, channel: Channel, devices: Sequence[SourceDevice],
+                 hooks: SourceHooks | None = None, policy: Policy | None = None,
+                 group_name: str = "") -> None:
+        self.channel = channel
+        self.devices = list(devices)
+        self.hooks = hooks or SourceHooks()
+        self.policy = policy or Policy()
+        self.group = Group(name=group_name, devices=[
+            DeviceSpec(id=i, name=d.name, size=d.tracker.size(), block_size=d.block_size,
+                       sized_at_handover=d.sized_at_handover)
+            for i, d in enumerate(self.devices)
+        ])
+        self.result = SourceResult(outcome="")
+        self._pending = [bytearray(spec.nblocks) for spec in self.group.devices]
+        self._owned_by_peer = [bytearray(spec.nblocks) for spec in self.group.devices]
+        self._order: list[deque[int]] = [deque() for _ in self.devices]
+        self._priority: deque[tuple[int, int]] = deque()
+        self._work = asyncio.Event()
+        self._ready: asyncio.Future[None] | None = None
+        self._answer: asyncio.Future[EventKind] | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._peer_has: list[dict[int, bytes]] = [{} for _ in self.devices]
+        self._caps = Caps(0)
+        self._compressor: Compressor | None = None
+
+    async def run(self) -> SourceResult:
+        """Migrate the group. Raises MigrationError (source intact) or InDoubt."""
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._answer = loop.create_future()
+        self._done = loop.create_future()
+        start = time.perf_counter()
+        reader = asyncio.create_task(self._read_loop(), name="source-reader")
+        try:
+            await self._migrate(reader)
+        except PeerLost as e:
+            raise MigrationError(f"lost the destination: {e}") from e
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            self.result.total_seconds = time.perf_counter() - start
+            self.result.bytes_sent = self.channel.bytes_sent
+        return self.result
+
+    # -- phases ------------------------------------------------------------------------
+
+    async def _migrate(self, reader: asyncio.Task[None]) -> None:
+        assert self._ready and self._answer and self._done
+        self.channel.send(encode_hello(ALL_CAPS))
+        self.channel.send(encode_group(self.group))
+        await self._until(self._ready, reader)
+        if self.policy.compression != Encoding.RAW:
+            if (self.policy.compression == Encoding.ZSTD and Caps.ZSTD in self._caps) or (
+                self.policy.compression == Encoding.LZ4 and Caps.LZ4 in self._caps
+            ):
+                self._compressor = Compressor(self.policy.compression)
+            else:
+                log.warning("peer cannot decode %s; sending raw", self.policy.compression.name)
+
+        for i, dev in enumerate(self.devices):
+            blocks = range(len(self._pending[i]))
+            order = dev.volatility.order(blocks) if dev.volatility else list(blocks)
+            self._queue(i, order)
+        await self._send_pending(reader)
+
+        carry: list[list[int]] = [[] for _ in self.devices]
+        while True:
+            await self._check(self.hooks.before_collect(), reader)
+            dirty = [sorted(set(c) | set(d.tracker.sync())) for c, d in zip(
+                carry, self.devices, strict=True)]
+            total = sum(map(len, dirty))
+            self.result.cycles += 1
+            self.result.dirty_per_cycle.append(total)
+            log.debug("cycle %d: %d dirty blocks", self.result.cycles, total)
+            small = total <= self.policy.max_dirty_blocks
+            if (small and self.result.cycles >= self.policy.min_cycles) or (
+                self.result.cycles >= self.policy.max_cycles
+            ):
+                carry = dirty  # sent after the suspend, with whatever changes until then
+                break
+            self._send_dirty(dirty)
+            await self._send_pending(reader)
+            carry = [[] for _ in self.devices]
+            if self.policy.cycle_throttle:
+                await asyncio.sleep(self.policy.cycle_throttle)
+
+        await self._handover(carry, reader)
+
+    async def _handover(self, carry: list[list[int]], reader: asyncio.Task[None]) -> None:
+        assert self._answer and self._done
+        t0 = time.perf_counter()
+        await self._check(self.hooks.suspend(), reader)
+        try:
+            await self._check(self.hooks.before_collect(), reader)
+            final = [sorted(set(c) | set(d.tracker.sync())) for c, d in zip(
+                carry, self.devices, strict=True)]
+            self.result.final_dirty = sum(map(len, final))
+            self._send_dirty(final)
+            if not self.policy.postcopy:
+                await self._send_pending(reader)
+            payload = await self._check(self.hooks.authority(), reader)
+            self.channel.send(encode_event(EventKind.AUTHORITY, payload))
+            await self.channel.drain()
+        except BaseException as e:
+            # Authority never left: this host still owns the workload, so run it again.
+            log.warning("handover aborted before authority transfer: %s", e)
+            await self.hooks.resume()
+            with contextlib.suppress(Exception):
+                self.channel.send(encode_error(ErrorCode.ABORTED, f"source aborted: {e}"))
+            raise
+        self.result.handover_seconds = time.perf_counter() - t0
+
+        # Stream the rest while waiting for the answer; a lost link now is "in doubt".
+        sender = asyncio.create_task(self._send_pending(reader), name="postcopy-sender")
+        try:
+            answer = await asyncio.shield(self._answer)
+        except (PeerLost, MigrationError, ProtocolError) as e:
+            sender.cancel()
+            raise InDoubt(
+                f"authority was sent but not acknowledged ({e}); the source stays paused"
+            ) from e
+        self.result.suspended_seconds = time.perf_counter() - t0
+        if answer == EventKind.AUTHORITY_DECLINE:
+            sender.cancel()
+            log.warning("destination declined authority; resuming the source")
+            await self.hooks.resume()
+            self.result.outcome = "declined"
+            return
+        try:
+            await sender
+            if self.policy.verify:
+                await self._send_hashes()
+            self.channel.send(encode_event(EventKind.COMPLETE))
+            # Serve re-fetches (failed verification) until the destination has it all.
+            while not self._done.done():
+                await self._send_pending(reader, until=self._done)
+            self._done.result()
+        except (PeerLost, MigrationError, ProtocolError) as e:
+            raise PostcopyFailed(
+                f"authority was transferred, then streaming the last blocks failed: {e}"
+            ) from e
+        self.result.outcome = "completed"
+
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _queue(self, dev: int, blocks: Sequence[int]) -> None:
+        pending = self._pending[dev]
+        owned = self._owned_by_peer[dev]
+        queue = self._order[dev]
+        for b in blocks:
+            if not pending[b] and not owned[b]:
+                pending[b] = 1
+                queue.append(b)
+
+    def _send_dirty(self, dirty: list[list[int]]) -> None:
+        for i, blocks in enumerate(dirty):
+            if blocks:
+                for start in range(0, len(blocks), 65536):
+                    self.channel.send(encode_dirty(i, blocks[start : start + 65536]))
+                self._queue(i, blocks)
+
+    async def _send_pending(self, reader: asyncio.Task[None],
+                            until: asyncio.Future[None] | None = None) -> None:
+        """Send queued blocks, priority requests first; with `until`, also wait for more
+        requests until that future is done."""
+        order = self._order
+        while True:
+            if reader.done():
+                reader.result()  # raises what the reader hit
+                raise PeerLost("the connection reader stopped")
+            if self._priority:
+                dev, block = self._priority.popleft()
+                self.result.priority_blocks += 1
+                await self._send_run(dev, [block])
+                continue
+            run = self._next_run(order)
+            if run is not None:
+                await self._send_run(*run)
+                continue
+            if until is None or until.done():
+                return
+            self._work.clear()  # the reader sets it on requests, DONE and failure
+            await self._work.wait()
+
+    def _next_run(self, order: list[deque[int]]) -> tuple[int, list[int]] | None:
+        for dev, queue in enumerate(order):
+            pending = self._pending[dev]
+            limit = max(1, RUN_BYTES // self.devices[dev].block_size)
+            run: list[int] = []
+            while queue and len(run) < limit:
+                b = queue[0]
+                if not pending[b]:
+                    queue.popleft()
+                    continue
+                if run and b != run[-1] + 1:
+                    break
+                queue.popleft()
+                run.append(b)
+            if run:
+                return dev, run
+        return None
+
+    async def _send_run(self, dev: int, blocks: list[int]) -> None:
+        """Send consecutive blocks, split into frames of one kind (zero / data)."""
+        device = self.devices[dev]
+        bs = device.block_size
+        size = device.tracker.size()
+        pending = self._pending[dev]
+        for b in blocks:
+            pending[b] = 0
+        first = blocks[0]
+        end = min(size, (blocks[-1] + 1) * bs)
+        data = await device.tracker.read_tracked(first * bs, end - first * bs)
+        view = memoryview(data)
+        kinds: list[tuple[Encoding, int, int]] = []  # (kind, first block, count)
+        for i in range(len(blocks)):
+            chunk = view[i * bs : (i + 1) * bs]
+            kind = Encoding.ZERO if is_zero(chunk) else Encoding.RAW
+            if kinds and kinds[-1][0] == kind:
+                kinds[-1] = (kind, kinds[-1][1], kinds[-1][2] + 1)
+            else:
+                kinds.append((kind, first + i, 1))
+        for kind, run_first, count in kinds:
+            lo = (run_first - first) * bs
+            hi = min(len(view), lo + count * bs)
+            self._send_frame(dev, kind, run_first, count, view[lo:hi], bs)
+        self.result.blocks_sent += len(blocks)
+        await self.channel.drain()
+
+    def _send_frame(self, dev: int, kind: Encoding, first: int, count: int,
+                    data: memoryview, bs: int) -> None:
+        if kind == Encoding.ZERO:
+            self.channel.send(encode_blocks_header(dev, kind, first, count, b"", [], 0))
+            return
+        known = self._peer_has[dev]
+        if known:
+            digests = [blake3.blake3(data[i * bs : (i + 1) * bs]).digest() for i in range(count)]
+            if all(known.get(first + i) == d for i, d in enumerate(digests)):
+                self.channel.send(encode_blocks_header(
+                    dev, Encoding.HAVE, first, count, b"".join(digests), [], 0))
+                return
+        hashes = b"".join(block_hash(data[i * bs : (i + 1) * bs]) for i in range(count))
+        if self._compressor is not None:
+            packed = [self._compressor.compress(data[i * bs : (i + 1) * bs])
+                      for i in range(count)]
+            if all(p is not None for p in packed):
+                parts = [p for p in packed if p is not None]
+                self.channel.send(encode_blocks_header(
+                    dev, self._compressor.encoding, first, count, hashes,
+                    [len(p) for p in parts], sum(map(len, parts))), *parts)
+                return
+        self.channel.send(
+            encode_blocks_header(dev, Encoding.RAW, first, count, hashes, [], len(data)), data
+        )
+
+    async def _send_hashes(self) -> None:
+        """Every block's hash, so the destination can compare its whole copy. Reads go
+        below the dirty tracker: the workload is paused, nothing changes."""
+        for i, dev in enumerate(self.devices):
+            bs = dev.block_size
+            n = self.group.devices[i].nblocks
+            per_frame = max(1, RUN_BYTES // bs) * 16
+            for start in range(0, n, per_frame):
+                stop = min(n, start + per_frame)
+                end = min(dev.tracker.size(), stop * bs)
+                view = memoryview(await dev.tracker.inner.read_at(start * bs, end - start * bs))
+                digests = [block_hash(view[k * bs : (k + 1) * bs]) for k in range(stop - start)]
+                self.channel.send(encode_hashes(MsgType.HASHES, i, start, digests))
+                await self.channel.drain()
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        assert self._ready and self._answer and self._done
+        try:
+            while True:
+                kind, body = await self.channel.recv()
+                self._handle(decode(kind, body))
+        except BaseException as e:
+            for fut in (self._ready, self._answer, self._done):
+                if not fut.done():
+                    fut.set_exception(e if isinstance(e, Exception) else PeerLost("cancelled"))
+                    fut.exception()  # mark retrieved: whoever waits sees it via result()
+            self._work.set()
+            raise
+
+    def _handle(self, msg: Message) -> None:
+        assert self._ready and self._answer and self._done
+        if isinstance(msg, Hello):
+            if msg.version != VERSION:
+                raise ProtocolError(f"destination speaks version {msg.version}, not {VERSION}")
+            self._caps = msg.caps
+        elif isinstance(msg, Range):
+            self._handle_range(msg)
+        elif isinstance(msg, Hashes) and msg.kind == MsgType.HAVE:
+            self._device_index(msg.device)
+            known = self._peer_has[msg.device]
+            for i, digest in enumerate(msg.digests):
+                known[msg.first + i] = digest
+        elif isinstance(msg, Event):
+            if msg.kind == EventKind.READY and not self._ready.done():
+                self._ready.set_result(None)
+            elif msg.kind in (EventKind.AUTHORITY_ACK, EventKind.AUTHORITY_DECLINE):
+                if not self._answer.done():
+                    self._answer.set_result(msg.kind)
+            elif msg.kind == EventKind.DONE:
+                if not self._done.done():
+                    self._done.set_result(None)
+                self._work.set()
+            else:
+                raise ProtocolError(f"unexpected event {msg.kind.name} from destination")
+        elif isinstance(msg, Error):
+            raise RemoteError(f"destination: {msg.message} ({msg.code.name})")
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__} from destination")
+
+    def _handle_range(self, msg: Range) -> None:
+        dev = self._device_index(msg.device)
+        spec = self.group.devices[dev]
+        if msg.offset + msg.length > spec.size or msg.length == 0:
+            raise ProtocolError(f"{msg.kind.name} outside device {spec.name}")
+        bs = spec.block_size
+        blocks = range(msg.offset // bs, (msg.offset + msg.length - 1) // bs + 1)
+        if msg.kind == MsgType.NEED_AT:
+            self._owned_by_peer[dev][blocks.start : blocks.stop] = bytes(len(blocks))
+            self._priority.extend((dev, b) for b in blocks)
+        else:
+            # The destination wrote these itself: never send them again.
+            self._owned_by_peer[dev][blocks.start : blocks.stop] = b"\x01" * len(blocks)
+            self._pending[dev][blocks.start : blocks.stop] = bytes(len(blocks))
+        self._work.set()
+
+    def _device_index(self, device: int) -> int:
+        if device >= len(self.devices):
+            raise ProtocolError(f"no device {device} in this group")
+        return device
+
+    async def _check(self, step: Awaitable[T], reader: asyncio.Task[None]) -> T:
+        """Run a step, but fail at once if the connection reader fails meanwhile."""
+        task = asyncio.ensure_future(step)
+        await asyncio.wait([task, reader], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            reader.result()
+            raise PeerLost("the connection reader stopped")
+        return task.result()
+
+    async def _until(self, fut: asyncio.Future[None], reader: asyncio.Task[None]) -> None:
+        await self._check(asyncio.shield(fut), reader)

@@ -1,0 +1,367 @@
+"""The roam migration wire protocol, version 1 (specified in docs/PROTOCOL.md).
+
+Every message is a frame: an 8-byte header (type u8, flags u8, reserved u16, body length
+u32, big-endian) and a body. `decode` turns a body into a message object or raises
+ProtocolError; it never trusts a length it has not checked.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MAGIC = b"ROAM"
+VERSION = 1
+MAX_BODY = 64 * 1024 * 1024
+HASH_LEN = 16  # xxh3_128
+CONTENT_HASH_LEN = 32  # blake3
+
+HEADER = struct.Struct("!BBHI")
+
+
+class ProtocolError(Exception):
+    """The peer sent something this protocol does not allow."""
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 0x01
+    GROUP = 0x02
+    BLOCKS = 0x10
+    NEED_AT = 0x20
+    DONT_NEED_AT = 0x21
+    DIRTY = 0x30
+    HASHES = 0x31
+    HAVE = 0x32
+    EVENT = 0x40
+    ERROR = 0x7F
+
+
+class Caps(enum.IntFlag):
+    ZSTD = 1
+    LZ4 = 2
+    CONTENT = 4  # HAVE lists and blocks sent as "you already have this"
+
+
+ALL_CAPS = Caps.ZSTD | Caps.LZ4 | Caps.CONTENT
+
+
+class Encoding(enum.IntEnum):
+    RAW = 0
+    ZSTD = 1
+    LZ4 = 2
+    ZERO = 3  # every block of the run is zero: no hashes, no payload
+    HAVE = 4  # the receiver has this content already: blake3 per block, no payload
+
+
+class EventKind(enum.IntEnum):
+    READY = 1  # destination: group accepted, send blocks
+    AUTHORITY = 2  # source: the workload is yours (payload: application data)
+    AUTHORITY_ACK = 3  # destination: accepted, the workload runs here now
+    AUTHORITY_DECLINE = 4  # destination: refused, the source may resume
+    COMPLETE = 5  # source: every block has been sent
+    DONE = 6  # destination: every block is present and verified
+
+
+class ErrorCode(enum.IntEnum):
+    PROTOCOL = 1
+    VERSION = 2
+    IO = 3
+    INTEGRITY = 4
+    ABORTED = 5
+
+
+# -- messages ------------------------------------------------------------------------
+
+
+class DeviceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: int = Field(ge=0, lt=65536)
+    name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._-]+$")
+    size: int = Field(ge=0, le=1 << 50)
+    block_size: int = Field(ge=4096, le=1 << 24)
+    sized_at_handover: bool = False
+
+    @model_validator(mode="after")
+    def _power_of_two(self) -> DeviceSpec:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two")
+        return self
+
+    @property
+    def nblocks(self) -> int:
+        return (self.size + self.block_size - 1) // self.block_size
+
+
+class Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(default="", max_length=255)
+    devices: list[DeviceSpec] = Field(max_length=1024)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Group:
+        if len({d.id for d in self.devices}) != len(self.devices):
+            raise ValueError("device ids must be unique")
+        if len({d.name for d in self.devices}) != len(self.devices):
+            raise ValueError("device names must be unique")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    caps: Caps
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks:
+    """A run of `count` consecutive blocks of one device, from block `first`."""
+
+    device: int
+    encoding: Encoding
+    first: int
+    count: int
+    hashes: memoryview  # count * HASH_LEN (or CONTENT_HASH_LEN for HAVE; empty for ZERO)
+    lengths: tuple[int, ...]  # encoded length per block for ZSTD/LZ4; empty otherwise
+    payload: memoryview
+
+    def hash(self, i: int) -> bytes:
+        n = CONTENT_HASH_LEN if self.encoding == Encoding.HAVE else HASH_LEN
+        return bytes(self.hashes[i * n : (i + 1) * n])
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """NEED_AT / DONT_NEED_AT: a byte range of one device."""
+
+    kind: MsgType
+    device: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dirty:
+    device: int
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Hashes:
+    """HASHES (xxh3_128, for verification) or HAVE (blake3, content the sender holds)."""
+
+    kind: MsgType
+    device: int
+    first: int
+    digests: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: EventKind
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    code: ErrorCode
+    message: str
+
+
+Message = Hello | Group | Blocks | Range | Dirty | Hashes | Event | Error
+_Decoder = Callable[[memoryview], Message]
+
+# -- encoding ------------------------------------------------------------------------
+
+_HELLO = struct.Struct("!4sHI")
+_BLOCKS = struct.Struct("!HBxQI")
+_RANGE = struct.Struct("!HQI")
+_DIRTY = struct.Struct("!HI")
+_HASHES = struct.Struct("!HQI")
+_EVENT = struct.Struct("!B")
+_ERROR = struct.Struct("!H")
+
+
+def frame(kind: MsgType, body_len: int) -> bytes:
+    if body_len > MAX_BODY:
+        raise ProtocolError(f"message of {body_len} bytes exceeds the {MAX_BODY} limit")
+    return HEADER.pack(kind, 0, 0, body_len)
+
+
+def encode_hello(caps: Caps) -> bytes:
+    body = _HELLO.pack(MAGIC, VERSION, caps)
+    return frame(MsgType.HELLO, len(body)) + body
+
+
+def encode_group(group: Group) -> bytes:
+    body = group.model_dump_json().encode()
+    return frame(MsgType.GROUP, len(body)) + body
+
+
+def encode_blocks_header(device: int, encoding: Encoding, first: int, count: int,
+                         hashes: bytes, lengths: list[int], payload_len: int) -> bytes:
+    """Header, fixed part, hashes and lengths of a BLOCKS frame; the payload follows."""
+    lens = struct.pack(f"!{len(lengths)}I", *lengths) if lengths else b""
+    fixed = _BLOCKS.pack(device, encoding, first, count)
+    body_len = len(fixed) + len(hashes) + len(lens) + payload_len
+    return frame(MsgType.BLOCKS, body_len) + fixed + hashes + lens
+
+
+def encode_range(kind: MsgType, device: int, offset: int, length: int) -> bytes:
+    body = _RANGE.pack(device, offset, length)
+    return frame(kind, len(body)) + body
+
+
+def encode_dirty(device: int, blocks: list[int]) -> bytes:
+    body = _DIRTY.pack(device, len(blocks)) + struct.pack(f"!{len(blocks)}Q", *blocks)
+    return frame(MsgType.DIRTY, len(body)) + body
+
+
+def encode_hashes(kind: MsgType, device: int, first: int, digests: list[bytes]) -> bytes:
+    body = _HASHES.pack(device, first, len(digests)) + b"".join(digests)
+    return frame(kind, len(body)) + body
+
+
+def encode_event(kind: EventKind, payload: bytes = b"") -> bytes:
+    body = _EVENT.pack(kind) + payload
+    return frame(MsgType.EVENT, len(body)) + body
+
+
+def encode_error(code: ErrorCode, message: str) -> bytes:
+    body = _ERROR.pack(code) + message.encode()[:4096]
+    return frame(MsgType.ERROR, len(body)) + body
+
+
+# -- decoding ------------------------------------------------------------------------
+
+
+def parse_header(header: bytes | memoryview) -> tuple[MsgType, int]:
+    kind, flags, reserved, length = HEADER.unpack(header)
+    try:
+        msg_type = MsgType(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown message type 0x{kind:02x}") from None
+    if flags or reserved:
+        raise ProtocolError(f"{msg_type.name}: flags and reserved bits must be zero")
+    if length > MAX_BODY:
+        raise ProtocolError(f"{msg_type.name}: body of {length} bytes exceeds the limit")
+    return msg_type, length
+
+
+def decode(kind: MsgType, body: memoryview) -> Message:
+    """Decode one message body. Views into body stay valid only as long as body does."""
+    try:
+        return _DECODERS[kind](body)
+    except struct.error as e:
+        raise ProtocolError(f"{kind.name}: malformed body ({e})") from None
+
+
+def _hello(body: memoryview) -> Hello:
+    if len(body) != _HELLO.size:
+        raise ProtocolError(f"HELLO: body is {len(body)} bytes, expected {_HELLO.size}")
+    magic, version, caps = _HELLO.unpack(body)
+    if magic != MAGIC:
+        raise ProtocolError("HELLO: not a roam peer (bad magic)")
+    return Hello(version, Caps(caps & ALL_CAPS))
+
+
+def _group(body: memoryview) -> Group:
+    try:
+        return Group.model_validate(json.loads(bytes(body)))
+    except (ValueError, ValidationError) as e:
+        raise ProtocolError(f"GROUP: invalid group description: {e}") from None
+
+
+def _blocks(body: memoryview) -> Blocks:
+    device, enc, first, count = _BLOCKS.unpack_from(body)
+    try:
+        encoding = Encoding(enc)
+    except ValueError:
+        raise ProtocolError(f"BLOCKS: unknown encoding {enc}") from None
+    if count == 0:
+        raise ProtocolError("BLOCKS: empty run")
+    pos = _BLOCKS.size
+    hash_len = {Encoding.ZERO: 0, Encoding.HAVE: CONTENT_HASH_LEN}.get(encoding, HASH_LEN)
+    hashes = body[pos : pos + count * hash_len]
+    pos += count * hash_len
+    lengths: tuple[int, ...] = ()
+    if encoding in (Encoding.ZSTD, Encoding.LZ4):
+        lengths = struct.unpack_from(f"!{count}I", body, pos)
+        pos += 4 * count
+    if len(hashes) != count * hash_len or pos > len(body):
+        raise ProtocolError("BLOCKS: body shorter than its block count requires")
+    payload = body[pos:]
+    if lengths and sum(lengths) != len(payload):
+        raise ProtocolError("BLOCKS: encoded lengths do not add up to the payload")
+    if encoding in (Encoding.ZERO, Encoding.HAVE) and payload:
+        raise ProtocolError(f"BLOCKS: {encoding.name} runs carry no payload")
+    return Blocks(device, encoding, first, count, hashes, lengths, payload)
+
+
+def _range(kind: MsgType) -> _Decoder:
+    def decode_range(body: memoryview) -> Range:
+        if len(body) != _RANGE.size:
+            raise ProtocolError(f"{kind.name}: body is {len(body)} bytes, expected 14")
+        device, offset, length = _RANGE.unpack(body)
+        return Range(kind, device, offset, length)
+
+    return decode_range
+
+
+def _dirty(body: memoryview) -> Dirty:
+    device, count = _DIRTY.unpack_from(body)
+    if len(body) != _DIRTY.size + 8 * count:
+        raise ProtocolError(f"DIRTY: body does not hold {count} block numbers")
+    return Dirty(device, struct.unpack_from(f"!{count}Q", body, _DIRTY.size))
+
+
+def _hashes(kind: MsgType) -> _Decoder:
+    n = HASH_LEN if kind == MsgType.HASHES else CONTENT_HASH_LEN
+
+    def decode_hashes(body: memoryview) -> Hashes:
+        device, first, count = _HASHES.unpack_from(body)
+        if len(body) != _HASHES.size + n * count:
+            raise ProtocolError(f"{kind.name}: body does not hold {count} digests")
+        raw = bytes(body[_HASHES.size :])
+        return Hashes(kind, device, first, tuple(raw[i * n : (i + 1) * n] for i in range(count)))
+
+    return decode_hashes
+
+
+def _event(body: memoryview) -> Event:
+    if not body:
+        raise ProtocolError("EVENT: empty body")
+    try:
+        kind = EventKind(body[0])
+    except ValueError:
+        raise ProtocolError(f"EVENT: unknown kind {body[0]}") from None
+    return Event(kind, bytes(body[1:]))
+
+
+def _error(body: memoryview) -> Error:
+    (code,) = _ERROR.unpack_from(body)
+    try:
+        error_code = ErrorCode(code)
+    except ValueError:
+        error_code = ErrorCode.PROTOCOL
+    return Error(error_code, bytes(body[_ERROR.size :]).decode(errors="replace"))
+
+
+_DECODERS: dict[MsgType, _Decoder] = {
+    MsgType.HELLO: _hello,
+    MsgType.GROUP: _group,
+    MsgType.BLOCKS: _blocks,
+    MsgType.NEED_AT: _range(MsgType.NEED_AT),
+    MsgType.DONT_NEED_AT: _range(MsgType.DONT_NEED_AT),
+    MsgType.DIRTY: _dirty,
+    MsgType.HASHES: _hashes(MsgType.HASHES),
+    MsgType.HAVE: _hashes(MsgType.HAVE),
+    MsgType.EVENT: _event,
+    MsgType.ERROR: _error,
+}
