@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from roam.cli import device, fuse
+from roam.cli import device, fuse, nbd
 
 app = typer.Typer(
     name="roam",
@@ -14,6 +14,7 @@ app = typer.Typer(
 )
 app.add_typer(device.app, name="device")
 app.add_typer(fuse.app, name="fuse")
+app.add_typer(nbd.app, name="nbd")
 
 if __name__ == "__main__":
     app()
