@@ -74,7 +74,7 @@ class FuseMount:
         global _active
         if _active is not None:
             raise RuntimeError(f"pyfuse3 already serves {_active.mountpoint} in this process")
-        pyfuse3.asyncio.enable()
+        _enable_asyncio()
         pyfuse3.init(self._fs, str(self.mountpoint), self._options)
         _active = self
         try:
@@ -123,6 +123,25 @@ class FuseMount:
         pyfuse3.close(unmount=True)
         _active = None
         log.info("unmounted %s", self.mountpoint)
+
+
+def _enable_asyncio() -> None:
+    """Switch pyfuse3 to asyncio mode, with a race in its shutdown fixed.
+
+    pyfuse3.terminate() fails each worker's wait for the FUSE fd with set_exception. A
+    worker whose wait has just completed (a request is pending, as is usual at unmount)
+    makes that raise InvalidStateError halfway; the session would then be destroyed under
+    workers that are still running, and the next one to read from it crashes the process.
+    """
+    pyfuse3.asyncio.enable()
+    futures = pyfuse3.asyncio._read_futures
+
+    def notify_closing(fd: int) -> None:
+        for future in futures[fd]:
+            if not future.done():
+                future.set_exception(pyfuse3.asyncio.ClosedResourceError())
+
+    pyfuse3.asyncio.notify_closing = notify_closing
 
 
 def _fsync(path: Path) -> None:
