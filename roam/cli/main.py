@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from roam.cli import device, fuse, nbd
+from roam.cli import blueprint, device, fuse, nbd
 
 app = typer.Typer(
     name="roam",
@@ -13,6 +13,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(device.app, name="device")
+app.add_typer(blueprint.app, name="blueprint")
 app.add_typer(fuse.app, name="fuse")
 app.add_typer(nbd.app, name="nbd")
 

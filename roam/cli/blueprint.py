@@ -1,0 +1,51 @@
+"""`roam blueprint`: build the guest OS (kernel, initramfs, root disk) that VMs boot."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from roam.blueprint import BlueprintError, BuildOptions, build, cache_root
+
+app = typer.Typer(help="Build guest blueprints from Debian packages.", no_args_is_help=True)
+
+FileOption = Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                 resolve_path=True)]
+
+
+@app.command("build")
+def build_command(
+    out: Annotated[Path, typer.Option(help="Directory that receives the blueprint.")],
+    kernel: FileOption = None,
+    initramfs: FileOption = None,
+    rootfs: FileOption = None,
+    disk_size: Annotated[int, typer.Option(help="Root disk size in MiB.")] = 1024,
+    package: Annotated[list[str] | None, typer.Option(
+        help="Debian package for the root disk (repeat; replaces the default set).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Build (or take from the cache) a blueprint and copy it to --out.
+
+    --kernel/--initramfs/--rootfs use your own files instead of building those parts
+    (e.g. a PVM guest kernel). The cache lives in $ROAM_CACHE, default ~/.cache/roam.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    defaults = BuildOptions()
+    options = BuildOptions(
+        packages=tuple(package) if package else defaults.packages,
+        disk_size_mib=disk_size,
+        kernel=kernel,
+        initramfs=initramfs,
+        rootfs=rootfs,
+    )
+    try:
+        blueprint = build(options, out=out, cache=cache_root())
+    except BlueprintError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    size = blueprint.rootfs.stat().st_blocks * 512
+    typer.echo(f"blueprint {blueprint.hash} in {out} (root disk uses {size / 2**20:.0f} MiB)")

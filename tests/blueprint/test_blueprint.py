@@ -1,0 +1,135 @@
+"""The guest blueprint: build it, boot it under QEMU, and talk to its agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from roam.blueprint import Blueprint, build, cache_root
+from roam.blueprint.build import copy_file
+from roam.blueprint.initramfs import Cpio
+from roam.guest.client import GuestClient
+from roam.vm.accel import choose_accel
+from roam.vm.qemu_cmd import FileDisk, NbdDisk, QemuConfig, disk_from_uri, qemu_argv
+
+BOOT_TIMEOUT = 240.0
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory: UNIX socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="roam-bp-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def cpio_names(archive: bytes) -> list[str]:
+    listing = subprocess.run(["busybox", "cpio", "-t"], input=archive, capture_output=True,
+                             check=True)
+    return listing.stdout.decode().split()
+
+
+def test_cpio_writer_is_readable_by_cpio() -> None:
+    archive = Cpio()
+    archive.directory("bin")
+    archive.file("bin/odd-length", b"abc", 0o755)
+    archive.symlink("bin/link", "odd-length")
+    assert cpio_names(archive.finish()) == ["bin", "bin/odd-length", "bin/link"]
+
+
+def test_disk_uris() -> None:
+    assert disk_from_uri("/x/disk.img") == FileDisk(Path("/x/disk.img"))
+    assert disk_from_uri("nbd+unix:///root?socket=/run/n.sock") == NbdDisk(
+        Path("/run/n.sock"), "root")
+    with pytest.raises(ValueError):
+        disk_from_uri("nbd+unix:///root")
+
+
+@pytest.mark.slow
+def test_initramfs_loads_dependencies_first(blueprint: Blueprint) -> None:
+    assert blueprint.initramfs is not None
+    archive = gzip.decompress(blueprint.initramfs.read_bytes())
+    assert {"init", "bin/busybox", "dev/console", "lib/modules/ext4.ko"} <= set(
+        cpio_names(archive))
+    script = archive[archive.index(b"#!/bin/sh"):].split(b"\0")[0].decode()
+    order = re.search(r"for module in (.*); do", script)
+    assert order is not None
+    modules = order.group(1).split()
+    for before, after in [("virtio_ring.ko", "virtio.ko"), ("virtio.ko", "virtio_pci.ko"),
+                          ("virtio_pci_modern_dev.ko", "virtio_pci.ko"),
+                          ("net_failover.ko", "virtio_net.ko"), ("jbd2.ko", "ext4.ko")]:
+        assert modules.index(before) < modules.index(after)
+
+
+@pytest.mark.slow
+def test_second_build_comes_from_the_cache(blueprint: Blueprint, tmp_path: Path) -> None:
+    started = time.monotonic()
+    again = build(cache=cache_root(), out=tmp_path / "out")
+    assert again.hash == blueprint.hash
+    assert time.monotonic() - started < 30  # resolving versions and copying only
+    assert (tmp_path / "out" / "blueprint.json").is_file()
+    assert again.rootfs.stat().st_blocks * 512 < 400 << 20  # holes kept
+
+
+@contextlib.asynccontextmanager
+async def booted(blueprint: Blueprint, workdir: Path) -> AsyncIterator[GuestClient]:
+    """A guest on a file memory backend and a copy of the root disk, its agent connected."""
+    disk = workdir / "root.ext4"
+    copy_file(blueprint.rootfs, disk)
+    console = workdir / "console.log"
+    config = QemuConfig(
+        kernel=blueprint.kernel, initramfs=blueprint.initramfs, cmdline=blueprint.cmdline,
+        memory_mib=256, mem_path=workdir / "mem", disks=[FileDisk(disk)],
+        agent_socket=workdir / "agent.sock", qmp_socket=workdir / "qmp.sock",
+        console_log=console, accel=choose_accel())
+    with (workdir / "qemu.log").open("wb") as qemu_log:
+        qemu = await asyncio.create_subprocess_exec(
+            *qemu_argv(config), stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log)
+    client: GuestClient | None = None
+    try:
+        client = await GuestClient.connect(config.agent_socket, timeout=30)
+        ready = asyncio.create_task(client.wait_ready(BOOT_TIMEOUT))
+        exited = asyncio.create_task(qemu.wait())
+        await asyncio.wait([ready, exited], return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            pytest.fail(f"QEMU exited ({qemu.returncode}) before the guest was ready:\n"
+                        + (workdir / "qemu.log").read_text()
+                        + console.read_text(errors="replace")[-3000:])
+        exited.cancel()
+        if ready.exception() is not None:
+            pytest.fail(f"{ready.exception()}; console:\n"
+                        + console.read_text(errors="replace")[-3000:])
+        yield client
+    finally:
+        if client is not None:
+            await client.close()
+        if qemu.returncode is None:
+            qemu.kill()
+            await qemu.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_boot_to_ready_and_exec(blueprint: Blueprint, short_dir: Path) -> None:
+    started = time.monotonic()
+    async with booted(blueprint, short_dir) as guest:
+        print(f"\nboot to ready: {time.monotonic() - started:.1f} s")
+        assert await guest.ping() > 0
+        assert (await guest.exec(["redis-cli", "set", "k", "v"])).stdout == "OK\n"
+        got = await guest.exec(["redis-cli", "get", "k"])
+        assert (got.exit_code, got.stdout) == (0, "v\n")
+        boot_id = await guest.exec(["cat", "/proc/sys/kernel/random/boot_id"])
+        assert re.fullmatch(r"[0-9a-f-]{36}\n", boot_id.stdout)
+        missing = await guest.exec("ls /nonexistent")
+        assert missing.exit_code != 0 and "nonexistent" in missing.stderr
