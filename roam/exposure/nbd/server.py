@@ -40,6 +40,8 @@ MAX_OPTION = 64 * 1024
 HANDSHAKE_TIMEOUT = 60.0
 RECV_BUFFER = 8 * 1024 * 1024
 MIN_FREE = 256 * 1024
+SEND_BUFFER = 4 * 1024 * 1024
+"""Socket send buffer asked for, so a batch of large reads leaves in one writev."""
 MAX_TASKS = 256
 """Suspended requests per connection before the server stops reading from it."""
 CONTEXT_ID = 1
@@ -246,6 +248,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
+        if sock is not None:
+            with contextlib.suppress(OSError):  # the kernel caps it at wmem_max
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self._server._connections.add(self)
         self._handshake_task = asyncio.get_running_loop().create_task(self._handshake())
 
@@ -351,16 +356,14 @@ class _Connection(asyncio.BufferedProtocol):
             transport.abort()
 
     def _queue_rest(self, buffers: list[Buffer], sent: int) -> None:
-        rest = bytearray()
-        for b in buffers:
-            n = len(b)
-            if sent >= n:
-                sent -= n
-                continue
-            rest += memoryview(b)[sent:]
-            sent = 0
+        """Hand what the socket did not take to the transport, copied once."""
+        i = 0
+        while sent >= len(buffers[i]):
+            sent -= len(buffers[i])
+            i += 1
+        rest = [memoryview(buffers[i])[sent:], *buffers[i + 1 :]]
         assert self._transport is not None
-        self._transport.write(bytes(rest))
+        self._transport.write(b"".join(rest))
 
     def _update_reading(self) -> None:
         transport = self._transport
