@@ -16,6 +16,8 @@ from roam.storage.provider import Buffer, is_zero
 
 CHUNK = 4 * 1024 * 1024
 DEPTH = 8
+GRANULE = 64 * 1024
+"""Zero runs this large and aligned are skipped (left as holes), not written."""
 
 
 class Endpoint(Protocol):
@@ -132,18 +134,35 @@ async def copy(src: Endpoint, dst: Endpoint, *, chunk: int = CHUNK, depth: int =
         nonlocal written
         for offset in chunks:
             n = min(chunk, src.size - offset)
-            data = None if await src.is_hole(offset, n) else await src.read(offset, n)
-            if data is None or is_zero(data):
+            if await src.is_hole(offset, n):
                 if not dst.known_zero:
                     await dst.zero(offset, n)
             else:
-                await dst.write(offset, data)
-                written += n
+                data = memoryview(await src.read(offset, n))
+                for start, stop, zero in _runs(data):
+                    if not zero:
+                        await dst.write(offset + start, data[start:stop])
+                        written += stop - start
+                    elif not dst.known_zero:
+                        await dst.zero(offset + start, stop - start)
             if progress is not None:
                 progress(n)
 
     await asyncio.gather(*(worker() for _ in range(depth)))
     return written
+
+
+def _runs(data: memoryview, granule: int = GRANULE) -> list[tuple[int, int, bool]]:
+    """Split data into maximal runs of all-zero and not-all-zero granules."""
+    runs: list[tuple[int, int, bool]] = []
+    for start in range(0, len(data), granule):
+        stop = min(start + granule, len(data))
+        zero = is_zero(data[start:stop])
+        if runs and runs[-1][2] == zero:
+            runs[-1] = (runs[-1][0], stop, zero)
+        else:
+            runs.append((start, stop, zero))
+    return runs
 
 
 async def open_endpoint(spec: str, *, dest_size: int | None = None) -> Endpoint:
