@@ -19,7 +19,7 @@ ROOTFS_FILE = "rootfs.ext4"
 # and there is no modprobe to answer that request, so crc32c is loaded up front.
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console",
                      "crc32c_generic", "ext4")
-DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda rw panic=-1 loglevel=4"
+DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda rw panic=-1 loglevel=4 edd=off"
 
 
 class BlueprintError(Exception):

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from roam.blueprint import Blueprint, build, cache_root
+from roam.blueprint import Blueprint, BlueprintError, BuildOptions, build, cache_root
 from roam.blueprint.build import copy_file
 from roam.blueprint.initramfs import Cpio
+from roam.blueprint.spec import file_sha256
 from roam.guest.client import GuestClient
 from roam.vm.accel import choose_accel
-from roam.vm.qemu_cmd import FileDisk, NbdDisk, QemuConfig, disk_from_uri, qemu_argv
+from roam.vm.qemu_cmd import Disk, FileDisk, NbdDisk, QemuConfig, disk_from_uri, qemu_argv
 
 BOOT_TIMEOUT = 240.0
 
@@ -82,14 +83,12 @@ def test_second_build_comes_from_the_cache(blueprint: Blueprint, tmp_path: Path)
 
 
 @contextlib.asynccontextmanager
-async def booted(blueprint: Blueprint, workdir: Path) -> AsyncIterator[GuestClient]:
-    """A guest on a file memory backend and a copy of the root disk, its agent connected."""
-    disk = workdir / "root.ext4"
-    copy_file(blueprint.rootfs, disk)
+async def booted(blueprint: Blueprint, workdir: Path, disk: Disk) -> AsyncIterator[GuestClient]:
+    """A guest on a file memory backend and the given root disk, its agent connected."""
     console = workdir / "console.log"
     config = QemuConfig(
         kernel=blueprint.kernel, initramfs=blueprint.initramfs, cmdline=blueprint.cmdline,
-        memory_mib=256, mem_path=workdir / "mem", disks=[FileDisk(disk)],
+        memory_mib=256, mem_path=workdir / "mem", disks=[disk],
         agent_socket=workdir / "agent.sock", qmp_socket=workdir / "qmp.sock",
         console_log=console, accel=choose_accel())
     with (workdir / "qemu.log").open("wb") as qemu_log:
@@ -122,8 +121,9 @@ async def booted(blueprint: Blueprint, workdir: Path) -> AsyncIterator[GuestClie
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 async def test_boot_to_ready_and_exec(blueprint: Blueprint, short_dir: Path) -> None:
+    copy_file(blueprint.rootfs, short_dir / "root.ext4")
     started = time.monotonic()
-    async with booted(blueprint, short_dir) as guest:
+    async with booted(blueprint, short_dir, FileDisk(short_dir / "root.ext4")) as guest:
         print(f"\nboot to ready: {time.monotonic() - started:.1f} s")
         assert await guest.ping() > 0
         assert (await guest.exec(["redis-cli", "set", "k", "v"])).stdout == "OK\n"
@@ -133,3 +133,31 @@ async def test_boot_to_ready_and_exec(blueprint: Blueprint, short_dir: Path) -> 
         assert re.fullmatch(r"[0-9a-f-]{36}\n", boot_id.stdout)
         missing = await guest.exec("ls /nonexistent")
         assert missing.exit_code != 0 and "nonexistent" in missing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_boot_from_an_nbd_export(blueprint: Blueprint, short_dir: Path) -> None:
+    copy_file(blueprint.rootfs, short_dir / "root.ext4")
+    socket = short_dir / "nbd.sock"
+    server = await asyncio.create_subprocess_exec(
+        "qemu-nbd", "--persistent", "--socket", str(socket), "--format", "raw",
+        "--export-name", "root", str(short_dir / "root.ext4"))
+    try:
+        async with booted(blueprint, short_dir,
+                          disk_from_uri(f"nbd+unix:///root?socket={socket}")) as guest:
+            assert (await guest.exec("redis-cli ping")).stdout == "PONG\n"
+    finally:
+        server.kill()
+        await server.wait()
+
+
+@pytest.mark.slow
+def test_user_supplied_kernel_and_disk(blueprint: Blueprint, tmp_path: Path) -> None:
+    own = build(BuildOptions(kernel=blueprint.kernel, rootfs=blueprint.rootfs),
+                cache=tmp_path / "cache")
+    assert own.initramfs is None and own.manifest["kernel_release"] is None
+    assert own.manifest["inputs"]["rootfs"] == {"file_sha256": file_sha256(blueprint.rootfs)}
+    assert own.kernel.read_bytes() == blueprint.kernel.read_bytes()
+    with pytest.raises(BlueprintError, match="--initramfs goes with --kernel"):
+        build(BuildOptions(initramfs=blueprint.kernel), cache=tmp_path / "cache")
