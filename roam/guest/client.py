@@ -91,7 +91,20 @@ class GuestClient:
 
     async def call(self, method: str, params: Json | None = None,
                    timeout: float = DEFAULT_TIMEOUT) -> Json:
-        """Send one request and wait for its reply; raise GuestAgentError on error or timeout."""
+        """Send one request and wait for its reply; raise GuestAgentError on error or timeout.
+
+        An agent that restarted inside this session (roam-init respawns it) has forgotten
+        the handshake and answers no_handshake: shake hands again and retry once.
+        """
+        try:
+            return await self._call_once(method, params, timeout)
+        except GuestAgentError as exc:
+            if exc.code != "no_handshake" or method == "hello":
+                raise
+        await self.hello(timeout)
+        return await self._call_once(method, params, timeout)
+
+    async def _call_once(self, method: str, params: Json | None, timeout: float) -> Json:
         if self._closed is not None:
             raise self._closed
         msg_id = next(self._ids)

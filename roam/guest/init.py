@@ -107,9 +107,11 @@ def supervise(services: list[Service]) -> None:
             time.sleep(RESPAWN_DELAY)
             continue
         service = by_pid.pop(pid, None)
-        if service is None:
+        if service is None or service.process is None:
             continue
-        log(f"{service.name} exited with status {status}; restarting")
+        # Tell Popen we reaped it, or it would later waitpid() a pid that may be reused.
+        service.process.returncode = os.waitstatus_to_exitcode(status)
+        log(f"{service.name} exited ({service.process.returncode}); restarting")
         time.sleep(RESPAWN_DELAY)
         by_pid[service.start()] = service
 

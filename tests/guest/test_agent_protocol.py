@@ -63,8 +63,14 @@ async def test_handshake_then_ready_notification(pair: tuple[Harness, GuestClien
 async def test_calls_before_hello_are_refused(pair: tuple[Harness, GuestClient]) -> None:
     _, client = pair
     with pytest.raises(GuestAgentError) as info:
-        await client.ping()
+        await client._call_once("ping", None, 5)
     assert info.value.code == "no_handshake"
+
+
+async def test_client_shakes_hands_again_with_a_restarted_agent(
+        pair: tuple[Harness, GuestClient]) -> None:
+    _, client = pair  # no hello yet: what a restarted agent looks like to the client
+    assert await client.ping() > 0
 
 
 async def test_version_mismatch(pair: tuple[Harness, GuestClient]) -> None:
