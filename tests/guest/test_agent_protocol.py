@@ -39,13 +39,19 @@ class Harness:
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[Harness, GuestClient]]:
     host_sock, guest_sock = socket.socketpair()
     harness = Harness(tmp_path)
-    threading.Thread(target=harness.agent.serve, args=(guest_sock.fileno(),),
-                     daemon=True).start()
-    threading.Thread(target=harness.agent.watch_workload, daemon=True).start()
+    threads = [threading.Thread(target=harness.agent.serve, args=(guest_sock.fileno(),)),
+               threading.Thread(target=harness.agent.watch_workload)]
+    for thread in threads:
+        thread.start()
     reader, writer = await asyncio.open_unix_connection(sock=host_sock)
     client = GuestClient(reader, writer)
     yield harness, client
+    # Let the watcher finish and the agent see end of file before its fd is closed: a
+    # closed fd number is soon reused by another test's socket.
+    harness.flag.touch()
     await client.close()
+    for thread in threads:
+        await asyncio.to_thread(thread.join, 10)
     guest_sock.close()
 
 
