@@ -73,7 +73,11 @@ def kernel_package() -> DebPackage:
 def fetch(packages: list[DebPackage], workdir: Path) -> dict[str, Path]:
     """Download the .debs with `apt-get download` and unpack each into its own tree."""
     log.info("downloading %s", ", ".join(p.spec for p in packages))
-    run(["apt-get", "download", "-q", *(p.spec for p in packages)], cwd=workdir)
+    try:
+        run(["apt-get", "download", "-q", *(p.spec for p in packages)], cwd=workdir)
+    except BlueprintError as exc:
+        raise BlueprintError(f"{exc}\n(if the mirror no longer has these versions, the "
+                             "package lists are stale: run `apt-get update`)") from exc
     trees = {}
     for package in packages:
         debs = list(workdir.glob(f"{package.name}_*.deb"))

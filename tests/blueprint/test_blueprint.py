@@ -19,6 +19,7 @@ from roam.blueprint import Blueprint, BlueprintError, BuildOptions, build, cache
 from roam.blueprint.build import copy_file
 from roam.blueprint.initramfs import Cpio
 from roam.blueprint.spec import file_sha256
+from roam.blueprint.tools import PACKAGE_OF, which
 from roam.guest.client import GuestClient
 from roam.vm.accel import choose_accel
 from roam.vm.qemu_cmd import Disk, FileDisk, NbdDisk, QemuConfig, disk_from_uri, qemu_argv
@@ -46,6 +47,12 @@ def test_cpio_writer_is_readable_by_cpio() -> None:
     archive.file("bin/odd-length", b"abc", 0o755)
     archive.symlink("bin/link", "odd-length")
     assert cpio_names(archive.finish()) == ["bin", "bin/odd-length", "bin/link"]
+
+
+def test_missing_tool_error_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(PACKAGE_OF, "no-such-tool", "some-package")
+    with pytest.raises(BlueprintError, match="install the Debian package some-package"):
+        which("no-such-tool")
 
 
 def test_disk_uris() -> None:
