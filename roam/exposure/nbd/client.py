@@ -270,8 +270,9 @@ class NBDClient:
     async def request_raw(self, cmd: int, flags: int, offset: int, length: int,
                           payload: Buffer = b"") -> None:
         """Send any request as given (tests use it for malformed ones) and await its reply."""
+        readable = cmd == p.CMD_READ and length <= self.max_request
         await self._request(cmd, flags, offset, length, payload=payload,
-                            reply_length=length if cmd == p.CMD_READ else 0)
+                            reply_length=length if readable else 0)
 
     async def disconnect(self) -> None:
         """Send NBD_CMD_DISC after the requests in flight and close the connection."""
