@@ -20,6 +20,7 @@ PACKAGE_OF = {
     "mmdebstrap": "mmdebstrap",
     "mkfs.ext4": "e2fsprogs",
     "cp": "coreutils",
+    "fallocate": "util-linux",
 }
 
 
