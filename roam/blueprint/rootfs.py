@@ -107,7 +107,6 @@ def make_image(tree: Path, image: Path, size_mib: int) -> None:
     # boot: writes that dirty the disk and slow a TCG guest.
     run(["mkfs.ext4", "-q", "-F", "-L", "roam-root", "-d", str(tree),
          "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image), f"{size_mib}M"])
-    run(["fallocate", "--dig-holes", str(image)])  # those zeroed tables need no disk space
 
 
 def build_rootfs(workdir: Path, image: Path, suite: str, packages: list[str],

@@ -20,7 +20,6 @@ PACKAGE_OF = {
     "mmdebstrap": "mmdebstrap",
     "mkfs.ext4": "e2fsprogs",
     "cp": "coreutils",
-    "fallocate": "util-linux",
 }
 
 
