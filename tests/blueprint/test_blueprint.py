@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import re
-import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,19 +17,14 @@ from roam.blueprint.build import copy_file
 from roam.blueprint.initramfs import Cpio
 from roam.blueprint.spec import file_sha256
 from roam.blueprint.tools import PACKAGE_OF, which
-from roam.guest.client import GuestClient
-from roam.vm.accel import choose_accel
-from roam.vm.qemu_cmd import Disk, FileDisk, NbdDisk, QemuConfig, disk_from_uri, qemu_argv
-
-BOOT_TIMEOUT = 240.0
+from roam.vm.qemu_cmd import FileDisk, NbdDisk, disk_from_uri
+from tests.blueprint.boot import booted, short_dir
 
 
 @pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short directory: UNIX socket paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="roam-bp-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def workdir() -> Iterator[Path]:
+    with short_dir() as path:
+        yield path
 
 
 def cpio_names(archive: bytes) -> list[str]:
@@ -89,48 +81,12 @@ def test_second_build_comes_from_the_cache(blueprint: Blueprint, tmp_path: Path)
     assert again.rootfs.stat().st_blocks * 512 < 400 << 20  # holes kept
 
 
-@contextlib.asynccontextmanager
-async def booted(blueprint: Blueprint, workdir: Path, disk: Disk) -> AsyncIterator[GuestClient]:
-    """A guest on a file memory backend and the given root disk, its agent connected."""
-    console = workdir / "console.log"
-    config = QemuConfig(
-        kernel=blueprint.kernel, initramfs=blueprint.initramfs, cmdline=blueprint.cmdline,
-        memory_mib=256, mem_path=workdir / "mem", disks=[disk],
-        agent_socket=workdir / "agent.sock", qmp_socket=workdir / "qmp.sock",
-        console_log=console, accel=choose_accel())
-    with (workdir / "qemu.log").open("wb") as qemu_log:
-        qemu = await asyncio.create_subprocess_exec(
-            *qemu_argv(config), stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log)
-    client: GuestClient | None = None
-    try:
-        client = await GuestClient.connect(config.agent_socket, timeout=30)
-        ready = asyncio.create_task(client.wait_ready(BOOT_TIMEOUT))
-        exited = asyncio.create_task(qemu.wait())
-        await asyncio.wait([ready, exited], return_when=asyncio.FIRST_COMPLETED)
-        if not ready.done():
-            ready.cancel()
-            pytest.fail(f"QEMU exited ({qemu.returncode}) before the guest was ready:\n"
-                        + (workdir / "qemu.log").read_text()
-                        + console.read_text(errors="replace")[-3000:])
-        exited.cancel()
-        if ready.exception() is not None:
-            pytest.fail(f"{ready.exception()}; console:\n"
-                        + console.read_text(errors="replace")[-3000:])
-        yield client
-    finally:
-        if client is not None:
-            await client.close()
-        if qemu.returncode is None:
-            qemu.kill()
-            await qemu.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-async def test_boot_to_ready_and_exec(blueprint: Blueprint, short_dir: Path) -> None:
-    copy_file(blueprint.rootfs, short_dir / "root.ext4")
+async def test_boot_to_ready_and_exec(blueprint: Blueprint, workdir: Path) -> None:
+    copy_file(blueprint.rootfs, workdir / "root.ext4")
     started = time.monotonic()
-    async with booted(blueprint, short_dir, FileDisk(short_dir / "root.ext4")) as guest:
+    async with booted(blueprint, workdir, FileDisk(workdir / "root.ext4")) as guest:
         print(f"\nboot to ready: {time.monotonic() - started:.1f} s")
         assert await guest.ping() > 0
         assert (await guest.exec(["redis-cli", "set", "k", "v"])).stdout == "OK\n"
@@ -144,14 +100,14 @@ async def test_boot_to_ready_and_exec(blueprint: Blueprint, short_dir: Path) -> 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-async def test_boot_from_an_nbd_export(blueprint: Blueprint, short_dir: Path) -> None:
-    copy_file(blueprint.rootfs, short_dir / "root.ext4")
-    socket = short_dir / "nbd.sock"
+async def test_boot_from_an_nbd_export(blueprint: Blueprint, workdir: Path) -> None:
+    copy_file(blueprint.rootfs, workdir / "root.ext4")
+    socket = workdir / "nbd.sock"
     server = await asyncio.create_subprocess_exec(
         "qemu-nbd", "--persistent", "--socket", str(socket), "--format", "raw",
-        "--export-name", "root", str(short_dir / "root.ext4"))
+        "--export-name", "root", str(workdir / "root.ext4"))
     try:
-        async with booted(blueprint, short_dir,
+        async with booted(blueprint, workdir,
                           disk_from_uri(f"nbd+unix:///root?socket={socket}")) as guest:
             assert (await guest.exec("redis-cli ping")).stdout == "PONG\n"
     finally:
