@@ -129,10 +129,11 @@ def test_nbdcopy_both_ways(served: tuple[str, Path, Path], tmp_path: Path) -> No
     assert spare.read_bytes() == source.read_bytes()
 
 
-def test_fio_verify(served: tuple[str, Path, Path]) -> None:
+@pytest.mark.parametrize("bs", ["4k", "1M"])
+def test_fio_verify(served: tuple[str, Path, Path], bs: str) -> None:
     sock, _, _ = served
     out = run("fio", "--name=verify", "--ioengine=nbd", f"--uri={u(sock, 'spare')}",
-              "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=4M", "--verify=crc32c",
+              "--rw=randwrite", f"--bs={bs}", "--iodepth=16", "--size=4M", "--verify=crc32c",
               "--do_verify=1", "--output-format=json")
     job = json.loads(out[out.index("{") :])["jobs"][0]
     assert job["error"] == 0

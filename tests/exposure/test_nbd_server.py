@@ -14,6 +14,7 @@ from roam.exposure.nbd import protocol as p
 from roam.exposure.nbd.client import NBDClient
 from roam.exposure.nbd.server import Export, NBDServer
 from roam.storage.dirty import DirtyTracker
+from roam.storage.gate import Gate
 from roam.storage.metrics import Metrics
 from roam.storage.provider import Buffer
 from roam.storage.sources import MemorySource
@@ -216,5 +217,29 @@ async def test_starttls_on_tcp(tmp_path: Path) -> None:
             await c.write(10, b"secret" * 100_000)
             assert await c.read(10, 600_000) == b"secret" * 100_000
             assert [e.flags for e in await c.block_status(0, 10)] == [0]
+    finally:
+        await srv.close()
+
+
+async def test_large_write_into_a_waiting_device(tmp_path: Path) -> None:
+    """A streamed WRITE whose pieces wait (a locked gate) still lands whole and in order,
+    and reads go on meanwhile."""
+    source = MemorySource(SIZE)
+    gate = Gate(source)
+    srv = NBDServer([Export("", gate)])
+    sock = str(tmp_path / "gate.sock")
+    await srv.serve_unix(sock)
+    try:
+        async with await NBDClient.connect(uri(sock, "")) as c:
+            await gate.lock()
+            data = bytes(range(251)) * 12_000  # about 2.9 MiB, not block aligned
+            writing = asyncio.ensure_future(c.write(12_345, data, fua=True))
+            await asyncio.sleep(0.05)
+            assert await c.read(0, 10) == bytes(10)
+            assert not writing.done()
+            gate.unlock()
+            await writing
+            assert await c.read(12_345, len(data)) == data
+            assert bytes(await source.read_at(12_345 + len(data), 100)) == bytes(100)
     finally:
         await srv.close()

@@ -42,6 +42,10 @@ RECV_BUFFER = 8 * 1024 * 1024
 MIN_FREE = 256 * 1024
 SEND_BUFFER = 4 * 1024 * 1024
 """Socket send buffer asked for, so a batch of large reads leaves in one writev."""
+STREAM_MIN = 256 * 1024
+"""WRITEs this large are written as their payload arrives instead of after all of it."""
+STREAM_ALIGN = 64 * 1024
+"""Streamed pieces end on multiples of this (the default device block size)."""
 MAX_TASKS = 256
 """Suspended requests per connection before the server stops reading from it."""
 CONTEXT_ID = 1
@@ -140,6 +144,27 @@ def _error_code(exc: BaseException) -> int:
     return p.EIO
 
 
+async def _write_after(before: asyncio.Future[Any], provider: Provider, offset: int,
+                       data: Buffer) -> None:
+    await before
+    await provider.write_at(offset, data)
+
+
+class _Stream:
+    """A large WRITE whose payload is written piece by piece as it arrives."""
+
+    __slots__ = ("cookie", "error", "failure", "flags", "offset", "remaining", "task")
+
+    def __init__(self, cookie: int, flags: int, offset: int, length: int, error: int) -> None:
+        self.cookie = cookie
+        self.flags = flags
+        self.offset = offset
+        self.remaining = length
+        self.error = error
+        self.failure: Exception | None = None
+        self.task: asyncio.Future[Any] | None = None
+
+
 class NBDServer:
     """Serves several exports over any number of UNIX and TCP listeners.
 
@@ -235,6 +260,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._meta_export: str | None = None
         self._out: list[Buffer] = []
         self._borrowed = False
+        self._stream: _Stream | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -572,7 +598,15 @@ class _Connection(asyncio.BufferedProtocol):
         pos = self._start
         end = self._end
         unpack = p.REQUEST.unpack_from
-        while end - pos >= 28 and not self._disconnecting:
+        self._want = 0
+        while not self._disconnecting:
+            if self._stream is not None:
+                pos = self._feed(self._stream, pos, end)
+                if self._stream is not None:
+                    break
+                continue
+            if end - pos < 28:
+                break
             magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
             if magic != p.REQUEST_MAGIC:
                 log.debug("bad request magic %#x: disconnecting", magic)
@@ -583,26 +617,99 @@ class _Connection(asyncio.BufferedProtocol):
                     log.debug("write of %d bytes is over the limit: disconnecting", length)
                     self._drop()
                     return
-                if end - pos - 28 < length:
+                if end - pos - 28 >= length:
+                    data = self._view[pos + 28 : pos + 28 + length]
+                    pos += 28 + length
+                    self._write(flags, cookie, offset, data)
+                elif length >= STREAM_MIN:
+                    pos += 28
+                    self._stream = self._start_stream(flags, cookie, offset, length)
+                else:
                     self._want = 28 + length
                     break
-                data = self._view[pos + 28 : pos + 28 + length]
-                pos += 28 + length
-                self._write(flags, cookie, offset, data)
             elif cmd == p.CMD_READ:
                 pos += 28
                 self._read(flags, cookie, offset, length)
             else:
                 pos += 28
                 self._command(cmd, flags, cookie, offset, length)
-        else:
-            self._want = 0
         if pos == end and not self._pinned:
             pos = end = self._end = 0
+        elif pos > STREAM_ALIGN * 16 and end - pos < STREAM_ALIGN and not self._pinned:
+            self._start = pos
+            self._compact()  # keep receiving into the first, cache-warm part of the buffer
+            pos = 0
         self._start = pos
         self._flush_out()
         if self._disconnecting:
             self._start = self._end  # requests after DISC are ignored
+
+    def _start_stream(self, flags: int, cookie: int, offset: int, length: int) -> _Stream:
+        error = self._check(flags, offset, length, p.ENOSPC)
+        if self._read_only:
+            error = p.EPERM
+        if not error and self._borrowed:
+            self._flush_out()
+        return _Stream(cookie, flags, offset, length, error)
+
+    def _feed(self, stream: _Stream, pos: int, end: int) -> int:
+        """Write the part of a streamed payload that has arrived, in whole device blocks
+        (so that no block is split between two writes), and reply after the last part."""
+        n = min(end - pos, stream.remaining)
+        if n < stream.remaining:
+            n = (stream.offset + n) // STREAM_ALIGN * STREAM_ALIGN - stream.offset
+            if n <= 0:
+                self._want = STREAM_ALIGN * 2
+                return pos
+        if not stream.error and stream.failure is None:
+            self._write_piece(stream, self._view[pos : pos + n])
+        stream.offset += n
+        stream.remaining -= n
+        if stream.remaining:
+            return pos + n
+        self._stream = None
+        if stream.error:
+            self._error(stream.cookie, stream.error)
+        elif stream.failure is not None:
+            self._fail(stream.cookie, stream.failure)
+        elif stream.task is not None:
+            self._spawn(self._finish_stream(stream))
+        elif stream.flags & p.CMD_FLAG_FUA:
+            assert self._provider is not None
+            self._run(self._provider.flush(), stream.cookie)
+        else:
+            self._ok(stream.cookie)
+        return pos + n
+
+    def _write_piece(self, stream: _Stream, piece: memoryview) -> None:
+        assert self._provider is not None
+        if stream.task is not None:  # an earlier piece still waits: queue behind it
+            self._pinned = True
+            stream.task = asyncio.ensure_future(
+                _write_after(stream.task, self._provider, stream.offset, piece))
+            return
+        coro = self._provider.write_at(stream.offset, piece)
+        try:
+            pending = coro.send(None)
+        except StopIteration:
+            return
+        except Exception as e:
+            stream.failure = e
+            return
+        self._pinned = True
+        stream.task = asyncio.ensure_future(_resume(coro, pending))
+
+    async def _finish_stream(self, stream: _Stream) -> None:
+        assert stream.task is not None and self._provider is not None
+        try:
+            await stream.task
+            if stream.flags & p.CMD_FLAG_FUA:
+                await self._provider.flush()
+        except Exception as e:
+            self._fail(stream.cookie, e)
+        else:
+            self._ok(stream.cookie)
+        self._flush_out()
 
     def _drop(self) -> None:
         self._flush_out()
