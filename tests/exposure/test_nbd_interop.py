@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -236,3 +237,32 @@ def test_cli_rejects_bad_listen(tmp_path: Path) -> None:
                            "--listen", "udp://x"], capture_output=True, timeout=30,
                           env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode != 0 and b"tcp://HOST:PORT" in proc.stderr
+
+
+def test_cli_read_only_over_tcp(tmp_path: Path) -> None:
+    disk = tmp_path / "ro.img"
+    disk.write_bytes(pattern(SIZE, 8))
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "roam.cli.main", "nbd", "serve", str(disk),
+                             "--listen", f"tcp://127.0.0.1:{port}", "--read-only"],
+                            stderr=subprocess.PIPE)
+    try:
+        uri = f"nbd://127.0.0.1:{port}/"
+        for _ in range(500):
+            if subprocess.run(["nbdinfo", "--can", "connect", uri]).returncode == 0:
+                break
+            time.sleep(0.02)
+        assert subprocess.run(["nbdinfo", "--is", "read-only", uri]).returncode == 0
+        write = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 4096", uri],
+                               capture_output=True, text=True, timeout=60)
+        assert write.returncode != 0 and "Permission denied" in write.stderr
+        out = tmp_path / "out.img"
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out))
+        assert out.read_bytes() == disk.read_bytes()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert f"tcp://127.0.0.1:{port}".encode() in err

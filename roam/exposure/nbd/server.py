@@ -635,7 +635,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._command(cmd, flags, cookie, offset, length)
         if pos == end and not self._pinned:
             pos = end = self._end = 0
-        elif pos > STREAM_ALIGN * 16 and end - pos < STREAM_ALIGN and not self._pinned:
+        elif pos > STREAM_ALIGN * 4 and end - pos < STREAM_ALIGN and not self._pinned:
             self._start = pos
             self._compact()  # keep receiving into the first, cache-warm part of the buffer
             pos = 0
