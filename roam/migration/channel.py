@@ -14,11 +14,14 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from roam.migration.wire import HEADER, MsgType, parse_header
 from roam.storage.provider import Buffer
+
+
+WRITE_HIGH_WATER = 8 * 1024 * 1024
 
 
 class PeerLost(ConnectionError):
@@ -62,8 +65,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
     # -- asyncio protocol callbacks --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # Keep several frames in flight: the default 64 KiB high-water mark would stall
+        # the sender after every 1 MiB frame until the kernel took it all.
+        self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.connected.set()
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -14,12 +14,13 @@ class MemorySource:
     """A device held in process memory (tests, scratch, small state devices)."""
 
     def __init__(self, size: int) -> None:
-        self._data = bytearray(size)
-        self._view = memoryview(self._data)
-        self._closed = False
+        # Anonymous memory: pages are zero and cost nothing until first written.
+        self._size = size
+        self._map = mmap.mmap(-1, max(size, 1))
+        self._view = memoryview(self._map)[:size]
 
     def size(self) -> int:
-        return len(self._data)
+        return self._size
 
     async def read_at(self, offset: int, length: int) -> Buffer:
         check_range(self, offset, length)
@@ -33,7 +34,7 @@ class MemorySource:
         pass
 
     async def close(self) -> None:
-        self._closed = True
+        pass  # the memory goes with the object: a closed device may still be read back
 
 
 class FileSource:
