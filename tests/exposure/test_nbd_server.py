@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -243,3 +244,24 @@ async def test_large_write_into_a_waiting_device(tmp_path: Path) -> None:
             assert bytes(await source.read_at(12_345 + len(data), 100)) == bytes(100)
     finally:
         await srv.close()
+
+
+async def test_socket_in_use_refused_stale_replaced(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    first = NBDServer([Export("", MemorySource(4096))])
+    await first.serve_unix(sock)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            await NBDServer([Export("", MemorySource(4096))]).serve_unix(sock)
+    finally:
+        await first.close()
+    with socket.socket(socket.AF_UNIX) as stale:  # a socket file nobody listens on
+        stale.bind(str(sock))
+    second = NBDServer([Export("", MemorySource(8192))])
+    await second.serve_unix(sock)
+    try:
+        async with await NBDClient.connect(f"nbd+unix:///?socket={sock}") as c:
+            assert c.size == 8192
+    finally:
+        await second.close()
+    assert not sock.exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -165,6 +166,22 @@ class _Stream:
         self.task: asyncio.Future[Any] | None = None
 
 
+def _remove_stale_socket(path: Path) -> None:
+    """Delete a socket left by a server that is gone; refuse one that still answers."""
+    try:
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            return  # not a socket: binding will fail and say so
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+            return
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
+
+
 class NBDServer:
     """Serves several exports over any number of UNIX and TCP listeners.
 
@@ -198,9 +215,7 @@ class NBDServer:
 
     async def serve_unix(self, path: str | Path) -> asyncio.Server:
         path = Path(path)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()  # a stale socket from a previous run
+        _remove_stale_socket(path)
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(lambda: _Connection(self, None), str(path))
         self._servers.append(server)
