@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from roam.storage.provider import Buffer, Provider, blocks_spanning, check_block_size
+from roam.storage.provider import (
+    Buffer,
+    Provider,
+    blocks_spanning,
+    check_block_size,
+    check_range,
+)
 
 
 class DirtyTracker:
@@ -45,6 +51,7 @@ class DirtyTracker:
 
     async def read_tracked(self, offset: int, length: int) -> Buffer:
         """Read for migration: the blocks read are tracked from now on."""
+        check_range(self, offset, length)
         for block in blocks_spanning(offset, length, self.block_size):
             self._tracked[block] = 1
         return await self.inner.read_at(offset, length)

@@ -40,12 +40,14 @@ class Gate:
         self._open.set()
 
     async def read_at(self, offset: int, length: int) -> Buffer:
-        if self._block_reads:
+        # Loop: the gate may close again between the unlock that woke us and our turn.
+        while self._block_reads and not self._open.is_set():
             await self._open.wait()
         return await self.inner.read_at(offset, length)
 
     async def write_at(self, offset: int, data: Buffer) -> None:
-        await self._open.wait()
+        while not self._open.is_set():
+            await self._open.wait()
         self._in_flight += 1
         self._idle.clear()
         try:

@@ -136,6 +136,7 @@ class SparseFileSource:
 
     async def read_at(self, offset: int, length: int) -> Buffer:
         check_range(self, offset, length)
+        self._check_open()
         data = os.pread(self._fd, length, offset)
         if len(data) < length:  # never happens for a sized file, but stay exact
             data += bytes(length - len(data))
@@ -143,6 +144,7 @@ class SparseFileSource:
 
     async def write_at(self, offset: int, data: Buffer) -> None:
         check_range(self, offset, len(data))
+        self._check_open()
         view = memoryview(data)
         bs = self._block_size
         pos = 0
@@ -157,7 +159,12 @@ class SparseFileSource:
             pos += n
 
     async def flush(self) -> None:
+        self._check_open()
         os.fsync(self._fd)
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise StorageError(f"{self.path} is closed")
 
     async def close(self) -> None:
         if self._fd >= 0:
