@@ -1,0 +1,228 @@
+"""The QEMU driver: one guest process, controlled over QMP.
+
+The interface is what a snapshot, a runner or a migration needs and no more: start
+(cold, or waiting for incoming state), pause, resume, save and load the device state,
+stop, and notice when QEMU dies under us. Guest memory is never copied by QEMU: the
+`x-ignore-shared` capability leaves the shared memory-backend-file out of the migration
+stream, since that memory already is an engine device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from qemu.qmp import QMPClient, QMPError
+
+from roam.storage.provider import Provider
+from roam.vm import state
+from roam.vm.qemu_cmd import QemuConfig, qemu_argv
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+QMP_CONNECT_TIMEOUT = 30.0
+STATE_TIMEOUT = 120.0
+STOP_TIMEOUT = 10.0
+_POLL = 0.005
+_STATE_FD = "roamstate"
+
+
+class QemuError(Exception):
+    """QEMU refused a command, failed a migration, or is not running."""
+
+
+class QemuExited(QemuError):
+    """QEMU ended while the VM was supposed to be running."""
+
+    def __init__(self, returncode: int, log_tail: str) -> None:
+        how = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+        super().__init__(f"QEMU exited unexpectedly ({how})"
+                         + (f": {log_tail}" if log_tail else ""))
+        self.returncode = returncode
+
+
+class QemuVM:
+    """A QEMU process for `config`; its own output goes to `log_path`."""
+
+    def __init__(self, config: QemuConfig, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self._process: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Task[int] | None = None
+        self._qmp = QMPClient("roam")
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._exited is not None and not self._exited.done()
+
+    async def start(self, *, incoming: bool = False) -> None:
+        """Start QEMU; with `incoming` it waits, paused, for load_state instead of booting."""
+        argv = qemu_argv(self.config)
+        if incoming:
+            argv += ["-S", "-incoming", "defer"]
+        log.debug("starting %s", " ".join(argv))
+        # Its own session: a Ctrl-C meant for us (the terminal signals the whole process
+        # group) must not kill QEMU before we have suspended the VM.
+        with self.log_path.open("ab") as out:
+            self._process = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True)
+        self._exited = asyncio.create_task(self._process.wait())
+        await self.guard(self._connect())
+        # Set on both ends of every save/load: the shared memory file is not state.
+        await self.command("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+
+    async def _connect(self) -> None:
+        deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
+        socket = self.config.qmp_socket
+        while True:
+            # Waiting for the socket file keeps qemu.qmp from logging each early attempt.
+            if socket.exists():
+                try:
+                    await self._qmp.connect(str(socket))
+                    return
+                except QMPError:
+                    pass
+            if time.monotonic() > deadline:
+                raise QemuError(f"QEMU's QMP socket {socket} did not come up")
+            await asyncio.sleep(0.02)
+
+    async def guard(self, awaitable: Awaitable[T]) -> T:
+        """Await `awaitable`, raising QemuExited instead if QEMU ends first."""
+        if self._exited is None:
+            raise QemuError("QEMU is not started")
+        task = asyncio.ensure_future(awaitable)
+        await asyncio.wait([task, self._exited], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise self._exit_error()
+
+    async def wait_exit(self) -> QemuExited:
+        """Return (not raise) the error once QEMU has ended: the runner's kill detection."""
+        if self._exited is None:
+            raise QemuError("QEMU is not started")
+        await asyncio.shield(self._exited)
+        return self._exit_error()
+
+    def _exit_error(self) -> QemuExited:
+        assert self._exited is not None
+        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+        return QemuExited(self._exited.result(), " / ".join(tail))
+
+    async def command(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self.guard(self._qmp.execute(name, arguments))
+        except QMPError as exc:
+            raise QemuError(f"QMP {name}: {exc}") from exc
+
+    async def status(self) -> str:
+        """QEMU's run state: running, paused, inmigrate, postmigrate, ..."""
+        return str(cast(dict[str, Any], await self.command("query-status"))["status"])
+
+    async def pause(self) -> None:
+        await self.command("stop")
+
+    async def resume(self) -> None:
+        await self.command("cont")
+
+    async def save_state(self, device: Provider) -> int:
+        """Write the device state (not memory) into the state device; the VM must be paused.
+
+        QEMU writes into a pipe passed with getfd (QEMU 7.2 has no file: URI); the length
+        goes into the state device's prefix. Returns the state's length.
+        """
+        read_fd, write_fd = os.pipe()
+        try:
+            self._qmp.send_fd_scm(write_fd)
+            await self.command("getfd", {"fdname": _STATE_FD})
+        finally:
+            os.close(write_fd)  # QEMU has its own copy: EOF comes when it closes that one
+        reader = asyncio.StreamReader(limit=state.CHUNK)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
+        try:
+            await self.command("migrate", {"uri": f"fd:{_STATE_FD}"})
+            length = await self.guard(asyncio.wait_for(state.write_state(device, reader),
+                                                       STATE_TIMEOUT))
+        finally:
+            transport.close()
+        await self._migration_done()
+        return length
+
+    async def load_state(self, device: Provider) -> None:
+        """Load the state saved in `device` into a QEMU started with incoming=True.
+
+        The VM stays paused: call resume() when its devices are ready.
+        """
+        length = await state.state_length(device)
+        read_fd, write_fd = os.pipe()
+        try:
+            self._qmp.send_fd_scm(read_fd)
+            await self.command("getfd", {"fdname": _STATE_FD})
+        finally:
+            os.close(read_fd)
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", 0))
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        try:
+            await self.command("migrate-incoming", {"uri": f"fd:{_STATE_FD}"})
+            async for chunk in state.read_state(device):
+                writer.write(chunk)
+                await self.guard(writer.drain())
+        finally:
+            writer.close()
+        await self._migration_done()
+        log.debug("loaded %d bytes of device state", length)
+
+    async def _migration_done(self) -> None:
+        deadline = time.monotonic() + STATE_TIMEOUT
+        while True:
+            info = cast(dict[str, Any], await self.command("query-migrate"))
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"device state transfer {status}: "
+                                f"{info.get('error-desc', 'no reason given')}")
+            if time.monotonic() > deadline:
+                raise QemuError(f"device state transfer still {status} after {STATE_TIMEOUT} s")
+            await asyncio.sleep(_POLL)
+
+    async def stop(self) -> None:
+        """End QEMU: quit over QMP, kill if it does not go in time. Safe to call twice."""
+        if self._exited is None:
+            return
+        if not self._exited.done():
+            with contextlib.suppress(QemuError, QMPError, OSError):
+                await asyncio.wait_for(self._qmp.execute("quit"), STOP_TIMEOUT)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited), STOP_TIMEOUT)
+            except TimeoutError:
+                await self.kill()
+        # The connection has usually ended with QEMU; qemu.qmp re-raises that here.
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self._qmp.disconnect()
+
+    async def kill(self) -> None:
+        if self._process is not None and self._exited is not None and not self._exited.done():
+            self._process.kill()
+            await asyncio.shield(self._exited)

@@ -1,0 +1,138 @@
+"""`roam snapshot`: boot a blueprint, wait until its workload is up, and save it as a package.
+
+The guest boots on the package's own files (memory and disk are served straight from
+them), so when it is paused only the device state remains to be written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from roam.blueprint import Blueprint
+from roam.blueprint.build import copy_file
+from roam.guest.client import GuestAgentError, GuestClient
+from roam.storage.provider import Provider
+from roam.storage.sources import SparseFileSource
+from roam.vm import package as pkg
+from roam.vm import state
+from roam.vm.accel import choose_accel
+from roam.vm.devices import exposed
+from roam.vm.machine import qemu_config, qemu_version
+from roam.vm.qemu import QemuError, QemuVM
+
+log = logging.getLogger(__name__)
+
+BOOT_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class SnapshotOptions:
+    memory_mib: int = 512
+    cpus: int = 1
+    cpu_model: str | None = None  # a QEMU named model; default host (KVM) or max (TCG)
+    machine: str = "q35"
+    state_size: int = state.DEFAULT_SIZE
+
+
+@dataclass
+class SnapshotTimes:
+    """Seconds spent in each phase, for benchmarks and the command's summary."""
+
+    boot_to_ready: float = 0.0
+    suspend: float = 0.0  # before_suspend hook, pause, device state save
+    state_bytes: int = 0
+
+
+class SnapshotError(Exception):
+    """The guest did not come up or could not be saved; the message has the console tail."""
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC in QEMU's 52:54:00 range."""
+    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
+
+
+async def take_snapshot(blueprint: Blueprint, out: Path,
+                        options: SnapshotOptions = SnapshotOptions()) -> SnapshotTimes:
+    """Write a package to `out` (which must not exist); nothing is left there on failure."""
+    if out.exists():
+        raise SnapshotError(f"{out} already exists")
+    out.mkdir(parents=True)
+    try:
+        return await _snapshot(blueprint, out, options)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+async def _snapshot(blueprint: Blueprint, out: Path, options: SnapshotOptions) -> SnapshotTimes:
+    accel = choose_accel()
+    files = pkg.PackageFiles(initramfs=pkg.INITRAMFS if blueprint.initramfs else None)
+    copy_file(blueprint.kernel, out / files.kernel)
+    if blueprint.initramfs is not None and files.initramfs is not None:
+        copy_file(blueprint.initramfs, out / files.initramfs)
+    copy_file(blueprint.rootfs, out / files.disk)
+    config = pkg.PackageConfig(
+        created=datetime.datetime.now(datetime.UTC),
+        blueprint=blueprint.hash,
+        cmdline=f"{blueprint.cmdline} {pkg.GUEST_NET}",
+        memory_mib=options.memory_mib,
+        cpus=options.cpus,
+        machine=options.machine,
+        cpu_model=options.cpu_model or ("host" if accel.name == "kvm" else "max"),
+        accel="kvm" if accel.name == "kvm" else "tcg",
+        qemu_version=qemu_version(),
+        mac=random_mac(),
+        state_size=options.state_size,
+        disk_size=(out / files.disk).stat().st_size,
+        files=files,
+    )
+    devices: list[Provider] = [
+        SparseFileSource(out / files.memory, config.memory_mib << 20),
+        SparseFileSource(out / files.disk, config.disk_size, create=False),
+        SparseFileSource(out / files.state, config.state_size),
+    ]
+    memory, disk, state_device = devices
+    times = SnapshotTimes()
+    try:
+        with tempfile.TemporaryDirectory(prefix="roam-snap-") as tmp:
+            work = Path(tmp)  # short: UNIX socket paths are limited to 107 bytes
+            async with exposed(work, memory, disk) as exp:
+                vm = QemuVM(qemu_config(config, out, work, exp, accel, []), work / "qemu.log")
+                try:
+                    started = time.monotonic()
+                    await vm.start()
+                    agent = await vm.guard(GuestClient.connect(work / "agent.sock"))
+                    try:
+                        await vm.guard(agent.wait_ready(BOOT_TIMEOUT))
+                        times.boot_to_ready = time.monotonic() - started
+                        started = time.monotonic()
+                        await vm.guard(agent.before_suspend())
+                        # Saved with the host still connected: see runner.connect_agent.
+                        await vm.pause()
+                        times.state_bytes = await vm.save_state(state_device)
+                        times.suspend = time.monotonic() - started
+                    finally:
+                        await agent.close()
+                except (QemuError, GuestAgentError) as exc:
+                    console = (work / "console.log").read_text(errors="replace")[-3000:]
+                    raise SnapshotError(f"{exc}\nconsole:\n{console}") from exc
+                finally:
+                    await vm.stop()
+    finally:
+        for device in devices:
+            with contextlib.suppress(OSError):
+                await device.flush()
+            await device.close()
+    pkg.Package(out, config).save_config()
+    log.info("snapshot of %s in %s: ready after %.1f s, %d bytes of device state",
+             blueprint.hash, out, times.boot_to_ready, times.state_bytes)
+    return times
