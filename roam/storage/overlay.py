@@ -6,6 +6,7 @@ overlay can be reopened later (a VM disk over a shared read-only base image).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class CowOverlay:
                 )
             self._written[:] = saved
         self._map_changed = False
+        self._copy_up = asyncio.Lock()
 
     def size(self) -> int:
         return self.base.size()
@@ -66,6 +68,16 @@ class CowOverlay:
 
     async def write_at(self, offset: int, data: Buffer) -> None:
         check_range(self, offset, len(data))
+        blocks = blocks_spanning(offset, len(data), self.block_size)
+        if all(self._written[b] for b in blocks):
+            await self.upper.write_at(offset, data)
+            return
+        # Writes that copy up or mark blocks go one at a time: a copy-up that waits for the
+        # base must not land on top of a write that finished meanwhile.
+        async with self._copy_up:
+            await self._write_new(offset, data)
+
+    async def _write_new(self, offset: int, data: Buffer) -> None:
         bs = self.block_size
         # A partial write to a block still in the base copies the block up first.
         for block in blocks_spanning(offset, len(data), bs):

@@ -160,6 +160,10 @@ class WaitingCache:
             self.on_need(ask)
         for b in missing:
             while not self._present[b]:
+                if not self._requested[b]:  # it arrived, then was marked absent again
+                    self._requested[b] = 1
+                    if self.on_need is not None:
+                        self.on_need([b])
                 event = self._waiters.get(b)
                 if event is None:
                     event = self._waiters[b] = asyncio.Event()
