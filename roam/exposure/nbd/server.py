@@ -39,7 +39,9 @@ MAX_PAYLOAD = 32 * 1024 * 1024
 MAX_OPTION = 64 * 1024
 """Longest option payload read during the handshake; longer ones end the connection."""
 HANDSHAKE_TIMEOUT = 60.0
-RECV_BUFFER = 8 * 1024 * 1024
+RECV_BUFFER = 1024 * 1024
+"""Receive buffer per connection: small enough to stay in cache; grows for a request
+that needs more (large WRITEs are streamed, so they do not)."""
 MIN_FREE = 256 * 1024
 SEND_BUFFER = 4 * 1024 * 1024
 """Socket send buffer asked for, so a batch of large reads leaves in one writev."""
@@ -649,11 +651,7 @@ class _Connection(asyncio.BufferedProtocol):
                 pos += 28
                 self._command(cmd, flags, cookie, offset, length)
         if pos == end and not self._pinned:
-            pos = end = self._end = 0
-        elif pos > STREAM_ALIGN * 4 and end - pos < STREAM_ALIGN and not self._pinned:
-            self._start = pos
-            self._compact()  # keep receiving into the first, cache-warm part of the buffer
-            pos = 0
+            pos = end = self._end = 0  # receive into the start again: it is cache-warm
         self._start = pos
         self._flush_out()
         if self._disconnecting:
