@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import uvloop
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 from rich.table import Table
@@ -27,7 +28,7 @@ from roam.vm.state import StateError
 
 package_app = typer.Typer(help="Archive packages (tar + zstd) and unpack them.",
                           no_args_is_help=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 _FAILURES = (BlueprintError, PackageError, SnapshotError, RunError, QemuError, StateError,
              StorageError, control.ControlError)
@@ -68,7 +69,7 @@ def snapshot(
     _logging(verbose)
     options = SnapshotOptions(memory_mib=parse_mib(memory), cpus=cpus, cpu_model=cpu_model)
     try:
-        times = asyncio.run(take_snapshot(Blueprint.load(blueprint), out, options))
+        times = uvloop.run(take_snapshot(Blueprint.load(blueprint), out, options))
     except _FAILURES as exc:
         raise _fail(exc) from exc
     typer.echo(f"package {out}: booted to ready in {times.boot_to_ready:.1f} s, "
@@ -106,7 +107,7 @@ def run(
                   f"({times.committed_bytes / 2**20:.1f} MiB written back)", highlight=False)
 
     try:
-        asyncio.run(main())
+        uvloop.run(main())
     except QemuExited as exc:
         raise _fail(f"{exc}; the package is unchanged") from exc
     except _FAILURES as exc:
@@ -162,7 +163,7 @@ def create(
         total = sum((package / n).stat().st_size for n in names)
         with _progress() as bar:
             task = bar.add_task(f"packing {package.name}", total=total)
-            archive.create(package, file, lambda n: bar.advance(task, n))
+            archive.create(package, file, lambda n: bar.advance(task, n), threads=-1)
     except _FAILURES as exc:
         raise _fail(exc) from exc
     typer.echo(f"{file}: {file.stat().st_size / 2**20:.1f} MiB")

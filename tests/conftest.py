@@ -1,4 +1,4 @@
-"""One blueprint per test session, built (or found) in the real cache.
+"""One blueprint per test session, built (or found) in the real cache, for every directory.
 
 The cache is ~/.cache/roam unless ROAM_CACHE is set; CI points ROAM_CACHE at an empty
 directory so that a broken build fails the suite.
