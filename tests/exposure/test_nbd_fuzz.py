@@ -204,3 +204,18 @@ def test_unknown_option_gets_unsupported() -> None:
                                                        len(replies) - p.OPTION_REPLY.size)
 
     with_server(scenario)
+
+
+def test_export_name_option_and_simple_read() -> None:
+    """The oldest way in: NBD_OPT_EXPORT_NAME, then a READ with a simple reply."""
+
+    async def scenario(sock: str, source: MemorySource, bystander: NBDClient) -> None:
+        request = p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, 42, 100, 16)
+        replies = await raw_session(sock, struct.pack(">I", 1) + option(1, b"disk") + request)
+        size, flags = struct.unpack_from(">QH", replies)
+        assert size == SIZE and flags & p.TF_HAS_FLAGS and not flags & p.TF_SEND_DF
+        assert replies[10:134] == bytes(124)  # no NO_ZEROES: the padding is sent
+        assert p.SIMPLE_REPLY.unpack_from(replies, 134) == (p.SIMPLE_REPLY_MAGIC, 0, 42)
+        assert replies[150:] == INITIAL[100:116]
+
+    with_server(scenario)

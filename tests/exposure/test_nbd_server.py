@@ -265,3 +265,17 @@ async def test_socket_in_use_refused_stale_replaced(tmp_path: Path) -> None:
     finally:
         await second.close()
     assert not sock.exists()
+
+
+async def test_close_gives_up_on_reads_that_never_finish(tmp_path: Path) -> None:
+    source = Waiting(SIZE)
+    srv = NBDServer([Export("", source)])
+    sock = str(tmp_path / "w.sock")
+    await srv.serve_unix(sock)
+    client = await NBDClient.connect(uri(sock, ""))
+    stuck = asyncio.ensure_future(client.read(0, 10))
+    assert await client.read(1 << 20, 10) == bytes(10)
+    await srv.close(grace=0.2)
+    with pytest.raises(ConnectionError):
+        await stuck
+    await client.close()

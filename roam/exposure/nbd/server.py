@@ -232,12 +232,11 @@ class NBDServer:
         self._servers.append(server)
         return server
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
         """Stop listening, finish in-flight requests, close connections, flush exports."""
         for server in self._servers:
             server.close()
-        for connection in list(self._connections):
-            await connection.shutdown()
+        await asyncio.gather(*(c.shutdown(grace) for c in list(self._connections)))
         for server in self._servers:
             await server.wait_closed()
         for path in self._unix_paths:
@@ -417,12 +416,18 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             transport.resume_reading()
 
-    async def shutdown(self) -> None:
-        """Stop taking requests, let in-flight ones finish, close the connection."""
+    async def shutdown(self, grace: float) -> None:
+        """Stop taking requests, let in-flight ones finish (for up to `grace` seconds: a
+        post-copy read may wait for a block that never comes), close the connection."""
         self._disconnecting = True
         if self._handshake_task is not None and not self._handshake_task.done():
             self._handshake_task.cancel()
-        await self._idle.wait()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            log.warning("%d requests still waiting at shutdown: cancelled", len(self._tasks))
+            for task in list(self._tasks):
+                task.cancel()
         if self._transport is not None and not self._closed:
             self._transport.close()
 
