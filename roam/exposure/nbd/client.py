@@ -46,12 +46,6 @@ class NBDAddress:
             raise ValueError(f"{uri}: no host")
         return cls(name=name, host=parts.hostname, port=parts.port or 10809, tls=tls)
 
-    def uri(self) -> str:
-        scheme = "nbds" if self.tls else "nbd"
-        if self.socket is not None:
-            return f"{scheme}+unix:///{self.name}?socket={self.socket}"
-        return f"{scheme}://{self.host}:{self.port}/{self.name}"
-
 
 @dataclass(frozen=True)
 class Extent:

@@ -124,12 +124,6 @@ EXTENT = struct.Struct(">II")  # length, status flags
 EXPORT_INFO = struct.Struct(">HQH")  # INFO_EXPORT, size, transmission flags
 BLOCK_SIZE_INFO = struct.Struct(">HIII")  # INFO_BLOCK_SIZE, minimum, preferred, maximum
 
-COMMAND_NAMES: Final = {
-    CMD_READ: "READ", CMD_WRITE: "WRITE", CMD_DISC: "DISC", CMD_FLUSH: "FLUSH",
-    CMD_TRIM: "TRIM", CMD_CACHE: "CACHE", CMD_WRITE_ZEROES: "WRITE_ZEROES",
-    CMD_BLOCK_STATUS: "BLOCK_STATUS",
-}
-
 
 class ProtocolError(Exception):
     """The peer broke the protocol; the connection cannot continue."""
