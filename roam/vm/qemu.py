@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Awaitable
@@ -33,7 +32,6 @@ QMP_CONNECT_TIMEOUT = 30.0
 STATE_TIMEOUT = 120.0
 STOP_TIMEOUT = 10.0
 _POLL = 0.005
-_STATE_FD = "roamstate"
 
 
 class QemuError(Exception):
@@ -89,17 +87,24 @@ class QemuVM:
     async def _connect(self) -> None:
         deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
         socket = self.config.qmp_socket
-        while True:
-            # Waiting for the socket file keeps qemu.qmp from logging each early attempt.
-            if socket.exists():
-                try:
-                    await self._qmp.connect(str(socket))
-                    return
-                except QMPError:
-                    pass
-            if time.monotonic() > deadline:
-                raise QemuError(f"QEMU's QMP socket {socket} did not come up")
-            await asyncio.sleep(0.02)
+        # qemu.qmp logs every refused attempt as an error; QEMU not listening yet is
+        # expected here, and a real failure is raised below.
+        quiet = logging.getLogger(f"qemu.qmp.protocol.{self._qmp.name}")
+        saved_level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            while True:
+                if socket.exists():
+                    try:
+                        await self._qmp.connect(str(socket))
+                        return
+                    except QMPError:
+                        pass
+                if time.monotonic() > deadline:
+                    raise QemuError(f"QEMU's QMP socket {socket} did not come up")
+                await asyncio.sleep(0.02)
+        finally:
+            quiet.setLevel(saved_level)
 
     async def guard(self, awaitable: Awaitable[T]) -> T:
         """Await `awaitable`, raising QemuExited instead if QEMU ends first."""
@@ -145,25 +150,30 @@ class QemuVM:
     async def save_state(self, device: Provider) -> int:
         """Write the device state (not memory) into the state device; the VM must be paused.
 
-        QEMU writes into a pipe passed with getfd (QEMU 7.2 has no file: URI); the length
-        goes into the state device's prefix. Returns the state's length.
+        QEMU sends the stream to a UNIX socket of ours (7.2 has no file: URI, and passing
+        a pipe with getfd needs a raw socket that uvloop does not expose); the length goes
+        into the state device's prefix. Returns the state's length.
         """
-        read_fd, write_fd = os.pipe()
+        received: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                if not received.done():
+                    received.set_result(await state.write_state(device, reader))
+            except Exception as exc:
+                if not received.done():
+                    received.set_exception(exc)
+            finally:
+                writer.close()
+
+        path = self._state_socket()
+        server = await asyncio.start_unix_server(receive, str(path), limit=state.CHUNK)
         try:
-            self._qmp.send_fd_scm(write_fd)
-            await self.command("getfd", {"fdname": _STATE_FD})
+            await self.command("migrate", {"uri": f"unix:{path}"})
+            length = await self.guard(asyncio.wait_for(received, STATE_TIMEOUT))
         finally:
-            os.close(write_fd)  # QEMU has its own copy: EOF comes when it closes that one
-        reader = asyncio.StreamReader(limit=state.CHUNK)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
-        try:
-            await self.command("migrate", {"uri": f"fd:{_STATE_FD}"})
-            length = await self.guard(asyncio.wait_for(state.write_state(device, reader),
-                                                       STATE_TIMEOUT))
-        finally:
-            transport.close()
+            server.close()
+            path.unlink(missing_ok=True)
         await self._migration_done()
         return length
 
@@ -173,25 +183,23 @@ class QemuVM:
         The VM stays paused: call resume() when its devices are ready.
         """
         length = await state.state_length(device)
-        read_fd, write_fd = os.pipe()
+        path = self._state_socket()
+        await self.command("migrate-incoming", {"uri": f"unix:{path}"})
+        _, writer = await self.guard(asyncio.open_unix_connection(str(path)))
         try:
-            self._qmp.send_fd_scm(read_fd)
-            await self.command("getfd", {"fdname": _STATE_FD})
-        finally:
-            os.close(read_fd)
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.connect_write_pipe(
-            asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", 0))
-        writer = asyncio.StreamWriter(transport, protocol, None, loop)
-        try:
-            await self.command("migrate-incoming", {"uri": f"fd:{_STATE_FD}"})
             async for chunk in state.read_state(device):
                 writer.write(chunk)
                 await self.guard(writer.drain())
         finally:
             writer.close()
         await self._migration_done()
+        path.unlink(missing_ok=True)
         log.debug("loaded %d bytes of device state", length)
+
+    def _state_socket(self) -> Path:
+        path = self.config.qmp_socket.with_name("state.sock")
+        path.unlink(missing_ok=True)
+        return path
 
     async def _migration_done(self) -> None:
         deadline = time.monotonic() + STATE_TIMEOUT
