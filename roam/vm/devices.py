@@ -17,6 +17,7 @@ from roam.storage.provider import Provider
 from roam.vm.qemu_cmd import NbdDisk
 
 MEMORY_FILE = "memory"
+MOUNT_DIR = "fuse"
 DISK_EXPORT = "disk"
 
 
@@ -38,7 +39,7 @@ async def exposed(workdir: Path, memory: Provider, disk: Provider) -> AsyncItera
     QEMU must have ended before the block exits: the exit unmounts and, unless the block
     raised, flushes first. The providers stay open (they belong to the caller).
     """
-    mountpoint = workdir / "fuse"
+    mountpoint = workdir / MOUNT_DIR
     mountpoint.mkdir(exist_ok=True)
     server = NBDServer([Export(DISK_EXPORT, disk)])
     socket = workdir / "nbd.sock"

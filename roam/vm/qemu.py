@@ -73,11 +73,13 @@ class QemuVM:
             argv += ["-S", "-incoming", "defer"]
         log.debug("starting %s", " ".join(argv))
         # Its own session: a Ctrl-C meant for us (the terminal signals the whole process
-        # group) must not kill QEMU before we have suspended the VM.
+        # group) must not kill QEMU before we have suspended the VM. But if we die, QEMU
+        # dies with us (its memory and disk are served by this process): setpriv sets the
+        # parent-death signal, which survives the exec into QEMU.
         with self.log_path.open("ab") as out:
             self._process = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True)
+                "setpriv", "--pdeathsig", "KILL", *argv, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=out, start_new_session=True)
         self._exited = asyncio.create_task(self._process.wait())
         await self.guard(self._connect())
         # Set on both ends of every save/load: the shared memory file is not state.

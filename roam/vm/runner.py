@@ -20,17 +20,19 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from roam.exposure.fuse import tuning
 from roam.guest.client import GuestAgentError, GuestClient
 from roam.storage.overlay import CowOverlay
 from roam.storage.sources import SparseFileSource
 from roam.vm import control
 from roam.vm.accel import Accel
-from roam.vm.devices import exposed
+from roam.vm.devices import MOUNT_DIR, exposed
 from roam.vm.machine import PortForward, qemu_config
 from roam.vm.package import Package, PackageError, fsync_dir, write_atomic
 from roam.vm.qemu import QemuVM
@@ -152,6 +154,24 @@ async def connect_agent(socket: Path, timeout: float = 60.0) -> GuestClient:  # 
             log.info("agent did not answer the handshake; reconnecting")
 
 
+def _clear_run_dir(rundir: Path) -> None:
+    """Start from an empty run directory, even after a run that was killed.
+
+    A killed run leaves its FUSE mount behind, disconnected: it must be detached before
+    the directory can be removed.
+    """
+    mountpoint = (rundir / MOUNT_DIR).absolute()
+    try:
+        tuning.mount_device(mountpoint, Path("/proc/self/mountinfo").read_text())
+    except LookupError:
+        pass  # not mounted
+    else:
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True,
+                       check=False)
+    shutil.rmtree(rundir, ignore_errors=True)
+    rundir.mkdir(parents=True)
+
+
 async def run_package(directory: Path, name: str, publish: list[PortForward],
                       stop: asyncio.Event,
                       on_running: Callable[[dict[str, object]], None] | None = None,
@@ -166,8 +186,7 @@ async def run_package(directory: Path, name: str, publish: list[PortForward],
         with contextlib.suppress(control.ControlError):
             await control.call(name, "info", timeout=3.0)
             raise RunError(f"a VM called {name!r} is already running")
-        shutil.rmtree(rundir, ignore_errors=True)
-        rundir.mkdir(parents=True)
+        _clear_run_dir(rundir)
         overlays = {
             file: CowOverlay(SparseFileSource(package.path(file), size, create=False),
                              SparseFileSource(rundir / (file + UPPER), size),

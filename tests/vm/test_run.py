@@ -123,3 +123,28 @@ def test_package_create_extract_run(snapshot: Path, tmp_path: Path) -> None:
     refused = roam("package", "extract", str(corrupt), str(tmp_path / "bad"), check=False)
     assert refused.returncode == 1 and "corrupt package" in refused.stderr
     assert list((tmp_path / "bad").iterdir()) == []
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status  # a zombie nobody reaps is gone all the same
+
+
+def test_killed_runner_takes_qemu_along(package: Path) -> None:
+    before = file_hashes(package)
+    vm = RunningVM(package, "orphan")
+    vm.process.kill()
+    vm.process.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while not process_gone(int(vm.info["qemu_pid"])):
+        assert time.monotonic() < deadline, "QEMU outlived roam run"
+        time.sleep(0.1)
+    assert file_hashes(package) == before
+    vm = RunningVM(package, "orphan")  # over the dead run's leftover FUSE mount
+    try:
+        assert vm.sh("redis-cli ping") == "PONG\n"
+    finally:
+        vm.stop()
