@@ -8,7 +8,6 @@ config. The registry, peer and terminator read the same layout.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -124,7 +123,3 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def dumps(value: object) -> bytes:
-    return json.dumps(value, indent=2, sort_keys=True).encode()

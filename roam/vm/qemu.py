@@ -62,10 +62,6 @@ class QemuVM:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
-    @property
-    def running(self) -> bool:
-        return self._exited is not None and not self._exited.done()
-
     async def start(self, *, incoming: bool = False) -> None:
         """Start QEMU; with `incoming` it waits, paused, for load_state instead of booting."""
         argv = qemu_argv(self.config)
@@ -138,10 +134,6 @@ class QemuVM:
             return await self.guard(self._qmp.execute(name, arguments))
         except QMPError as exc:
             raise QemuError(f"QMP {name}: {exc}") from exc
-
-    async def status(self) -> str:
-        """QEMU's run state: running, paused, inmigrate, postmigrate, ..."""
-        return str(cast(dict[str, Any], await self.command("query-status"))["status"])
 
     async def pause(self) -> None:
         await self.command("stop")
