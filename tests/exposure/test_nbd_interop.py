@@ -266,3 +266,41 @@ def test_cli_read_only_over_tcp(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
     assert f"tcp://127.0.0.1:{port}".encode() in err
+
+
+def test_starttls_with_qemu_and_nbdinfo(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca-cert.pem"))  # the names QEMU and libnbd use
+    cert.private_key_pem.write_to_path(str(tmp_path / "server-key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server-cert.pem"))
+    disk = tmp_path / "tls.img"
+    disk.write_bytes(bytes(SIZE))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "roam.cli.main", "nbd", "serve", str(disk), "--listen",
+         f"tcp://127.0.0.1:{port}", "--tls-cert", str(tmp_path / "server-cert.pem"),
+         "--tls-key", str(tmp_path / "server-key.pem")], stderr=subprocess.PIPE)
+    try:
+        tls_uri = f"nbds://127.0.0.1:{port}/?tls-certificates={tmp_path}"
+        for _ in range(500):
+            if subprocess.run(["nbdinfo", "--can", "connect", tls_uri]).returncode == 0:
+                break
+            time.sleep(0.02)
+        plain = subprocess.run(["nbdinfo", f"nbd://127.0.0.1:{port}/"], capture_output=True)
+        assert plain.returncode != 0  # TLS is required on TCP
+        creds = f"tls-creds-x509,id=tls0,dir={tmp_path},endpoint=client"
+        opts = f"driver=nbd,host=127.0.0.1,port={port},tls-creds=tls0"
+        info = run("qemu-img", "info", "--object", creds, "--image-opts", opts)
+        assert f"({SIZE} bytes)" in info
+        assert "newstyle-fixed with TLS" in run("nbdinfo", tls_uri)
+        run("qemu-io", "--object", creds, "--image-opts", opts, "-c", "write -P 0x5a 4096 8192")
+        assert disk.read_bytes()[4096 : 4096 + 8192] == b"\x5a" * 8192
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
