@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 from roam.migration.wire import HEADER, MsgType, parse_header
 from roam.storage.provider import Buffer
 
-
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 
 

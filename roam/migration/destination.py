@@ -305,10 +305,14 @@ class Destination:
         if msg.kind == EventKind.AUTHORITY:
             if self._authority_task is not None:
                 raise ProtocolError("AUTHORITY sent twice")
+            if self.result.group is None:
+                raise ProtocolError("AUTHORITY before GROUP")
             self.result.payload = msg.payload
             self._authority_task = asyncio.create_task(self._take_authority(msg.payload),
                                                        name="take-authority")
         elif msg.kind == EventKind.COMPLETE:
+            if self._authority_task is None:  # the source sends it after the handover
+                raise ProtocolError("COMPLETE before AUTHORITY")
             self._complete_from_source = True
         else:
             raise ProtocolError(f"unexpected event {msg.kind.name} from source")
@@ -329,6 +333,8 @@ class Destination:
         await self.channel.drain()
 
     def _finished(self) -> bool:
+        if self.result.declined:
+            return True  # the source keeps the workload; nothing more will come
         if not self._complete_from_source:
             return False
         if any(cache.present_count < cache.nblocks for cache in self.devices.values()):

@@ -165,6 +165,9 @@ class Source:
         self._done: asyncio.Future[None] | None = None
         self._peer_has: list[dict[int, bytes]] = [{} for _ in self.devices]
         self._caps = Caps(0)
+        self._authority_sent = False
+        self._authority_sent = False  # an answer before this is a protocol violation
+        self._complete_sent = False  # likewise DONE
         self._compressor: Compressor | None = None
 
     async def run(self) -> SourceResult:
@@ -179,6 +182,12 @@ class Source:
             await self._migrate(reader)
         except PeerLost as e:
             raise MigrationError(f"lost the destination: {e}") from e
+        except BaseException as e:
+            if not self._authority_sent:  # tell the destination why, if it can still hear
+                with contextlib.suppress(Exception):
+                    self.channel.send(encode_error(ErrorCode.ABORTED, f"source aborted: {e}"))
+                    await asyncio.wait_for(self.channel.drain(), 1.0)
+            raise
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -234,8 +243,8 @@ class Source:
     async def _handover(self, carry: list[list[int]], reader: asyncio.Task[None]) -> None:
         assert self._answer and self._done
         t0 = time.perf_counter()
-        await self._check(self.hooks.suspend(), reader)
         try:
+            await self._check(self.hooks.suspend(), reader)
             await self._check(self.hooks.before_collect(), reader)
             final = [sorted(set(c) | set(d.tracker.sync())) for c, d in zip(
                 carry, self.devices, strict=True)]
@@ -244,14 +253,14 @@ class Source:
             if not self.policy.postcopy:
                 await self._send_pending(reader)
             payload = await self._check(self.hooks.authority(), reader)
+            self._authority_sent = True
             self.channel.send(encode_event(EventKind.AUTHORITY, payload))
+            self._authority_sent = True
             await self.channel.drain()
         except BaseException as e:
             # Authority never left: this host still owns the workload, so run it again.
             log.warning("handover aborted before authority transfer: %s", e)
             await self.hooks.resume()
-            with contextlib.suppress(Exception):
-                self.channel.send(encode_error(ErrorCode.ABORTED, f"source aborted: {e}"))
             raise
         self.result.handover_seconds = time.perf_counter() - t0
 
@@ -275,6 +284,7 @@ class Source:
             await sender
             if self.policy.verify:
                 await self._send_hashes()
+            self._complete_sent = True
             self.channel.send(encode_event(EventKind.COMPLETE))
             # Serve re-fetches (failed verification) until the destination has it all.
             while not self._done.done():
@@ -440,7 +450,9 @@ class Source:
         elif isinstance(msg, Range):
             self._handle_range(msg)
         elif isinstance(msg, Hashes) and msg.kind == MsgType.HAVE:
-            self._device_index(msg.device)
+            spec = self.group.devices[self._device_index(msg.device)]
+            if msg.first + len(msg.digests) > spec.nblocks:
+                raise ProtocolError(f"HAVE beyond the end of device {spec.name}")
             known = self._peer_has[msg.device]
             for i, digest in enumerate(msg.digests):
                 known[msg.first + i] = digest
@@ -448,9 +460,13 @@ class Source:
             if msg.kind == EventKind.READY and not self._ready.done():
                 self._ready.set_result(None)
             elif msg.kind in (EventKind.AUTHORITY_ACK, EventKind.AUTHORITY_DECLINE):
+                if not self._authority_sent:
+                    raise ProtocolError(f"{msg.kind.name} before authority was sent")
                 if not self._answer.done():
                     self._answer.set_result(msg.kind)
             elif msg.kind == EventKind.DONE:
+                if not self._complete_sent:
+                    raise ProtocolError("DONE before the source sent COMPLETE")
                 if not self._done.done():
                     self._done.set_result(None)
                 self._work.set()

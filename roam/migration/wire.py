@@ -234,7 +234,9 @@ def encode_event(kind: EventKind, payload: bytes = b"") -> bytes:
 
 
 def encode_error(code: ErrorCode, message: str) -> bytes:
-    body = _ERROR.pack(code) + message.encode()[:4096]
+    # Cut at 4 KiB on a character boundary, so the peer never sees half a character.
+    text = message.encode()[:4096].decode(errors="ignore").encode()
+    body = _ERROR.pack(code) + text
     return frame(MsgType.ERROR, len(body)) + body
 
 
@@ -242,6 +244,8 @@ def encode_error(code: ErrorCode, message: str) -> bytes:
 
 
 def parse_header(header: bytes | memoryview) -> tuple[MsgType, int]:
+    if len(header) != HEADER.size:
+        raise ProtocolError(f"frame header is {len(header)} bytes, expected {HEADER.size}")
     kind, flags, reserved, length = HEADER.unpack(header)
     try:
         msg_type = MsgType(kind)
@@ -276,6 +280,8 @@ def _group(body: memoryview) -> Group:
         return Group.model_validate(json.loads(bytes(body)))
     except (ValueError, ValidationError) as e:
         raise ProtocolError(f"GROUP: invalid group description: {e}") from None
+    except RecursionError:  # json.loads on deeply nested arrays or objects
+        raise ProtocolError("GROUP: invalid group description: nested too deeply") from None
 
 
 def _blocks(body: memoryview) -> Blocks:

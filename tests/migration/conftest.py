@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from roam.migration.channel import Address, Channel, FrameProtocol, connect, listen
-from roam.migration.destination import Destination, NewDevice
+from roam.migration.destination import NewDevice
 from roam.migration.wire import DeviceSpec
 from roam.storage.sources import MemorySource
 
@@ -18,8 +18,11 @@ async def memory_device(spec: DeviceSpec) -> NewDevice:
     return NewDevice(MemorySource(spec.size))
 
 
+MakePair = Callable[[], Awaitable[tuple[Channel, Channel]]]
+
+
 @pytest.fixture
-async def socket_pair(tmp_path: Path) -> AsyncIterator[Callable[[], Awaitable[tuple[Channel, Channel]]]]:
+async def socket_pair(tmp_path: Path) -> AsyncIterator[MakePair]:
     """Returns a function giving (source channel, destination channel) over a UNIX socket."""
     servers: list[asyncio.Server] = []
     channels: list[Channel] = []

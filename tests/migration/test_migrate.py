@@ -78,5 +78,6 @@ async def test_compressed_and_zero_blocks(socket_pair: Pair) -> None:
         result, _ = await asyncio.gather(
             Source(src_ch, [dev], policy=Policy(compression=encoding)).run(), dest.run()
         )
-        assert await _read_all(dest.devices["d"], src.size()) == bytes(await src.read_at(0, src.size()))
+        want = bytes(await src.read_at(0, src.size()))
+        assert await _read_all(dest.devices["d"], src.size()) == want
         assert result.bytes_sent < 200_000, result.bytes_sent  # zeroes and text shrink
