@@ -165,7 +165,6 @@ class Source:
         self._done: asyncio.Future[None] | None = None
         self._peer_has: list[dict[int, bytes]] = [{} for _ in self.devices]
         self._caps = Caps(0)
-        self._authority_sent = False
         self._authority_sent = False  # an answer before this is a protocol violation
         self._complete_sent = False  # likewise DONE
         self._compressor: Compressor | None = None
@@ -253,7 +252,6 @@ class Source:
             if not self.policy.postcopy:
                 await self._send_pending(reader)
             payload = await self._check(self.hooks.authority(), reader)
-            self._authority_sent = True
             self.channel.send(encode_event(EventKind.AUTHORITY, payload))
             self._authority_sent = True
             await self.channel.drain()
