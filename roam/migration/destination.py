@@ -48,6 +48,7 @@ from roam.storage.waiting import WaitingCache
 
 log = logging.getLogger(__name__)
 
+MAX_GROUP_BLOCKS = 1 << 28  # 16 TiB at 64 KiB blocks
 MAX_REFETCH = 3  # a block that fails verification this often is an error, not bad luck
 
 LOCAL, REMOTE = 1, 0  # write priorities: the VM's own writes beat blocks from the source
@@ -185,6 +186,10 @@ class Destination:
         if self.result.group is not None:
             raise ProtocolError("GROUP sent twice")
         self.result.group = group
+        total = sum(spec.nblocks for spec in group.devices)
+        if total > MAX_GROUP_BLOCKS:
+            # Bookkeeping costs a few bytes per block: refuse before allocating any.
+            raise ProtocolError(f"group of {total} blocks exceeds the {MAX_GROUP_BLOCKS} limit")
         for spec in group.devices:
             made = await self.make_device(spec)
             if made.provider.size() != spec.size:

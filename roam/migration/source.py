@@ -180,6 +180,9 @@ class Source:
         try:
             await self._migrate(reader)
         except PeerLost as e:
+            cause = reader.exception() if reader.done() and not reader.cancelled() else None
+            if cause is not None and not isinstance(cause, PeerLost):
+                raise cause from e  # what the reader heard (an ERROR, bad input) says more
             raise MigrationError(f"lost the destination: {e}") from e
         except BaseException as e:
             if not self._authority_sent:  # tell the destination why, if it can still hear
@@ -437,6 +440,11 @@ class Source:
                     fut.set_exception(e if isinstance(e, Exception) else PeerLost("cancelled"))
                     fut.exception()  # mark retrieved: whoever waits sees it via result()
             self._work.set()
+            if not isinstance(e, asyncio.CancelledError):
+                # A sender blocked on flow control (a peer that stopped reading) wakes up.
+                with contextlib.suppress(Exception):
+                    self.channel.send(encode_error(ErrorCode.ABORTED, f"source aborted: {e}"))
+                await self.channel.close()
             raise
 
     def _handle(self, msg: Message) -> None:

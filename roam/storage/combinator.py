@@ -22,37 +22,39 @@ class WriteCombinator:
         check_block_size(block_size)
         self.inner = inner
         self.block_size = block_size
-        self._owner = [-1] * block_count(inner.size(), block_size)
+        # Owner priority + 1 per block (0: nobody wrote it), one byte per block.
+        self._owner = bytearray(block_count(inner.size(), block_size))
 
     def size(self) -> int:
         return self.inner.size()
 
     def input(self, priority: int) -> CombinatorInput:
-        if priority < 0:
-            raise ValueError("priority must be >= 0")
+        if not 0 <= priority < 255:
+            raise ValueError("priority must be in 0..254")
         return CombinatorInput(self, priority)
 
     def owner(self, block: int) -> int:
         """Highest priority that wrote the block, or -1."""
-        return self._owner[block]
+        return self._owner[block] - 1
 
     async def _write(self, priority: int, offset: int, data: Buffer) -> bool:
         """Write the parts of data whose blocks no higher priority owns. True if all."""
         check_range(self, offset, len(data))
         bs = self.block_size
         owner = self._owner
+        rank = priority + 1
         blocks = blocks_spanning(offset, len(data), bs)
-        if all(owner[b] <= priority for b in blocks):
+        if all(owner[b] <= rank for b in blocks):
             for b in blocks:
-                owner[b] = priority
+                owner[b] = rank
             await self.inner.write_at(offset, data)
             return True
         view = memoryview(data)
         end = offset + len(data)
         for b in blocks:
-            if owner[b] > priority:
+            if owner[b] > rank:
                 continue
-            owner[b] = priority
+            owner[b] = rank
             lo = max(offset, b * bs)
             hi = min(end, (b + 1) * bs)
             await self.inner.write_at(lo, view[lo - offset : hi - offset])

@@ -9,14 +9,18 @@ from pathlib import Path
 
 from roam.storage.provider import Buffer, StorageError, check_range, is_zero
 
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
+
 
 class MemorySource:
     """A device held in process memory (tests, scratch, small state devices)."""
 
-    def __init__(self, size: int) -> None:
-        # Anonymous memory: pages are zero and cost nothing until first written.
+    def __init__(self, size: int, *, populate: bool = False) -> None:
+        # Anonymous memory: pages are zero and cost nothing until first written, unless
+        # `populate` faults them all in now (a destination getting ready ahead of time).
         self._size = size
-        self._map = mmap.mmap(-1, max(size, 1))
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_POPULATE if populate else 0)
+        self._map = mmap.mmap(-1, max(size, 1), flags=flags)
         self._view = memoryview(self._map)[:size]
 
     def size(self) -> int:
