@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from roam.cli import blueprint, device, fuse, nbd, vm
+from roam.cli import blueprint, device, fuse, nbd, peer, vm
 
 app = typer.Typer(
     name="roam",
@@ -16,11 +16,13 @@ app.add_typer(device.app, name="device")
 app.add_typer(blueprint.app, name="blueprint")
 app.add_typer(fuse.app, name="fuse")
 app.add_typer(nbd.app, name="nbd")
+app.add_typer(peer.app, name="peer")
 app.add_typer(vm.package_app, name="package")
 app.command()(vm.snapshot)
 app.command()(vm.run)
 app.command("exec")(vm.exec_)
 app.command()(vm.ls)
+app.command()(peer.migrate)
 
 if __name__ == "__main__":
     app()

@@ -71,7 +71,13 @@ async def serve(path: Path, handlers: dict[str, Handler]) -> asyncio.Server:
 async def call(name: str, method: str, params: Json | None = None,
                timeout: float = 10.0) -> Json:  # noqa: ASYNC109
     """One request to the VM called `name`."""
-    path = socket_path(name)
+    return await call_path(socket_path(name), method, params, timeout, name)
+
+
+async def call_path(path: Path, method: str, params: Json | None = None,
+                    timeout: float = 10.0, name: str = "") -> Json:  # noqa: ASYNC109
+    """One request to the control socket at `path` (a peer's, or a VM's under a peer)."""
+    name = name or str(path)
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_REPLY)

@@ -1,0 +1,132 @@
+"""`roam peer ...` and `roam migrate`: run VMs on a host and move them between hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from roam.cli.common import Verbose, address, fail, run, setup_logging
+from roam.peer import serve as peer
+from roam.vm import control
+
+app = typer.Typer(help="Run VMs under a per-host peer and receive migrations.",
+                  no_args_is_help=True)
+
+Via = Annotated[str, typer.Option(
+    "--via", envvar="ROAM_PEER",
+    help="The peer's state directory or control socket (default: $ROAM_PEER).")]
+
+
+def _call(via: str, method: str, params: dict[str, Any], timeout: float = 60.0) -> Any:
+    try:
+        return run(peer.call(via, method, params, timeout))
+    except (control.ControlError, OSError) as exc:
+        raise fail(str(exc)) from None
+
+
+def _print(result: Any) -> None:
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def serve(
+    listen_on: Annotated[str, typer.Option(
+        "--listen", help="tcp://HOST:PORT or unix://PATH for incoming migrations.")],
+    state_dir: Annotated[Path, typer.Option(
+        help="This peer's directory: control socket and one subdirectory per VM. Keep it "
+             "short (UNIX socket paths are limited to 107 bytes).")],
+    verbose: Verbose = False,
+) -> None:
+    """Serve this host until SIGINT/SIGTERM (which stops its VMs)."""
+    setup_logging(verbose)
+    addr = address(listen_on)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await peer.Peer(state_dir.absolute(), addr).serve(stop)
+
+    try:
+        run(main())
+    except OSError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command("run")
+def run_vm(
+    package: Annotated[Path, typer.Argument(help="Package directory (never changed).")],
+    name: Annotated[str, typer.Option(help="VM name, unique on the peer.")],
+    via: Via,
+    publish: Annotated[list[str], typer.Option(
+        "--publish", "-p", help="Port forward HOSTPORT:GUESTPORT or ADDR:HOSTPORT:GUESTPORT "
+                                "(kept across migrations).")] = [],  # noqa: B006
+) -> None:
+    """Resume PACKAGE as a VM on the peer; returns once it runs."""
+    _print(_call(via, "run", {"package": str(package.absolute()), "name": name,
+                              "publish": publish}, timeout=180.0))
+
+
+@app.command()
+def ls(via: Via) -> None:
+    """The peer's VMs and their states."""
+    _print(_call(via, "ls", {}))
+
+
+@app.command("exec")
+def exec_(name: str, argv: list[str], via: Via,
+          timeout: Annotated[float, typer.Option(help="Seconds.")] = 30.0) -> None:
+    """Run a command in a VM of the peer; prints its output, exits with its code."""
+    result = _call(via, "exec", {"name": name, "argv": argv, "timeout": timeout},
+                   timeout=timeout + 30)
+    typer.echo(result["stdout"], nl=False)
+    typer.echo(result["stderr"], nl=False, err=True)
+    raise typer.Exit(result["exit_code"] if result["exit_code"] is not None else 124)
+
+
+@app.command()
+def stop(name: str, via: Via) -> None:
+    """Stop a VM of the peer, discarding it."""
+    _call(via, "stop", {"name": name})
+
+
+def migrate(
+    name: Annotated[str, typer.Argument(help="VM to move.")],
+    to: Annotated[str, typer.Option(help="The destination peer's --listen address.")],
+    via: Via,
+    postcopy: Annotated[bool, typer.Option(
+        help="Resume on the destination before the last dirty blocks arrived.")] = True,
+    max_cycles: Annotated[int, typer.Option(help="Dirty cycles before the handover.")] = 20,
+    min_cycles: Annotated[int, typer.Option(help="Dirty cycles at least.")] = 1,
+    max_dirty_blocks: Annotated[int, typer.Option(
+        help="Hand over once a cycle finds at most this many dirty 64 KiB blocks.")] = 256,
+    cycle_throttle: Annotated[float, typer.Option(help="Seconds between cycles.")] = 0.0,
+    compress: Annotated[str, typer.Option(help="none, zstd or lz4.")] = "none",
+    verify: Annotated[bool, typer.Option(
+        help="Compare every block's hash at the end.")] = False,
+) -> None:
+    """Live-migrate VM NAME from the peer at --via to the peer listening at --to.
+
+    Prints the outcome as JSON (bytes, cycles, downtime). Exit 1 if the migration failed
+    and the VM still runs here, 2 if it is in doubt (paused here, authority sent but not
+    acknowledged: settle by hand), 3 if it was handed over but post-copy failed.
+    """
+    address(to)
+    params = {"name": name, "to": to, "postcopy": postcopy, "max_cycles": max_cycles,
+              "min_cycles": min_cycles, "max_dirty_blocks": max_dirty_blocks,
+              "cycle_throttle": cycle_throttle, "compression": compress, "verify": verify}
+    try:
+        result = run(peer.call(via, "migrate", params, timeout=peer.MIGRATE_TIMEOUT))
+    except control.ControlError as exc:
+        text = str(exc)
+        code = 2 if "in doubt" in text or "not acknowledged" in text else (
+            3 if "post-copy" in text or "streaming the last blocks" in text else 1)
+        raise fail(text, code) from None
+    _print(result)
+

@@ -1,0 +1,1 @@
+"""The peer: one process per host that runs VMs and moves them to and from other peers."""

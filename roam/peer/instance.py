@@ -1,0 +1,359 @@
+"""One VM under a peer: its device stacks, its QEMU, and its migrations in and out.
+
+Each instance runs in a worker process of its own (pyfuse3 serves one mount per
+process), which also gives every incoming VM a fresh FUSE mount: no page cache of an
+earlier visit of the same VM can be read back.
+
+The group sent to a destination: `vm.json` (what QEMU needs to be started the same way),
+kernel, initramfs, memory, disk and state. The small static devices go first so that the
+destination can start QEMU (waiting for incoming state) while memory still streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from roam.guest.client import GuestAgentError, GuestClient
+from roam.migration.channel import Address, Channel, connect
+from roam.migration.destination import Decline, Destination, NewDevice
+from roam.migration.source import (
+    InDoubt,
+    MigrationError,
+    Policy,
+    PostcopyFailed,
+    Source,
+    SourceDevice,
+    SourceHooks,
+)
+from roam.migration.wire import DeviceSpec, Encoding
+from roam.storage.overlay import CowOverlay
+from roam.storage.provider import Provider
+from roam.storage.sources import SparseFileSource
+from roam.storage.waiting import WaitingCache
+from roam.vm import control
+from roam.vm.accel import Accel
+from roam.vm.devices import Exposed, exposed
+from roam.vm.machine import PortForward, qemu_config
+from roam.vm.package import Package, PackageConfig
+from roam.vm.qemu import QemuVM
+from roam.vm.runner import OVERLAY_BLOCK, connect_agent
+
+log = logging.getLogger(__name__)
+
+SPEC, KERNEL, INITRAMFS, MEMORY, DISK, STATE = (
+    "vm.json", "kernel", "initramfs", "memory", "disk", "state")
+STATIC = (SPEC, KERNEL, INITRAMFS)
+COMPRESSIONS = {"none": Encoding.RAW, "zstd": Encoding.ZSTD, "lz4": Encoding.LZ4}
+
+
+class VMSpec(BaseModel):
+    """vm.json: the package config plus what this run added (name, port forwards)."""
+
+    name: str
+    config: PackageConfig
+    publish: list[str] = []
+
+    def forwards(self) -> list[PortForward]:
+        return [PortForward.parse(p) for p in self.publish]
+
+
+class PeerError(Exception):
+    """A peer request failed; the message says why."""
+
+
+@dataclass
+class Migrated:
+    """What the source learns from one migration out."""
+
+    outcome: str
+    bytes_sent: int
+    total_ms: float
+    cycles: int
+    dirty_per_cycle: list[int]
+    final_dirty: int
+    handover_ms: float  # QMP stop to authority sent
+    downtime_ms: float  # QMP stop to the destination's acknowledgement (an upper bound)
+    priority_blocks: int
+
+
+def policy_from(params: dict[str, Any]) -> Policy:
+    defaults = Policy()
+    return Policy(
+        max_dirty_blocks=int(params.get("max_dirty_blocks", defaults.max_dirty_blocks)),
+        min_cycles=int(params.get("min_cycles", defaults.min_cycles)),
+        max_cycles=int(params.get("max_cycles", defaults.max_cycles)),
+        cycle_throttle=float(params.get("cycle_throttle", defaults.cycle_throttle)),
+        postcopy=bool(params.get("postcopy", defaults.postcopy)),
+        compression=COMPRESSIONS[str(params.get("compression", "none"))],
+        verify=bool(params.get("verify", defaults.verify)),
+    )
+
+
+class Instance:
+    """A VM in `workdir`; `devices` in group order, memory/disk/state written by QEMU."""
+
+    def __init__(self, workdir: Path, spec: VMSpec, files: Path,
+                 devices: list[SourceDevice]) -> None:
+        self.workdir = workdir
+        self.spec = spec
+        self.files = files  # directory with the kernel files QEMU boots
+        self.devices = {d.name: d for d in devices}
+        self.order = [d.name for d in devices]
+        self.state = "starting"
+        self.finished = asyncio.Event()  # set when this host no longer runs the VM
+        self.incoming: asyncio.Task[Any] | None = None
+        self.info: dict[str, Any] = {"name": spec.name, "pid": os.getpid(),
+                                     "workdir": str(workdir)}
+        self._vm: QemuVM | None = None
+        self._agent: GuestClient | None = None
+        self._exposed: Exposed | None = None
+        self._migrating = False
+
+    @property
+    def vm(self) -> QemuVM:
+        assert self._vm is not None
+        return self._vm
+
+    def tracker(self, name: str) -> Provider:
+        return self.devices[name].tracker
+
+    @contextlib.asynccontextmanager
+    async def exposure(self) -> AsyncIterator[Exposed]:
+        async with exposed(self.workdir, self.tracker(MEMORY), self.tracker(DISK)) as exp:
+            self._exposed = exp
+            yield exp
+
+    async def start_qemu(self) -> None:
+        """QEMU waiting for incoming device state, on the exposed devices."""
+        assert self._exposed is not None
+        config = self.spec.config
+        accel = Accel(config.accel, "the VM was snapshotted under it")
+        self._vm = QemuVM(qemu_config(config, self.files, self.workdir, self._exposed, accel,
+                                      self.spec.forwards()), self.workdir / "qemu.log")
+        self.info.update(accel=accel.name, memory_mib=config.memory_mib, cpus=config.cpus)
+        await self._vm.start(incoming=True)
+        self.info["qemu_pid"] = self._vm.pid
+
+    async def load_and_resume(self) -> float:
+        """Load the saved state, cont; returns the wall clock time at which cont returned."""
+        await self.vm.load_state(self.tracker(STATE))
+        await self.vm.resume()
+        resumed = time.time()
+        self.state = "running"
+        return resumed
+
+    async def after_resume(self) -> None:
+        self._agent = await self.vm.guard(connect_agent(self.workdir / "agent.sock"))
+        await self.vm.guard(self._agent.after_resume())
+
+    # -- control requests --------------------------------------------------------------
+
+    async def handle_info(self, _: control.Json) -> control.Json:
+        return {**self.info, "state": self.state}
+
+    async def handle_exec(self, params: control.Json) -> control.Json:
+        if self._agent is None or self.state != "running":
+            raise PeerError(f"{self.spec.name} is {self.state}")
+        result = await self._agent.exec(params["argv"], timeout=float(params.get("timeout", 30)))
+        return asdict(result)
+
+    async def handle_stop(self, _: control.Json) -> control.Json:
+        if self._migrating:
+            raise PeerError(f"{self.spec.name} is migrating")
+        self.state = "stopped"
+        self.finished.set()
+        return {}
+
+    async def handle_migrate(self, params: control.Json) -> control.Json:
+        if self._migrating or self.state != "running":
+            raise PeerError(f"{self.spec.name} is {self.state}, not running")
+        self._migrating = True
+        try:
+            return asdict(await self.migrate_out(Address.parse(str(params["to"])),
+                                                 policy_from(params)))
+        finally:
+            self._migrating = False
+
+    # -- migration out -----------------------------------------------------------------
+
+    async def migrate_out(self, to: Address, policy: Policy) -> Migrated:
+        if self.incoming is not None:
+            await self.incoming  # post-copy of the previous hop must be over
+        channel = await connect(to)
+        marks: dict[str, float] = {}
+        exp = self._exposed
+        assert exp is not None and self._agent is not None
+        agent = self._agent
+
+        async def suspend() -> None:
+            try:
+                await self.vm.guard(agent.before_suspend())
+            except GuestAgentError as exc:
+                log.warning("before_suspend failed, suspending anyway: %s", exc)
+            marks["stop_wall"] = time.time()
+            marks["stop"] = time.perf_counter()
+            await self.vm.pause()
+            self.state = "paused"
+            await self.vm.save_state(self.tracker(STATE))
+
+        async def authority() -> bytes:
+            marks["authority"] = time.perf_counter()
+            return json.dumps({"stop_wall": marks["stop_wall"]}).encode()
+
+        async def resume() -> None:
+            if self.state == "paused":
+                await self.vm.resume()
+                self.state = "running"
+                await self.vm.guard(agent.after_resume())
+
+        self.state = "migrating"
+        hooks = SourceHooks(before_collect=exp.flush_memory, suspend=suspend,
+                            authority=authority, resume=resume)
+        source = Source(channel, [self.devices[n] for n in self.order], hooks, policy,
+                        group_name=self.spec.name)
+        try:
+            result = await source.run()
+        except InDoubt:
+            self.state = "in-doubt"  # paused here; an operator decides
+            raise
+        except PostcopyFailed:
+            self.state = "handed-over"  # the destination owns it: never resume here
+            raise
+        except MigrationError:
+            if self.state == "migrating":
+                self.state = "running"
+            raise
+        finally:
+            await channel.close()
+        if result.outcome == "completed":
+            self.state = "migrated"
+            self.finished.set()
+        return Migrated(
+            outcome=result.outcome, bytes_sent=result.bytes_sent,
+            total_ms=result.total_seconds * 1000, cycles=result.cycles,
+            dirty_per_cycle=result.dirty_per_cycle, final_dirty=result.final_dirty,
+            handover_ms=(marks["authority"] - marks["stop"]) * 1000 if marks else 0.0,
+            downtime_ms=_ack_downtime(marks, result.suspended_seconds,
+                                      result.handover_seconds),
+            priority_blocks=result.priority_blocks)
+
+    async def close(self) -> None:
+        if self._agent is not None:
+            await self._agent.close()
+        if self._vm is not None:
+            await self._vm.stop()
+
+
+def _ack_downtime(marks: dict[str, float], suspended: float, handover: float) -> float:
+    """QMP stop to the acknowledgement, from the source's clock: the suspend hook started
+    `handover` seconds before authority was sent and `suspended` before the answer."""
+    if "stop" not in marks:
+        return 0.0
+    hook_started = marks["authority"] - handover
+    return (hook_started + suspended - marks["stop"]) * 1000
+
+
+# -- building instances ------------------------------------------------------------------
+
+
+def _stacks(providers: dict[str, Provider]) -> list[SourceDevice]:
+    return [SourceDevice.stack(name, provider) for name, provider in providers.items()]
+
+
+def from_package(package_dir: Path, name: str, publish: list[str], workdir: Path) -> Instance:
+    """A VM resumed from a package, copy-on-write: the package itself is never changed."""
+    package = Package.load(package_dir)
+    config = package.config
+    spec = VMSpec(name=name, config=config, publish=publish)
+    (workdir / SPEC).write_text(spec.model_dump_json())
+    files = config.files
+    static: dict[str, Provider] = {
+        SPEC: _file(workdir / SPEC),
+        KERNEL: _file(package.path(files.kernel)),
+    }
+    if files.initramfs is not None:
+        static[INITRAMFS] = _file(package.path(files.initramfs))
+    sizes = {MEMORY: (files.memory, package.memory_size),
+             DISK: (files.disk, config.disk_size), STATE: (files.state, config.state_size)}
+    written = {
+        dev: CowOverlay(SparseFileSource(package.path(file), size, create=False),
+                        SparseFileSource(workdir / f"{dev}.upper", size),
+                        workdir / f"{dev}.map", OVERLAY_BLOCK)
+        for dev, (file, size) in sizes.items()}
+    return Instance(workdir, spec, package_dir, _stacks({**static, **written}))
+
+
+def _file(path: Path) -> SparseFileSource:
+    return SparseFileSource(path, path.stat().st_size, create=False)
+
+
+class Incoming:
+    """Receive a VM: devices as they arrive, QEMU started early, authority taken at once."""
+
+    def __init__(self, channel: Channel, workdir: Path) -> None:
+        self.workdir = workdir
+        self.destination = Destination(channel, self._make, self._authority)
+        self.instance: Instance | None = None
+        self.prepared: asyncio.Task[None] | None = None
+        self.started = asyncio.Event()  # `prepared` exists
+        self.resumed = asyncio.Event()
+
+    async def _make(self, spec: DeviceSpec) -> NewDevice:
+        if spec.name not in (*STATIC, MEMORY, DISK, STATE):
+            raise MigrationError(f"unknown device {spec.name!r} in a VM group")
+        return NewDevice(SparseFileSource(self.workdir / f"{spec.name}.img", spec.size))
+
+    async def setup(self) -> Instance:
+        """Once the devices exist: stacks over the waiting caches (with dirty trackers from
+        the start, so the VM can move on later) and the vm.json spec."""
+        caches = self.destination.devices
+        spec_cache = caches[SPEC]
+        await spec_cache.wait_complete()
+        spec = VMSpec.model_validate_json(bytes(await spec_cache.read_at(0, spec_cache.size())))
+        providers: dict[str, Provider] = dict(caches)
+        self.instance = Instance(self.workdir, spec, self.workdir / "files", _stacks(providers))
+        self.instance.state = "incoming"
+        return self.instance
+
+    async def prepare(self) -> None:
+        """Kernel files out of their devices, then QEMU waiting for the state."""
+        assert self.instance is not None
+        files = self.instance.files
+        files.mkdir(exist_ok=True)
+        names = self.instance.spec.config.files
+        wanted = {KERNEL: names.kernel}
+        if names.initramfs is not None:
+            wanted[INITRAMFS] = names.initramfs
+        for device, file in wanted.items():
+            cache = self.destination.devices[device]
+            await cache.wait_complete()
+            (files / file).write_bytes(bytes(await cache.read_at(0, cache.size())))
+        await self.instance.start_qemu()
+
+    async def _authority(self, payload: bytes, _: dict[str, WaitingCache]) -> None:
+        await self.started.wait()
+        assert self.instance is not None and self.prepared is not None
+        try:
+            await self.prepared
+            resumed = await self.instance.load_and_resume()
+        except Exception as exc:
+            log.warning("cannot resume the incoming VM: %s", exc)
+            raise Decline(f"destination cannot resume the VM: {exc}") from exc
+        with contextlib.suppress(Exception):
+            await self.instance.vm.command("announce-self", {
+                "initial": 50, "max": 550, "rounds": 5, "step": 100})
+        stop_wall = float(json.loads(payload).get("stop_wall", 0.0))
+        self.instance.info["downtime_ms"] = (resumed - stop_wall) * 1000 if stop_wall else None
+        self.instance.info["resumed_at"] = resumed
+        self.resumed.set()

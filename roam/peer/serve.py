@@ -1,0 +1,203 @@
+"""`roam peer serve`: the per-host supervisor of VM workers.
+
+It accepts migration connections on its listen address and hands each one, as a file
+descriptor, to a new worker process that receives the VM; it starts workers for
+`roam peer run`; it answers the local control socket `STATE_DIR/peer.sock` (run, ls,
+info, exec, migrate, stop) by forwarding to the worker that runs the named VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from roam.migration.channel import Address
+from roam.peer.instance import PeerError
+from roam.vm import control
+
+log = logging.getLogger("roam.peer")
+
+PEER_SOCKET = "peer.sock"
+START_TIMEOUT = 120.0
+MIGRATE_TIMEOUT = 3600.0
+LIVE = ("starting", "incoming", "running", "migrating", "paused", "in-doubt", "handed-over")
+
+
+class Worker:
+    def __init__(self, workdir: Path, process: asyncio.subprocess.Process) -> None:
+        self.workdir = workdir
+        self.process = process
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / control.SOCKET
+
+    async def call(self, method: str, params: control.Json | None = None,
+                   timeout: float = 10.0) -> control.Json:  # noqa: ASYNC109
+        return await control.call_path(self.socket, method, params, timeout,
+                                       self.workdir.name)
+
+    def log_tail(self) -> str:
+        path = self.workdir / "worker.log"
+        lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+        return "\n".join(lines[-8:])
+
+
+class Peer:
+    def __init__(self, state_dir: Path, listen: Address) -> None:
+        self.state_dir = state_dir
+        self.listen = listen
+        self.vms_dir = state_dir / "vms"
+        self.workers: dict[Path, Worker] = {}
+        self._ids = itertools.count(1)
+        self._reapers: set[asyncio.Task[None]] = set()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.vms_dir, ignore_errors=True)
+        self.vms_dir.mkdir()
+        listener = _listening_socket(self.listen)
+        control_server = await control.serve(self.state_dir / PEER_SOCKET, {
+            "run": self._run, "ls": self._ls, "info": self._forward("info"),
+            "exec": self._forward("exec", 600.0), "stop": self._stop,
+            "migrate": self._forward("migrate", MIGRATE_TIMEOUT)})
+        accepting = asyncio.create_task(self._accept(listener))
+        log.info("peer serving %s, control socket %s", self.listen,
+                 self.state_dir / PEER_SOCKET)
+        try:
+            await stop.wait()
+        finally:
+            accepting.cancel()
+            control_server.close()
+            listener.close()
+            for worker in list(self.workers.values()):
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signal.SIGTERM)
+            if self._reapers:
+                await asyncio.wait(self._reapers, timeout=30)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, peer = await loop.sock_accept(listener)
+            log.info("incoming migration from %s", peer or "a local peer")
+            try:
+                await self._spawn(["--incoming-fd", str(conn.fileno())], conn.fileno())
+            except OSError as exc:
+                log.error("cannot start a worker for an incoming migration: %s", exc)
+            finally:
+                conn.close()
+
+    async def _spawn(self, args: list[str], fd: int | None = None) -> Worker:
+        workdir = self.vms_dir / str(next(self._ids))
+        workdir.mkdir()
+        with (workdir / "worker.log").open("ab") as out:
+            # Dies with the peer, and QEMU with the worker (see QemuVM.start).
+            process = await asyncio.create_subprocess_exec(
+                "setpriv", "--pdeathsig", "TERM", sys.executable, "-m", "roam.peer.worker",
+                "--workdir", str(workdir), *args, stdin=asyncio.subprocess.DEVNULL,
+                stdout=out, stderr=out, pass_fds=() if fd is None else (fd,))
+        worker = Worker(workdir, process)
+        self.workers[workdir] = worker
+        reaper = asyncio.create_task(self._reap(worker))
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
+        return worker
+
+    async def _reap(self, worker: Worker) -> None:
+        code = await worker.process.wait()
+        self.workers.pop(worker.workdir, None)
+        if code == 0:
+            shutil.rmtree(worker.workdir, ignore_errors=True)
+        else:
+            log.warning("worker %s exited with %d (files kept):\n%s", worker.workdir.name,
+                        code, worker.log_tail())
+
+    async def _infos(self) -> list[tuple[Worker, control.Json]]:
+        found = []
+        for worker in list(self.workers.values()):
+            with contextlib.suppress(control.ControlError, OSError, ValueError):
+                found.append((worker, await worker.call("info", timeout=5.0)))
+        return found
+
+    async def _find(self, name: str) -> Worker:
+        for worker, info in await self._infos():
+            if info.get("name") == name and info.get("state") in LIVE:
+                return worker
+        raise PeerError(f"no VM called {name!r} on this peer")
+
+    # -- control handlers ------------------------------------------------------------
+
+    async def _run(self, params: control.Json) -> control.Json:
+        name = str(params["name"])
+        control.check_name(name)
+        if any(i.get("name") == name and i.get("state") in LIVE for _, i in await self._infos()):
+            raise PeerError(f"a VM called {name!r} already runs on this peer")
+        args = ["--package", str(Path(params["package"]).resolve()), "--name", name]
+        for spec in params.get("publish", []):
+            args += ["--publish", str(spec)]
+        worker = await self._spawn(args)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if worker.process.returncode is not None:
+                raise PeerError(f"{name} did not start:\n{worker.log_tail()}")
+            with contextlib.suppress(control.ControlError, OSError, ValueError):
+                info = await worker.call("info", timeout=2.0)
+                if info.get("state") == "running":
+                    return info
+            await asyncio.sleep(0.1)
+        raise PeerError(f"{name} not running after {START_TIMEOUT} s")
+
+    async def _ls(self, _: control.Json) -> control.Json:
+        return {"vms": [info for _, info in await self._infos()]}
+
+    async def _stop(self, params: control.Json) -> control.Json:
+        worker = await self._find(str(params["name"]))
+        await worker.call("stop")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(worker.process.wait(), 30)
+        return {}
+
+    def _forward(self, method: str, timeout: float = 10.0) -> control.Handler:
+        async def forward(params: control.Json) -> control.Json:
+            worker = await self._find(str(params["name"]))
+            return await worker.call(method, params, timeout)
+        return forward
+
+
+def _listening_socket(address: Address) -> socket.socket:
+    sock: socket.socket
+    if address.scheme == "unix":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(address.path)
+    else:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def peer_socket(via: str) -> Path:
+    """A peer's control socket from its state directory or the socket's own path."""
+    path = Path(via)
+    return path / PEER_SOCKET if path.is_dir() else path
+
+
+async def call(via: str, method: str, params: dict[str, Any] | None = None,
+               timeout: float = 60.0) -> control.Json:  # noqa: ASYNC109
+    return await control.call_path(peer_socket(via), method, params, timeout, "peer")

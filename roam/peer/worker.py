@@ -1,0 +1,130 @@
+"""A peer's worker process: one VM, resumed from a package or received from another peer.
+
+Started by `roam peer serve`, never by hand: `python -m roam.peer.worker --workdir DIR
+(--package PKG --name NAME [--publish SPEC]... | --incoming-fd FD)`. It serves a control
+socket in DIR (info, exec, migrate, stop) and exits when the VM has left this host or was
+stopped; the exit code says whether that went well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+import uvloop
+
+from roam.migration.channel import FrameProtocol
+from roam.peer.instance import Incoming, Instance, from_package
+from roam.vm import control
+
+log = logging.getLogger("roam.peer.worker")
+T = TypeVar("T")
+
+
+async def _serve(instance: Instance) -> None:
+    """Answer control requests until the VM leaves, is stopped, or QEMU dies."""
+    server = await control.serve(instance.workdir / control.SOCKET, {
+        "info": instance.handle_info, "exec": instance.handle_exec,
+        "migrate": instance.handle_migrate, "stop": instance.handle_stop})
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, instance.finished.set)
+    try:
+        finished = asyncio.create_task(instance.finished.wait())
+        exited = asyncio.create_task(instance.vm.wait_exit())
+        await asyncio.wait([finished, exited], return_when=asyncio.FIRST_COMPLETED)
+        finished.cancel()
+        if exited.done() and not instance.finished.is_set():
+            raise exited.result()
+        exited.cancel()
+    finally:
+        server.close()
+
+
+async def _first(awaitable: Awaitable[T], watched: asyncio.Task[object]) -> T:
+    """Await `awaitable` unless `watched` ends first (then raise what it raised)."""
+    task = asyncio.ensure_future(awaitable)
+    await asyncio.wait([task, watched], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    task.cancel()
+    watched.result()
+    raise RuntimeError("the migration ended before the VM was resumed here")
+
+
+async def run_package(workdir: Path, package: Path, name: str, publish: list[str]) -> None:
+    instance = from_package(package, name, publish, workdir)
+    try:
+        async with instance.exposure():
+            try:
+                await instance.start_qemu()
+                await instance.load_and_resume()
+                await instance.after_resume()
+                await _serve(instance)
+            finally:
+                await instance.close()
+    finally:
+        for device in instance.devices.values():
+            await device.tracker.close()
+
+
+async def run_incoming(workdir: Path, fd: int) -> None:
+    proto = FrameProtocol()
+    await asyncio.get_running_loop().connect_accepted_socket(
+        lambda: proto, socket.socket(fileno=fd))
+    incoming = Incoming(proto, workdir)
+    received: asyncio.Task[object] = asyncio.create_task(incoming.destination.run())
+    try:
+        await _first(incoming.destination.ready.wait(), received)
+        instance = await _first(incoming.setup(), received)
+        instance.incoming = received
+        async with instance.exposure():
+            try:
+                incoming.prepared = asyncio.create_task(incoming.prepare())
+                incoming.started.set()
+                await _first(incoming.resumed.wait(), received)
+                log.info("%s resumed here %.1f ms after its pause on the source",
+                         instance.spec.name, instance.info.get("downtime_ms") or 0.0)
+                await instance.after_resume()
+                await _serve(instance)
+            finally:
+                if incoming.prepared is not None:
+                    incoming.prepared.cancel()
+                await instance.close()
+    finally:
+        if not received.done():
+            received.cancel()
+        with contextlib.suppress(BaseException):
+            await received
+        for cache in incoming.destination.devices.values():
+            await cache.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="roam.peer.worker")
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--package", type=Path)
+    parser.add_argument("--name")
+    parser.add_argument("--publish", action="append", default=[])
+    parser.add_argument("--incoming-fd", type=int)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.incoming_fd is not None:
+        uvloop.run(run_incoming(args.workdir, args.incoming_fd))
+    elif args.package is not None and args.name:
+        uvloop.run(run_package(args.workdir, args.package, args.name, args.publish))
+    else:
+        parser.error("give --incoming-fd, or --package and --name")
+
+
+if __name__ == "__main__":
+    main()
