@@ -9,6 +9,7 @@ APT_PACKAGES=(
   nbdkit libnbd-bin fio             # NBD interop peers used by tests and benchmarks
   mmdebstrap busybox-static e2fsprogs zstd  # guest blueprint build
   iproute2 redis-tools              # network namespaces, demo client tools
+  nftables                          # VM NAT and port forwards (roam.network)
 )
 
 missing=()

@@ -1,0 +1,49 @@
+"""The handover helpers the migration layer calls around the pause.
+
+At the pause the source calls `redirect`: frames for the VM that still reach the source
+(every other host learned it there) go on over VXLAN to the destination, whose paused
+QEMU holds its tap open and lets the kernel queue them until the guest runs. After the
+destination resumes the guest, `announce` makes it send gratuitous ARPs from its new
+place, which moves every other host's learned entry; then the source removes its network
+(`HostNetwork.down`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NTF_SELF, NUD_NOARP, NUD_PERMANENT
+
+from roam.network.vmnet import VXLAN, VmNetwork
+
+
+class Qmp(Protocol):
+    """What `announce` needs of a VM driver (roam.vm.qemu.QemuVM has it)."""
+
+    async def command(self, name: str, arguments: dict[str, object] | None = None) -> object: ...
+
+
+def _redirect(netns: str, mac: str, to_host: str) -> None:
+    with IPRoute(netns=netns) as inner:
+        vx = inner.link_lookup(ifname=VXLAN)[0]
+        # Frames for the VM arrive on the VXLAN port and must leave by it again.
+        inner.brport("set", index=vx, hairpin_mode=1)
+        inner.fdb("replace", ifindex=vx, lladdr=mac, dst=to_host, state=NUD_PERMANENT,
+                  flags=NTF_SELF)
+        inner.fdb("replace", ifindex=vx, lladdr=mac, state=NUD_NOARP, flags=NTF_MASTER)
+
+
+async def redirect(net: VmNetwork, mac: str, to_host: str) -> None:
+    """Send frames for `mac` arriving at this host's segment to underlay address `to_host`.
+
+    Call on the source with the VM paused, before its state goes to the destination.
+    """
+    await asyncio.to_thread(_redirect, net.netns, mac, to_host)
+
+
+async def announce(vm: Qmp, rounds: int = 5, initial_ms: int = 50) -> None:
+    """Have the resumed guest announce itself (RARP from its MAC, repeated with back-off)."""
+    await vm.command("announce-self", {"initial": initial_ms, "max": 550, "rounds": rounds,
+                                       "step": 100})

@@ -1,0 +1,246 @@
+"""A VM's network on one host, in one of three roles, and its removal.
+
+- local: the VM stays on this host. Namespace with the tap (the guest's gateway address
+  on it) and a veth to the host; NAT and port forwards (see nat.py).
+- gateway: the fixed end of a migratable VM. The same namespace and NAT, but the guest's
+  gateway address sits on a bridge whose other port is the VM's VXLAN segment, so
+  clients reach the VM at this host's address wherever it runs, and the VM's outbound
+  connections leave from here (their source address does not change when it moves).
+- runner: a host where the migratable VM runs (or is about to). Namespace with a bridge
+  joining the tap and the segment; no address, no NAT.
+
+Every role starts with a record on disk (registry.py) and ends with `down`, which removes
+the namespace (its devices go with it, the veth's host end too) and the host's nft table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NTF_SELF, NUD_NOARP, NUD_PERMANENT
+
+from roam.network import nat, ns
+from roam.network.forward import PortForward
+from roam.network.registry import Record, Registry, Transit
+from roam.network.tap import QUEUE_LEN, open_tap
+from roam.vm.package import GUEST_NET
+
+log = logging.getLogger(__name__)
+
+UPLINK = "uplink"
+TAP = "tap0"
+BRIDGE = "br0"
+VXLAN = "vx0"
+VXLAN_PORT = 4789
+ZERO_MAC = "00:00:00:00:00:00"
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+
+
+def _guest_net() -> tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface]:
+    """The guest's address and its gateway's, as every package's kernel command line sets."""
+    args = dict(word.split("=", 1) for word in GUEST_NET.split())
+    guest = ipaddress.IPv4Interface(args["roam.ip"])
+    return guest, ipaddress.IPv4Interface(f"{args['roam.gw']}/{guest.network.prefixlen}")
+
+
+GUEST, GATEWAY = _guest_net()
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A migratable VM's own layer 2 segment: VXLAN `vni` over the hosts' underlay.
+
+    `local` is this host's underlay address, `gateway` that of the VM's gateway host,
+    `hosts` those of every host the VM may run on (this one may be among them).
+    `gateway_mac` is the bridge address of the gateway: runners pin it to the gateway, so
+    the guest's outbound frames never follow a stale learned location.
+    """
+
+    vni: int
+    local: str
+    gateway: str
+    hosts: tuple[str, ...]
+    gateway_mac: str
+    port: int = VXLAN_PORT
+
+    def remotes(self) -> list[str]:
+        return sorted({self.gateway, *self.hosts} - {self.local})
+
+
+@dataclass
+class VmNetwork:
+    """One VM's network on this host; `tap_fd` is for QEMU (`-netdev tap,fd=`)."""
+
+    record: Record
+    transit: Transit | None
+    tap_fd: int | None = None
+    forwards: list[PortForward] = field(default_factory=list)
+
+    @property
+    def netns(self) -> str:
+        return self.record.netns
+
+
+class HostNetwork:
+    """The VM networks of this host (the namespace this process runs in).
+
+    `prefix` names what is created (namespaces `PREFIX-VM`, host links `PREFIXslot`, nft
+    tables `PREFIX-VM`): several hosts simulated as namespaces of one machine each need
+    their own, since namespace names are machine-wide. `netns` is the host's namespace
+    when it is not this process's own (tests simulate hosts that way).
+    """
+
+    def __init__(self, registry: Registry | None = None, prefix: str = "roam",
+                 netns: str | None = None) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", prefix):
+            raise ValueError(f"bad network prefix {prefix!r}: 1 to 8 lowercase letters/digits")
+        self.registry = registry or Registry()
+        self.prefix = prefix
+        self.netns = netns
+
+    def _host(self) -> IPRoute:
+        return IPRoute() if self.netns is None else IPRoute(netns=self.netns)
+
+    # The public interface is async; netlink and nft calls are short and run in a thread.
+
+    async def local(self, vm: str, forwards: list[PortForward]) -> VmNetwork:
+        return await asyncio.to_thread(self._up, vm, forwards, None, uplink=True, tap=True)
+
+    async def gateway(self, vm: str, segment: Segment, forwards: list[PortForward]) -> VmNetwork:
+        return await asyncio.to_thread(self._up, vm, forwards, segment, uplink=True, tap=False)
+
+    async def runner(self, vm: str, segment: Segment, mac: str) -> VmNetwork:
+        return await asyncio.to_thread(self._up, vm, [], segment, uplink=False, tap=True,
+                                       mac=mac)
+
+    async def down(self, net: VmNetwork) -> None:
+        if net.tap_fd is not None:
+            os.close(net.tap_fd)
+            net.tap_fd = None
+        await asyncio.to_thread(self._down, net.record)
+
+    async def sweep(self) -> list[str]:
+        """Remove what crashed owners left behind; the VMs whose networks were removed."""
+        return await asyncio.to_thread(self._sweep)
+
+    def _sweep(self) -> list[str]:
+        with self.registry.locked():
+            stale = [r for r in self.registry.records() if not r.owner.alive()]
+        for record in stale:
+            log.warning("removing the network that a crashed process (pid %d) left for %s",
+                        record.owner.pid, record.vm)
+            self._down(record)
+        return [r.vm for r in stale]
+
+    def _down(self, record: Record) -> None:
+        with self.registry.locked():
+            nat.delete_table(self.netns, record.table)
+            ns.remove(record.netns)
+            self.registry.release(record.vm)
+
+    def _up(self, vm: str, forwards: list[PortForward], segment: Segment | None, *,
+            uplink: bool, tap: bool, mac: str | None = None) -> VmNetwork:
+        if not _NAME.fullmatch(vm):
+            raise ValueError(f"VM name {vm!r}: networking needs 1 to 40 of [A-Za-z0-9_.-]")
+        name = f"{self.prefix}-{vm}"
+        with self.registry.locked():
+            record = self.registry.claim(vm, name, name)
+        net = VmNetwork(record, self.registry.transit(record.slot) if uplink else None,
+                        forwards=forwards)
+        try:
+            ns.create(name)
+            with IPRoute(netns=name) as inner:
+                inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
+            if segment is not None:
+                self._segment(name, segment, gateway_addr=not tap)
+            if tap:
+                net.tap_fd = self._tap(name, address=segment is None, segment=segment, mac=mac)
+            if net.transit is not None:
+                self._uplink(record, net.transit, forwards)
+        except BaseException:
+            if net.tap_fd is not None:
+                os.close(net.tap_fd)
+            self._down(record)
+            raise
+        return net
+
+    def _host_link(self, record: Record) -> str:
+        return f"{self.prefix}{record.slot}"
+
+    def _uplink(self, record: Record, transit: Transit, forwards: list[PortForward]) -> None:
+        link = self._host_link(record)
+        with self._host() as host:
+            host.link("add", ifname=link, kind="veth",
+                      peer={"ifname": UPLINK, "net_ns_fd": record.netns})
+            index = host.link_lookup(ifname=link)[0]
+            host.addr("add", index=index, address=str(transit.host),
+                      prefixlen=transit.prefixlen)
+            host.link("set", index=index, state="up")
+        with IPRoute(netns=record.netns) as inner:
+            index = inner.link_lookup(ifname=UPLINK)[0]
+            inner.addr("add", index=index, address=str(transit.ns), prefixlen=transit.prefixlen)
+            inner.link("set", index=index, state="up")
+            inner.route("add", dst="0.0.0.0/0", gateway=str(transit.host))
+        ns.sysctl(self.netns, "net/ipv4/ip_forward", "1")
+        ns.sysctl(self.netns, f"net/ipv4/conf/{link}/route_localnet", "1")
+        ns.sysctl(record.netns, "net/ipv4/ip_forward", "1")
+        nat.load(record.netns, nat.ns_ruleset(UPLINK, transit.ns, GUEST.ip))
+        nat.load(self.netns, nat.host_ruleset(record.table, link, transit.ns, forwards))
+
+    def _segment(self, name: str, segment: Segment, *, gateway_addr: bool) -> None:
+        """Bridge + VXLAN in the namespace; the VXLAN's socket stays in the host's."""
+        vxlan = f"{self.prefix}x{segment.vni}"
+        with self._host() as host:
+            host.link("add", ifname=vxlan, kind="vxlan", vxlan_id=segment.vni,
+                      vxlan_local=segment.local, vxlan_port=segment.port, vxlan_learning=1,
+                      mtu=1500)
+            host.link("set", index=host.link_lookup(ifname=vxlan)[0], net_ns_fd=name)
+        with IPRoute(netns=name) as inner:
+            inner.link("set", index=inner.link_lookup(ifname=vxlan)[0], ifname=VXLAN)
+            inner.link("add", ifname=BRIDGE, kind="bridge", br_stp_state=0, br_forward_delay=0)
+            bridge = inner.link_lookup(ifname=BRIDGE)[0]
+            vx = inner.link_lookup(ifname=VXLAN)[0]
+            if gateway_addr:
+                inner.link("set", index=bridge, address=segment.gateway_mac)
+                inner.addr("add", index=bridge, address=str(GATEWAY.ip),
+                           prefixlen=GATEWAY.network.prefixlen)
+            inner.link("set", index=vx, master=bridge, state="up")
+            inner.link("set", index=bridge, state="up")
+            for remote in segment.remotes():  # head-end replication of broadcasts
+                inner.fdb("append", ifindex=vx, lladdr=ZERO_MAC, dst=remote,
+                          state=NUD_PERMANENT, flags=NTF_SELF)
+            if not gateway_addr:
+                inner.fdb("replace", ifindex=vx, lladdr=segment.gateway_mac,
+                          dst=segment.gateway, state=NUD_PERMANENT, flags=NTF_SELF)
+
+    def _tap(self, name: str, *, address: bool, segment: Segment | None,
+             mac: str | None) -> int:
+        fd = open_tap(name, TAP)
+        try:
+            self._tap_links(name, address=address, segment=segment, mac=mac)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _tap_links(self, name: str, *, address: bool, segment: Segment | None,
+                   mac: str | None) -> None:
+        with IPRoute(netns=name) as inner:
+            index = inner.link_lookup(ifname=TAP)[0]
+            inner.link("set", index=index, txqlen=QUEUE_LEN)
+            if address:
+                inner.addr("add", index=index, address=str(GATEWAY.ip),
+                           prefixlen=GATEWAY.network.prefixlen)
+            if segment is not None:
+                bridge = inner.link_lookup(ifname=BRIDGE)[0]
+                inner.link("set", index=index, master=bridge)
+                if mac is not None:  # the guest is behind this tap, whatever was learned
+                    inner.fdb("replace", ifindex=index, lladdr=mac,
+                              state=NUD_NOARP, flags=NTF_MASTER)
+            inner.link("set", index=index, state="up")
