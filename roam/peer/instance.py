@@ -119,6 +119,7 @@ class Instance:
         self._agent: GuestClient | None = None
         self._exposed: Exposed | None = None
         self._migrating = False
+        self.agent_ready = asyncio.Event()
 
     @property
     def vm(self) -> QemuVM:
@@ -156,6 +157,7 @@ class Instance:
     async def after_resume(self) -> None:
         self._agent = await self.vm.guard(connect_agent(self.workdir / "agent.sock"))
         await self.vm.guard(self._agent.after_resume())
+        self.agent_ready.set()
 
     # -- control requests --------------------------------------------------------------
 
@@ -176,7 +178,9 @@ class Instance:
         return {}
 
     async def handle_migrate(self, params: control.Json) -> control.Json:
-        if self._migrating or self.state != "running":
+        if self.state in ("starting", "incoming"):
+            await self.agent_ready.wait()  # a VM that just arrived can move on at once
+        if self._migrating or self.state != "running" or self._agent is None:
             raise PeerError(f"{self.spec.name} is {self.state}, not running")
         self._migrating = True
         try:

@@ -15,7 +15,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,24 +29,31 @@ log = logging.getLogger("roam.peer.worker")
 T = TypeVar("T")
 
 
-async def _serve(instance: Instance) -> None:
-    """Answer control requests until the VM leaves, is stopped, or QEMU dies."""
+@contextlib.asynccontextmanager
+async def _control(instance: Instance) -> AsyncIterator[None]:
+    """The control socket, from the moment the instance exists (info works while it is
+    still arriving or resuming)."""
     server = await control.serve(instance.workdir / control.SOCKET, {
         "info": instance.handle_info, "exec": instance.handle_exec,
         "migrate": instance.handle_migrate, "stop": instance.handle_stop})
+    try:
+        yield
+    finally:
+        server.close()
+
+
+async def _serve(instance: Instance) -> None:
+    """Run until the VM leaves, is stopped, or QEMU dies."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, instance.finished.set)
-    try:
-        finished = asyncio.create_task(instance.finished.wait())
-        exited = asyncio.create_task(instance.vm.wait_exit())
-        await asyncio.wait([finished, exited], return_when=asyncio.FIRST_COMPLETED)
-        finished.cancel()
-        if exited.done() and not instance.finished.is_set():
-            raise exited.result()
-        exited.cancel()
-    finally:
-        server.close()
+    finished = asyncio.create_task(instance.finished.wait())
+    exited = asyncio.create_task(instance.vm.wait_exit())
+    await asyncio.wait([finished, exited], return_when=asyncio.FIRST_COMPLETED)
+    finished.cancel()
+    if exited.done() and not instance.finished.is_set():
+        raise exited.result()
+    exited.cancel()
 
 
 async def _first(awaitable: Awaitable[T], watched: asyncio.Task[object]) -> T:
@@ -63,7 +70,7 @@ async def _first(awaitable: Awaitable[T], watched: asyncio.Task[object]) -> T:
 async def run_package(workdir: Path, package: Path, name: str, publish: list[str]) -> None:
     instance = from_package(package, name, publish, workdir)
     try:
-        async with instance.exposure():
+        async with _control(instance), instance.exposure():
             try:
                 await instance.start_qemu()
                 await instance.load_and_resume()
@@ -86,7 +93,7 @@ async def run_incoming(workdir: Path, fd: int) -> None:
         await _first(incoming.destination.ready.wait(), received)
         instance = await _first(incoming.setup(), received)
         instance.incoming = received
-        async with instance.exposure():
+        async with _control(instance), instance.exposure():
             try:
                 incoming.prepared = asyncio.create_task(incoming.prepare())
                 incoming.started.set()

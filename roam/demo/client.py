@@ -1,0 +1,139 @@
+"""The demo's redis client: writes a new key every few milliseconds, records the acked ones.
+
+Runs inside a host namespace (`python -m roam.demo.client write|verify ...`). It speaks
+RESP over a plain socket, so the demo needs no redis library. After a hop the old host's
+port forward goes away; the client then tries the next host (reconnecting is allowed
+until the overlay network keeps connections across hosts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+TIMEOUT = 5.0
+
+
+def command(*args: str) -> bytes:
+    out = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class Redis:
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port), timeout=TIMEOUT)
+        self.file = self.sock.makefile("rb")
+
+    def call(self, *args: str) -> object:
+        self.sock.sendall(command(*args))
+        return self._reply()
+
+    def _reply(self) -> object:
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise ConnectionError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self.file.read(n + 2)[:-2]
+            return data.decode()
+        if kind == b"*":
+            return [self._reply() for _ in range(int(rest))]
+        raise ConnectionError(f"unexpected reply {line!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def write(hosts: list[str], port: int, out: Path, interval: float) -> None:
+    """Until SIGTERM: SET demo:N N, appending N to `out` once redis acknowledged it."""
+    running = True
+
+    def stop(*_: object) -> None:
+        nonlocal running
+        running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    current = 0
+    conn: Redis | None = None
+    n = 0
+    last_ack = time.monotonic()
+    longest_gap = 0.0
+    with out.open("a") as acked:
+        while running:
+            if conn is None:
+                try:
+                    conn = Redis(hosts[current], port)
+                except OSError:
+                    current = (current + 1) % len(hosts)
+                    time.sleep(0.01)
+                    continue
+            try:
+                if conn.call("SET", f"demo:{n}", str(n)) == "OK":
+                    acked.write(f"{n}\n")
+                    acked.flush()
+                    now = time.monotonic()
+                    longest_gap = max(longest_gap, now - last_ack)
+                    last_ack = now
+                n += 1
+            except (OSError, ConnectionError):
+                conn.close()
+                conn = None
+                n += 1  # the outcome of that write is unknown: never reuse its key
+                continue
+            time.sleep(interval)
+    print(json.dumps({"longest_gap_ms": longest_gap * 1000}))
+
+
+def verify(host: str, port: int, acked_file: Path) -> None:
+    """Print how many acknowledged keys are missing or wrong in redis."""
+    keys = [int(line) for line in acked_file.read_text().split()]
+    conn = Redis(host, port)
+    lost = 0
+    for start in range(0, len(keys), 500):
+        batch = keys[start:start + 500]
+        values = conn.call("MGET", *(f"demo:{k}" for k in batch))
+        assert isinstance(values, list)
+        lost += sum(1 for k, v in zip(batch, values, strict=True) if v != str(k))
+    conn.close()
+    print(json.dumps({"acked": len(keys), "lost": lost}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="roam.demo.client")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    w = sub.add_parser("write")
+    w.add_argument("--hosts", required=True)
+    w.add_argument("--port", type=int, default=6379)
+    w.add_argument("--out", type=Path, required=True)
+    w.add_argument("--interval", type=float, default=0.005)
+    v = sub.add_parser("verify")
+    v.add_argument("--host", required=True)
+    v.add_argument("--port", type=int, default=6379)
+    v.add_argument("--acked", type=Path, required=True)
+    args = parser.parse_args()
+    if args.mode == "write":
+        write(args.hosts.split(","), args.port, args.out, args.interval)
+    else:
+        verify(args.host, args.port, args.acked)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
