@@ -406,10 +406,8 @@ class Source:
                     dev, self._compressor.encoding, first, count, hashes,
                     [len(p) for p in parts], sum(map(len, parts))), *parts)
                 return
-        # One copy into a frame of our own: the transport may hold on to what it is given
-        # (uvloop does), and the workload may change the device before it goes out.
         header = encode_blocks_header(dev, Encoding.RAW, first, count, hashes, [], len(data))
-        self.channel.send(b"".join((header, data)))
+        self.channel.send(header, data)  # the channel copies whatever it cannot send now
 
     async def _send_hashes(self) -> None:
         """Every block's hash, so the destination can compare its whole copy. Reads go
