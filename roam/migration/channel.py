@@ -127,10 +127,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self._fd >= 0 and not transport.get_write_buffer_size():
             try:
                 sent = os.writev(self._fd, parts)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as e:
-                raise PeerLost(f"send failed: {e.strerror}") from e
+            except OSError:
+                sent = 0  # full, or broken: the transport finds out and reports it as usual
             if sent == total:
                 return
         transport.write(_rest(parts, sent))
