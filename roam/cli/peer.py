@@ -110,6 +110,10 @@ def migrate(
     compress: Annotated[str, typer.Option(help="none, zstd or lz4.")] = "none",
     verify: Annotated[bool, typer.Option(
         help="Compare every block's hash at the end.")] = False,
+    check_memory: Annotated[bool, typer.Option(
+        help="The destination compares its whole memory with the source's before it "
+             "resumes, declining if they differ (adds a full read to the downtime; use "
+             "with --no-postcopy).")] = False,
 ) -> None:
     """Live-migrate VM NAME from the peer at --via to the peer listening at --to.
 
@@ -120,7 +124,8 @@ def migrate(
     address(to)
     params = {"name": name, "to": to, "postcopy": postcopy, "max_cycles": max_cycles,
               "min_cycles": min_cycles, "max_dirty_blocks": max_dirty_blocks,
-              "cycle_throttle": cycle_throttle, "compression": compress, "verify": verify}
+              "cycle_throttle": cycle_throttle, "compression": compress, "verify": verify,
+              "check_memory": check_memory}
     try:
         result = run(peer.call(via, "migrate", params, timeout=peer.MIGRATE_TIMEOUT))
     except control.ControlError as exc:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import blake3
 from pydantic import BaseModel
 
 from roam.guest.client import GuestAgentError, GuestClient
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 SPEC, KERNEL, INITRAMFS, MEMORY, DISK, STATE = (
     "vm.json", "kernel", "initramfs", "memory", "disk", "state")
 STATIC = (SPEC, KERNEL, INITRAMFS)
+DIGEST_CHUNK = 4 << 20
+AGENT_TIMEOUT = 120.0
 COMPRESSIONS = {"none": Encoding.RAW, "zstd": Encoding.ZSTD, "lz4": Encoding.LZ4}
 
 
@@ -162,9 +165,11 @@ class Instance:
     # -- control requests --------------------------------------------------------------
 
     async def handle_info(self, _: control.Json) -> control.Json:
-        return {**self.info, "state": self.state}
+        return {**self.info, "state": self.state, "ready": self.agent_ready.is_set()}
 
     async def handle_exec(self, params: control.Json) -> control.Json:
+        if self.state in ("starting", "incoming", "running"):
+            await asyncio.wait_for(self.agent_ready.wait(), AGENT_TIMEOUT)
         if self._agent is None or self.state != "running":
             raise PeerError(f"{self.spec.name} is {self.state}")
         result = await self._agent.exec(params["argv"], timeout=float(params.get("timeout", 30)))
@@ -185,13 +190,18 @@ class Instance:
         self._migrating = True
         try:
             return asdict(await self.migrate_out(Address.parse(str(params["to"])),
-                                                 policy_from(params)))
+                                                 policy_from(params),
+                                                 bool(params.get("check_memory", False))))
         finally:
             self._migrating = False
 
     # -- migration out -----------------------------------------------------------------
 
-    async def migrate_out(self, to: Address, policy: Policy) -> Migrated:
+    async def migrate_out(self, to: Address, policy: Policy,
+                          check_memory: bool = False) -> Migrated:
+        """Move the VM to the peer at `to`. With `check_memory` the destination compares
+        its memory device with ours at the pause before it resumes (and declines if they
+        differ); that costs a full read of memory on both sides inside the downtime."""
         if self.incoming is not None:
             await self.incoming  # post-copy of the previous hop must be over
         channel = await connect(to)
@@ -212,8 +222,11 @@ class Instance:
             await self.vm.save_state(self.tracker(STATE))
 
         async def authority() -> bytes:
+            payload: dict[str, Any] = {"stop_wall": marks["stop_wall"]}
+            if check_memory:  # below the tracker: reading for a check is not migrating
+                payload["memory_blake3"] = await digest(self.devices[MEMORY].tracker.inner)
             marks["authority"] = time.perf_counter()
-            return json.dumps({"stop_wall": marks["stop_wall"]}).encode()
+            return json.dumps(payload).encode()
 
         async def resume() -> None:
             if self.state == "paused":
@@ -257,6 +270,15 @@ class Instance:
             await self._agent.close()
         if self._vm is not None:
             await self._vm.stop()
+
+
+async def digest(device: Provider) -> str:
+    """blake3 of a whole device, for comparing two copies."""
+    hasher = blake3.blake3()
+    size = device.size()
+    for offset in range(0, size, DIGEST_CHUNK):
+        hasher.update(await device.read_at(offset, min(DIGEST_CHUNK, size - offset)))
+    return hasher.hexdigest()
 
 
 def _ack_downtime(marks: dict[str, float], suspended: float, handover: float) -> float:
@@ -348,8 +370,13 @@ class Incoming:
     async def _authority(self, payload: bytes, _: dict[str, WaitingCache]) -> None:
         await self.started.wait()
         assert self.instance is not None and self.prepared is not None
+        meta = json.loads(payload)
         try:
             await self.prepared
+            if "memory_blake3" in meta:
+                if await digest(self.destination.devices[MEMORY]) != meta["memory_blake3"]:
+                    raise PeerError("memory differs from the source's at its pause")
+                self.instance.info["memory_checked"] = True
             resumed = await self.instance.load_and_resume()
         except Exception as exc:
             log.warning("cannot resume the incoming VM: %s", exc)
@@ -357,7 +384,7 @@ class Incoming:
         with contextlib.suppress(Exception):
             await self.instance.vm.command("announce-self", {
                 "initial": 50, "max": 550, "rounds": 5, "step": 100})
-        stop_wall = float(json.loads(payload).get("stop_wall", 0.0))
+        stop_wall = float(meta.get("stop_wall", 0.0))
         self.instance.info["downtime_ms"] = (resumed - stop_wall) * 1000 if stop_wall else None
         self.instance.info["resumed_at"] = resumed
         self.resumed.set()

@@ -153,7 +153,7 @@ class Peer:
                 raise PeerError(f"{name} did not start:\n{worker.log_tail()}")
             with contextlib.suppress(control.ControlError, OSError, ValueError):
                 info = await worker.call("info", timeout=2.0)
-                if info.get("state") == "running":
+                if info.get("state") == "running" and info.get("ready"):
                     return info
             await asyncio.sleep(0.1)
         raise PeerError(f"{name} not running after {START_TIMEOUT} s")

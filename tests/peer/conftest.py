@@ -1,0 +1,84 @@
+"""Three peers on one machine (UNIX-socket migration addresses) for the whole module.
+
+The session's snapshot comes from tests/vm (one per session); each test runs its own VM
+from it under its own name. Peers run as `roam peer serve` subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roam.peer import serve as peer
+from tests.blueprint.boot import short_dir
+from tests.vm.conftest import ROAM, roam, run_dir, snapshot
+
+__all__ = ["run_dir", "snapshot"]
+
+
+class Peer:
+    def __init__(self, name: str, root: Path) -> None:
+        self.name = name
+        self.dir = root / name
+        self.dir.mkdir()
+        self.address = f"unix://{root}/{name}.mig"
+        self.log = (root / f"{name}.log").open("w")
+        self.process = subprocess.Popen(
+            [*ROAM, "peer", "serve", "--listen", self.address, "--state-dir", str(self.dir)],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not (self.dir / peer.PEER_SOCKET).exists():
+            assert self.process.poll() is None and time.monotonic() < deadline, "peer down"
+            time.sleep(0.05)
+
+    def call(self, method: str, **params: Any) -> Any:
+        return asyncio.run(peer.call(str(self.dir), method, params, timeout=600))
+
+    def run(self, package: Path, name: str) -> dict[str, Any]:
+        return dict(self.call("run", package=str(package), name=name))
+
+    def sh(self, name: str, command: str) -> str:
+        result = self.call("exec", name=name, argv=["sh", "-c", command], timeout=60)
+        assert result["exit_code"] == 0, result
+        return str(result["stdout"])
+
+    def vms(self) -> dict[str, dict[str, Any]]:
+        return {vm["name"]: vm for vm in self.call("ls")["vms"]}
+
+    def migrate(self, name: str, to: Peer, *options: str,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`roam migrate` (the CLI), as a user runs it."""
+        return roam("migrate", name, "--to", to.address, "--via", str(self.dir), *options,
+                    check=check)
+
+    def migrate_background(self, name: str, to: Peer, *options: str
+                           ) -> subprocess.Popen[str]:
+        return subprocess.Popen([*ROAM, "migrate", name, "--to", to.address, "--via",
+                                 str(self.dir), *options], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def close(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def peers() -> Iterator[dict[str, Peer]]:
+    with short_dir() as root:
+        started = {n: Peer(n, root) for n in ("a", "b", "c")}
+        try:
+            yield started
+        finally:
+            for p in started.values():
+                p.close()
