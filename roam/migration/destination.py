@@ -104,6 +104,7 @@ class Destination:
         self._refetches: dict[tuple[int, int], int] = {}
         self._complete_from_source = False
         self._authority_task: asyncio.Task[None] | None = None
+        self._pending_recv: asyncio.Future[tuple[MsgType, memoryview]] | None = None
         self._start = 0.0
 
     async def run(self) -> DestinationResult:
@@ -131,6 +132,8 @@ class Destination:
         finally:
             if self._authority_task is not None and not self._authority_task.done():
                 self._authority_task.cancel()
+            if self._pending_recv is not None:
+                self._pending_recv.cancel()
             self.result.total_seconds = time.perf_counter() - start
             self.result.bytes_received = self.channel.bytes_received
         return self.result
@@ -138,18 +141,20 @@ class Destination:
     async def _step(self) -> bool:
         """Handle the next message, or notice that authority was taken; True when done."""
         task = self._authority_task
-        if task is None or task.done():
-            kind, body = await self.channel.recv()
-            return await self._handle(decode(kind, body))
-        recv = asyncio.ensure_future(self.channel.recv())
-        await asyncio.wait([recv, task], return_when=asyncio.FIRST_COMPLETED)
-        if not recv.done():
-            recv.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await recv
-            task.result()
-            return self._finished()
-        kind, body = recv.result()
+        if self._pending_recv is None:
+            if task is None or task.done():
+                kind, body = await self.channel.recv()
+                return await self._handle(decode(kind, body))
+            # Kept across steps, never cancelled: a cancelled read could lose half a frame.
+            self._pending_recv = asyncio.ensure_future(self.channel.recv())
+        recv = self._pending_recv
+        if task is not None and not task.done():
+            await asyncio.wait([recv, task], return_when=asyncio.FIRST_COMPLETED)
+            if not recv.done():
+                task.result()
+                return self._finished()
+        self._pending_recv = None
+        kind, body = await recv
         return await self._handle(decode(kind, body))
 
     def _fail(self, error: BaseException) -> None:
