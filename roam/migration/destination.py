@@ -149,7 +149,7 @@ class Destination:
             self._pending_recv = asyncio.ensure_future(self.channel.recv())
         recv = self._pending_recv
         if task is not None and not task.done():
-            await asyncio.wait([recv, task], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([recv, task], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
             if not recv.done():
                 task.result()
                 return self._finished()
