@@ -29,7 +29,7 @@ def _redirect(netns: str, mac: str, to_host: str) -> None:
     with IPRoute(netns=netns) as inner:
         vx = inner.link_lookup(ifname=VXLAN)[0]
         # Frames for the VM arrive on the VXLAN port and must leave by it again.
-        inner.brport("set", index=vx, hairpin_mode=1)
+        inner.brport("set", index=vx, mode=1)  # hairpin
         inner.fdb("replace", ifindex=vx, lladdr=mac, dst=to_host, state=NUD_PERMANENT,
                   flags=NTF_SELF)
         inner.fdb("replace", ifindex=vx, lladdr=mac, state=NUD_NOARP, flags=NTF_MASTER)

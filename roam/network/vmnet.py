@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NTF_SELF, NUD_NOARP, NUD_PERMANENT
+from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
 
 from roam.network import nat, ns
 from roam.network.forward import PortForward
@@ -115,9 +115,8 @@ class HostNetwork:
     async def gateway(self, vm: str, segment: Segment, forwards: list[PortForward]) -> VmNetwork:
         return await asyncio.to_thread(self._up, vm, forwards, segment, uplink=True, tap=False)
 
-    async def runner(self, vm: str, segment: Segment, mac: str) -> VmNetwork:
-        return await asyncio.to_thread(self._up, vm, [], segment, uplink=False, tap=True,
-                                       mac=mac)
+    async def runner(self, vm: str, segment: Segment) -> VmNetwork:
+        return await asyncio.to_thread(self._up, vm, [], segment, uplink=False, tap=True)
 
     async def down(self, net: VmNetwork) -> None:
         if net.tap_fd is not None:
@@ -145,7 +144,7 @@ class HostNetwork:
             self.registry.release(record.vm)
 
     def _up(self, vm: str, forwards: list[PortForward], segment: Segment | None, *,
-            uplink: bool, tap: bool, mac: str | None = None) -> VmNetwork:
+            uplink: bool, tap: bool) -> VmNetwork:
         if not _NAME.fullmatch(vm):
             raise ValueError(f"VM name {vm!r}: networking needs 1 to 40 of [A-Za-z0-9_.-]")
         name = f"{self.prefix}-{vm}"
@@ -160,7 +159,7 @@ class HostNetwork:
             if segment is not None:
                 self._segment(name, segment, gateway_addr=not tap)
             if tap:
-                net.tap_fd = self._tap(name, address=segment is None, segment=segment, mac=mac)
+                net.tap_fd = self._tap(name, address=segment is None, segment=segment)
             if net.transit is not None:
                 self._uplink(record, net.transit, forwards)
         except BaseException:
@@ -194,12 +193,18 @@ class HostNetwork:
         nat.load(self.netns, nat.host_ruleset(record.table, link, transit.ns, forwards))
 
     def _segment(self, name: str, segment: Segment, *, gateway_addr: bool) -> None:
-        """Bridge + VXLAN in the namespace; the VXLAN's socket stays in the host's."""
+        """Bridge + VXLAN in the namespace; the VXLAN's socket stays in the host's.
+
+        Only the gateway learns where the guest is. A runner's entries are all static (the
+        gateway's MAC, and the guest's when redirected): a learning VXLAN drops frames whose
+        source MAC has a static entry for another host, which is every frame redirected to
+        it during a handover (their source is the gateway, which they reach via the source).
+        """
         vxlan = f"{self.prefix}x{segment.vni}"
         with self._host() as host:
             host.link("add", ifname=vxlan, kind="vxlan", vxlan_id=segment.vni,
-                      vxlan_local=segment.local, vxlan_port=segment.port, vxlan_learning=1,
-                      mtu=1500)
+                      vxlan_local=segment.local, vxlan_port=segment.port,
+                      vxlan_learning=int(gateway_addr), mtu=1500)
             host.link("set", index=host.link_lookup(ifname=vxlan)[0], net_ns_fd=name)
         with IPRoute(netns=name) as inner:
             inner.link("set", index=inner.link_lookup(ifname=vxlan)[0], ifname=VXLAN)
@@ -211,6 +216,10 @@ class HostNetwork:
                 inner.addr("add", index=bridge, address=str(GATEWAY.ip),
                            prefixlen=GATEWAY.network.prefixlen)
             inner.link("set", index=vx, master=bridge, state="up")
+            if not gateway_addr:
+                # The bridge must not learn the guest behind the VXLAN port from another
+                # host's floods: redirected frames for it would be dropped here.
+                inner.brport("set", index=vx, learning=0)
             inner.link("set", index=bridge, state="up")
             for remote in segment.remotes():  # head-end replication of broadcasts
                 inner.fdb("append", ifindex=vx, lladdr=ZERO_MAC, dst=remote,
@@ -219,18 +228,16 @@ class HostNetwork:
                 inner.fdb("replace", ifindex=vx, lladdr=segment.gateway_mac,
                           dst=segment.gateway, state=NUD_PERMANENT, flags=NTF_SELF)
 
-    def _tap(self, name: str, *, address: bool, segment: Segment | None,
-             mac: str | None) -> int:
+    def _tap(self, name: str, *, address: bool, segment: Segment | None) -> int:
         fd = open_tap(name, TAP)
         try:
-            self._tap_links(name, address=address, segment=segment, mac=mac)
+            self._tap_links(name, address=address, segment=segment)
         except BaseException:
             os.close(fd)
             raise
         return fd
 
-    def _tap_links(self, name: str, *, address: bool, segment: Segment | None,
-                   mac: str | None) -> None:
+    def _tap_links(self, name: str, *, address: bool, segment: Segment | None) -> None:
         with IPRoute(netns=name) as inner:
             index = inner.link_lookup(ifname=TAP)[0]
             inner.link("set", index=index, txqlen=QUEUE_LEN)
@@ -240,7 +247,4 @@ class HostNetwork:
             if segment is not None:
                 bridge = inner.link_lookup(ifname=BRIDGE)[0]
                 inner.link("set", index=index, master=bridge)
-                if mac is not None:  # the guest is behind this tap, whatever was learned
-                    inner.fdb("replace", ifindex=index, lladdr=mac,
-                              state=NUD_NOARP, flags=NTF_MASTER)
             inner.link("set", index=index, state="up")

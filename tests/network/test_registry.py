@@ -10,7 +10,6 @@ from pathlib import Path
 
 from roam.network.forward import PortForward
 from roam.network.registry import Registry
-from roam.network.vmnet import HostNetwork
 from tests.network.lab import EchoServer, FakeGuest, Lab, connect
 from tests.network.test_local import _assert_clean, _echo, _host
 
@@ -73,8 +72,8 @@ async def test_crashed_owner_is_swept(net_lab: Lab, tmp_path: Path) -> None:
         asyncio.run(host.local("crash", [PortForward.parse("8080:80")]))
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60)
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script],
+                                   capture_output=True, text=True, timeout=60)
     assert done.returncode == -9, done.stderr
     assert (host.registry.directory / "crash.json").exists()
     assert await host.sweep() == ["crash"]
