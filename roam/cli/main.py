@@ -23,6 +23,7 @@ app.command()(vm.run)
 app.command("exec")(vm.exec_)
 app.command()(vm.ls)
 app.command()(peer.migrate)
+app.command()(peer.terminate)
 
 if __name__ == "__main__":
     app()

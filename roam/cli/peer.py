@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from roam.cli.common import Verbose, address, fail, run, setup_logging
+from roam.migration.channel import Channel, listen
+from roam.migration.source import MigrationError
 from roam.peer import serve as peer
+from roam.peer import terminator
+from roam.peer.terminator import Backup
 from roam.vm import control
 
 app = typer.Typer(help="Run VMs under a per-host peer and receive migrations.",
@@ -135,3 +140,39 @@ def migrate(
         raise fail(text, code) from None
     _print(result)
 
+
+
+def terminate(
+    listen_on: Annotated[str, typer.Option(
+        "--listen", help="tcp://HOST:PORT or unix://PATH to take the migration on.")],
+    out: Annotated[Path, typer.Option(help="Package directory to write.")],
+    verbose: Verbose = False,
+) -> None:
+    """Take one live migration into a package directory without starting the VM (a live
+    backup): `roam migrate NAME --to` this address; the VM runs on at its source."""
+    setup_logging(verbose)
+    addr = address(listen_on)
+
+    async def main() -> Backup:
+        done: asyncio.Future[Backup] = asyncio.get_running_loop().create_future()
+
+        async def handler(channel: Channel) -> None:
+            if done.done():
+                return
+            try:
+                done.set_result(await terminator.terminate(channel, out))
+            except Exception as exc:
+                if not done.done():
+                    done.set_exception(exc)
+
+        server = await listen(addr, handler)
+        try:
+            return await done
+        finally:
+            server.close()
+
+    try:
+        backup = run(main())
+    except (MigrationError, OSError) as exc:
+        raise fail(str(exc)) from None
+    _print(asdict(backup))

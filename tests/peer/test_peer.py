@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.peer.conftest import Peer
+from tests.vm.conftest import ROAM, roam
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +99,31 @@ def test_destination_killed_before_authority(peers: dict[str, Peer], snapshot: P
     assert a.sh("survivor", "redis-cli get alive").strip() == "yes"
     assert "survivor" not in b.vms()
     a.call("stop", name="survivor")
+
+
+def test_terminate_live_backup_then_run(peers: dict[str, Peer], snapshot: Path,
+                                        tmp_path: Path) -> None:
+    a, b = peers["a"], peers["b"]
+    a.run(snapshot, "backed")
+    a.sh("backed", "redis-cli set saved before >/dev/null")
+    out = tmp_path / "backup"
+    listen = f"unix://{a.dir.parent}/term.sock"
+    terminator = subprocess.Popen([*ROAM, "terminate", "--listen", listen, "--out", str(out)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not Path(listen.removeprefix("unix://")).exists():
+        assert terminator.poll() is None and time.monotonic() < deadline, terminator.stderr
+        time.sleep(0.05)
+    result = json.loads(roam("migrate", "backed", "--to", listen, "--via", str(a.dir),
+                             "--no-postcopy").stdout)
+    assert result["outcome"] == "declined"
+    stdout, stderr = terminator.communicate(timeout=60)
+    assert terminator.returncode == 0, stderr
+    assert json.loads(stdout)["name"] == "backed"
+    # The source runs on; the backup is a package of the VM at the pause.
+    a.sh("backed", "redis-cli set saved after >/dev/null")
+    assert a.vms()["backed"]["state"] == "running"
+    b.run(out, "restored")
+    assert b.sh("restored", "redis-cli get saved").strip() == "before"
+    a.call("stop", name="backed")
+    b.call("stop", name="restored")
