@@ -122,6 +122,7 @@ class Policy:
     max_cycles: int = 20
     cycle_throttle: float = 0.0  # seconds to wait between dirty cycles
     postcopy: bool = True  # resume the destination before the last blocks arrive
+    precopy: bool = True  # False: hand over at once, every block streams after (lazy start)
     compression: Encoding = Encoding.RAW  # RAW, ZSTD or LZ4
     verify: bool = False  # also send every block's hash at the end for a full comparison
 
@@ -213,6 +214,9 @@ class Source:
             else:
                 log.warning("peer cannot decode %s; sending raw", self.policy.compression.name)
 
+        if not self.policy.precopy:
+            await self._handover([list(range(len(p))) for p in self._pending], reader)
+            return
         for i, dev in enumerate(self.devices):
             blocks = range(len(self._pending[i]))
             order = dev.volatility.order(blocks) if dev.volatility else list(blocks)
@@ -358,7 +362,7 @@ class Source:
         return None
 
     async def _send_run(self, dev: int, blocks: list[int]) -> None:
-        """Send consecutive blocks, split into frames of one kind (zero / data)."""
+        """Send consecutive blocks, split into frames of one kind (zero / known / data)."""
         device = self.devices[dev]
         bs = device.block_size
         size = device.tracker.size()
@@ -369,10 +373,19 @@ class Source:
         end = min(size, (blocks[-1] + 1) * bs)
         data = await device.tracker.read_tracked(first * bs, end - first * bs)
         view = memoryview(data)
+        known = self._peer_has[dev]
         kinds: list[tuple[Encoding, int, int]] = []  # (kind, first block, count)
+        digests: dict[int, bytes] = {}
         for i in range(len(blocks)):
             chunk = view[i * bs : (i + 1) * bs]
-            kind = Encoding.ZERO if is_zero(chunk) else Encoding.RAW
+            if is_zero(chunk):
+                kind = Encoding.ZERO
+            elif known and first + i in known and (
+                    digest := blake3.blake3(chunk).digest()) == known[first + i]:
+                kind = Encoding.HAVE  # the destination holds this content already
+                digests[first + i] = digest
+            else:
+                kind = Encoding.RAW
             if kinds and kinds[-1][0] == kind:
                 kinds[-1] = (kind, kinds[-1][1], kinds[-1][2] + 1)
             else:
@@ -380,7 +393,11 @@ class Source:
         for kind, run_first, count in kinds:
             lo = (run_first - first) * bs
             hi = min(len(view), lo + count * bs)
-            self._send_frame(dev, kind, run_first, count, view[lo:hi], bs)
+            if kind == Encoding.HAVE:
+                proof = b"".join(digests[b] for b in range(run_first, run_first + count))
+                self.channel.send(encode_blocks_header(dev, kind, run_first, count, proof, [], 0))
+            else:
+                self._send_frame(dev, kind, run_first, count, view[lo:hi], bs)
         self.result.blocks_sent += len(blocks)
         await self.channel.drain()
 
@@ -389,13 +406,6 @@ class Source:
         if kind == Encoding.ZERO:
             self.channel.send(encode_blocks_header(dev, kind, first, count, b"", [], 0))
             return
-        known = self._peer_has[dev]
-        if known:
-            digests = [blake3.blake3(data[i * bs : (i + 1) * bs]).digest() for i in range(count)]
-            if all(known.get(first + i) == d for i, d in enumerate(digests)):
-                self.channel.send(encode_blocks_header(
-                    dev, Encoding.HAVE, first, count, b"".join(digests), [], 0))
-                return
         hashes = b"".join(block_hash(data[i * bs : (i + 1) * bs]) for i in range(count))
         if self._compressor is not None:
             packed = [self._compressor.compress(data[i * bs : (i + 1) * bs])
