@@ -29,12 +29,14 @@ def short_dir() -> Iterator[Path]:
 
 
 @contextlib.asynccontextmanager
-async def booted(blueprint: Blueprint, workdir: Path, disk: Disk) -> AsyncIterator[GuestClient]:
-    """A guest on a file memory backend and the given root disk, its agent connected."""
+async def booted(blueprint: Blueprint, workdir: Path, disk: Disk,
+                 mem_path: Path | None = None) -> AsyncIterator[GuestClient]:
+    """A guest on a file memory backend (workdir/mem unless `mem_path` says where) and
+    the given root disk, its agent connected. QMP listens on workdir/qmp.sock."""
     console = workdir / "console.log"
     config = QemuConfig(
         kernel=blueprint.kernel, initramfs=blueprint.initramfs, cmdline=blueprint.cmdline,
-        memory_mib=256, mem_path=workdir / "mem", disks=[disk],
+        memory_mib=256, mem_path=mem_path or workdir / "mem", disks=[disk],
         agent_socket=workdir / "agent.sock", qmp_socket=workdir / "qmp.sock",
         console_log=console, accel=choose_accel())
     with (workdir / "qemu.log").open("wb") as qemu_log:
