@@ -17,9 +17,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from roam.blueprint import Blueprint, BlueprintError
+from roam.network.forward import PortForward
 from roam.storage.provider import StorageError
 from roam.vm import archive, control
-from roam.vm.machine import PortForward
 from roam.vm.package import PackageError
 from roam.vm.qemu import QemuError, QemuExited
 from roam.vm.runner import RunError, run_package
@@ -81,7 +81,8 @@ def run(
                                             file_okay=False)],
     name: Annotated[str, typer.Option(help="The VM's name for roam exec and roam ls.")],
     publish: Annotated[list[str] | None, typer.Option(
-        "--publish", "-p", help="HOSTPORT:GUESTPORT (TCP, repeatable).")] = None,
+        "--publish", "-p", help="[HOSTIP:]HOSTPORT:GUESTPORT[/udp] (repeatable; "
+                                "loopback unless HOSTIP is given).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Resume a package until SIGINT or SIGTERM, then suspend it back into the package."""
@@ -139,8 +140,8 @@ def ls() -> None:
     vms = asyncio.run(control.list_vms())
     table = Table("NAME", "PACKAGE", "ACCEL", "MEMORY", "CPUS", "PUBLISH", "PID")
     for vm in vms:
-        ports = ", ".join(f"{p['host_addr']}:{p['host_port']}->{p['guest_port']}"
-                          for p in vm["publish"])
+        ports = ", ".join(f"{p['host_addr']}:{p['host_port']}->{p['guest_port']}/"
+                          f"{p['protocol']}" for p in vm["publish"])
         table.add_row(vm["name"], vm["package"], vm["accel"], f"{vm['memory_mib']} MiB",
                       str(vm["cpus"]), ports, str(vm["pid"]))
     Console().print(table)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from pyroute2 import netns
+from pyroute2 import config, netns
 
 T = TypeVar("T")
 
@@ -24,6 +24,12 @@ CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+# pyroute2 forks a child to act in a namespace and ends it with SIGTERM. A child that
+# kept our SIGTERM handler writes the signal into the signal wakeup descriptor it shares
+# with us, and our event loop takes it for a SIGTERM of its own (`roam run` suspended its
+# VM at once): the child must die of SIGTERM's default action instead.
+config.disable_mp_signal = True
 
 
 class NetworkError(Exception):

@@ -38,6 +38,7 @@ from roam.migration.source import (
     SourceHooks,
 )
 from roam.migration.wire import DeviceSpec, Encoding
+from roam.network.forward import PortForward
 from roam.storage.overlay import CowOverlay
 from roam.storage.provider import Provider
 from roam.storage.sources import SparseFileSource
@@ -45,7 +46,7 @@ from roam.storage.waiting import WaitingCache
 from roam.vm import control
 from roam.vm.accel import Accel
 from roam.vm.devices import Exposed, exposed
-from roam.vm.machine import PortForward, qemu_config
+from roam.vm.machine import Netdev, qemu_config
 from roam.vm.package import Package, PackageConfig
 from roam.vm.qemu import QemuVM
 from roam.vm.runner import OVERLAY_BLOCK, connect_agent
@@ -144,7 +145,8 @@ class Instance:
         config = self.spec.config
         accel = Accel(config.accel, "the VM was snapshotted under it")
         self._vm = QemuVM(qemu_config(config, self.files, self.workdir, self._exposed, accel,
-                                      self.spec.forwards()), self.workdir / "qemu.log")
+                                      Netdev.user(self.spec.forwards())),
+                          self.workdir / "qemu.log")
         self.info.update(accel=accel.name, memory_mib=config.memory_mib, cpus=config.cpus)
         await self._vm.start(incoming=True)
         self.info["qemu_pid"] = self._vm.pid
@@ -327,8 +329,14 @@ def _file(path: Path) -> SparseFileSource:
 class Incoming:
     """Receive a VM: devices as they arrive, QEMU started early, authority taken at once."""
 
-    def __init__(self, channel: Channel, workdir: Path) -> None:
+    def __init__(self, channel: Channel, workdir: Path, name: str | None = None,
+                 publish: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.overrides: dict[str, Any] = {}
+        if name is not None:
+            self.overrides["name"] = name
+        if publish is not None:
+            self.overrides["publish"] = publish
         self.destination = Destination(channel, self._make, self._authority)
         self.instance: Instance | None = None
         self.prepared: asyncio.Task[None] | None = None
@@ -344,9 +352,9 @@ class Incoming:
         """Once the devices exist: stacks over the waiting caches (with dirty trackers from
         the start, so the VM can move on later) and the vm.json spec."""
         caches = self.destination.devices
-        spec_cache = caches[SPEC]
-        await spec_cache.wait_complete()
+        spec_cache = caches[SPEC]  # reads ask for missing blocks first (lazy starts)
         spec = VMSpec.model_validate_json(bytes(await spec_cache.read_at(0, spec_cache.size())))
+        spec = spec.model_copy(update=self.overrides)
         providers: dict[str, Provider] = dict(caches)
         self.instance = Instance(self.workdir, spec, self.workdir / "files", _stacks(providers))
         self.instance.state = "incoming"
@@ -363,7 +371,6 @@ class Incoming:
             wanted[INITRAMFS] = names.initramfs
         for device, file in wanted.items():
             cache = self.destination.devices[device]
-            await cache.wait_complete()
             (files / file).write_bytes(bytes(await cache.read_at(0, cache.size())))
         await self.instance.start_qemu()
 
@@ -379,7 +386,7 @@ class Incoming:
                 self.instance.info["memory_checked"] = True
             resumed = await self.instance.load_and_resume()
         except Exception as exc:
-            log.warning("cannot resume the incoming VM: %s", exc)
+            log.warning("cannot resume the incoming VM: %s", exc, exc_info=True)
             raise Decline(f"destination cannot resume the VM: {exc}") from exc
         with contextlib.suppress(Exception):
             await self.instance.vm.command("announce-self", {

@@ -1,7 +1,7 @@
 """From a package's config to a QEMU command line: the parts a snapshot and a resume share.
 
 QEMU loads saved device state only into the same devices, so both build the machine
-here; only the backends (sockets, files, port forwards) may differ between them.
+here; only the backends (sockets, files, the NIC's backend) may differ between them.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from roam.network.forward import PortForward
 from roam.vm.accel import Accel
 from roam.vm.devices import Exposed
 from roam.vm.package import PackageConfig
@@ -20,23 +21,34 @@ QEMU_BINARY = "qemu-system-x86_64"
 
 
 @dataclass(frozen=True)
-class PortForward:
-    """HOSTPORT:GUESTPORT or ADDR:HOSTPORT:GUESTPORT (TCP; the address defaults to loopback)."""
+class Netdev:
+    """The NIC's backend: a QEMU -netdev spec (without its id) and the descriptors it names.
 
-    host_port: int
-    guest_port: int
-    host_addr: str = "127.0.0.1"
+    Only the virtio device is part of the saved state; the backend may differ at each
+    resume, except that user-mode networking (slirp) saves a state section of its own,
+    which only another slirp backend can load. So snapshots use `detached`, which any
+    backend can resume.
+    """
+
+    spec: str
+    pass_fds: tuple[int, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> PortForward:
-        match = re.fullmatch(r"(?:(.+):)?(\d+):(\d+)", text)
-        if match is None:
-            raise ValueError(f"{text!r}: expected HOSTPORT:GUESTPORT or ADDR:HOSTPORT:GUESTPORT")
-        addr, host, guest = match.groups()
-        forward = cls(int(host), int(guest), addr or "127.0.0.1")
-        if not (0 < forward.host_port < 65536 and 0 < forward.guest_port < 65536):
-            raise ValueError(f"{text!r}: ports are 1 to 65535")
-        return forward
+    def tap(cls, fd: int) -> Netdev:
+        """A tap opened by roam.network, inherited by QEMU as descriptor `fd`."""
+        return cls(f"tap,fd={fd}", (fd,))
+
+    @classmethod
+    def user(cls, publish: list[PortForward]) -> Netdev:
+        """QEMU's user-mode networking with host port forwards (no privileges needed)."""
+        return cls("user" + "".join(
+            f",hostfwd={f.protocol}:{f.host_addr}:{f.host_port}-:{f.guest_port}"
+            for f in publish))
+
+    @classmethod
+    def detached(cls) -> Netdev:
+        """A hub port leading nowhere: the NIC exists, nothing reaches it."""
+        return cls("hubport,hubid=0")
 
 
 def qemu_version() -> str:
@@ -46,16 +58,14 @@ def qemu_version() -> str:
     return match.group(1) if match else out.strip()
 
 
-def nic_args(mac: str, publish: list[PortForward]) -> list[str]:
-    """A virtio NIC on user-mode networking (slirp): the device is part of the saved
-    state, the port forwards are only backend options and may change at each resume."""
-    netdev = "user,id=net0" + "".join(
-        f",hostfwd=tcp:{f.host_addr}:{f.host_port}-:{f.guest_port}" for f in publish)
-    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net0,mac={mac}"]
+def nic_args(mac: str, netdev: Netdev) -> list[str]:
+    """A virtio NIC with MAC `mac` on `netdev`."""
+    return ["-netdev", f"{netdev.spec},id=net0",
+            "-device", f"virtio-net-pci,netdev=net0,mac={mac}"]
 
 
 def qemu_config(config: PackageConfig, files: Path, workdir: Path, devices: Exposed,
-                accel: Accel, publish: list[PortForward]) -> QemuConfig:
+                accel: Accel, netdev: Netdev) -> QemuConfig:
     """QEMU for the machine `config` describes, its kernel files in `files`, its sockets
     and console log in `workdir`, its memory and disk served by `devices`."""
     return QemuConfig(
@@ -72,6 +82,7 @@ def qemu_config(config: PackageConfig, files: Path, workdir: Path, devices: Expo
         cpus=config.cpus,
         machine=config.machine,
         cpu_model=config.cpu_model,
-        extra_args=nic_args(config.mac, publish),
+        extra_args=nic_args(config.mac, netdev),
+        pass_fds=netdev.pass_fds,
         binary=QEMU_BINARY,
     )

@@ -75,7 +75,8 @@ class QemuVM:
         with self.log_path.open("ab") as out:
             self._process = await asyncio.create_subprocess_exec(
                 "setpriv", "--pdeathsig", "KILL", *argv, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=out, start_new_session=True)
+                stdout=out, stderr=out, start_new_session=True,
+                pass_fds=self.config.pass_fds)
         self._exited = asyncio.create_task(self._process.wait())
         await self.guard(self._connect())
         # Set on both ends of every save/load: the shared memory file is not state.

@@ -57,6 +57,7 @@ class QemuConfig:
     machine: str = "q35"
     cpu_model: str | None = None  # a QEMU named model; default host (KVM) or max (TCG)
     extra_args: list[str] = field(default_factory=list)
+    pass_fds: tuple[int, ...] = ()  # descriptors extra_args name (a tap's), kept open for QEMU
     binary: str = "qemu-system-x86_64"
 
 

@@ -6,6 +6,10 @@ writes land in upper files in the run directory. At the suspend the written bloc
 copied into the package (the commit). If QEMU dies or anything else fails, the uppers are
 thrown away and the package is exactly as it was.
 
+The VM's network (roam.network: a namespace with its tap, NAT and the published ports) is
+created before QEMU starts and removed when it has stopped, however the run ends; what a
+killed run left behind is removed at the next start of any run (`HostNetwork.sweep`).
+
 The commit is redone after a crash: a journal in the package names the run directory
 whose uppers are being applied, and is removed once all of them are. Applying an upper
 twice gives the same bytes, so the next `roam run` simply finishes the job.
@@ -28,12 +32,14 @@ from pathlib import Path
 
 from roam.exposure.fuse import tuning
 from roam.guest.client import GuestAgentError, GuestClient
+from roam.network.forward import PortForward
+from roam.network.vmnet import HostNetwork
 from roam.storage.overlay import CowOverlay
 from roam.storage.sources import SparseFileSource
 from roam.vm import control
 from roam.vm.accel import Accel
 from roam.vm.devices import MOUNT_DIR, exposed
-from roam.vm.machine import PortForward, qemu_config
+from roam.vm.machine import Netdev, qemu_config
 from roam.vm.package import Package, PackageError, fsync_dir, write_atomic
 from roam.vm.qemu import QemuVM
 
@@ -207,13 +213,31 @@ async def run_package(directory: Path, name: str, publish: list[PortForward],
 async def _run(package: Package, name: str, rundir: Path, overlays: dict[str, CowOverlay],
                publish: list[PortForward], stop: asyncio.Event,
                on_running: Callable[[dict[str, object]], None] | None) -> RunTimes:
+    host = HostNetwork()
+    await host.sweep()
+    try:
+        net = await host.local(name, publish)
+    except ValueError as exc:  # a name that is fine for a VM but not for its network
+        raise RunError(str(exc)) from None
+    try:
+        assert net.tap_fd is not None  # a local network always has a tap
+        return await _run_vm(package, name, rundir, overlays, publish, stop, on_running,
+                             Netdev.tap(net.tap_fd))
+    finally:
+        await host.down(net)
+
+
+async def _run_vm(package: Package, name: str, rundir: Path, overlays: dict[str, CowOverlay],
+                  publish: list[PortForward], stop: asyncio.Event,
+                  on_running: Callable[[dict[str, object]], None] | None,
+                  netdev: Netdev) -> RunTimes:
     config = package.config
     files = config.files
     times = RunTimes()
     # Saved device state loads only under the accelerator that saved it.
     accel = Accel(config.accel, "the package was snapshotted under it")
     async with exposed(rundir, overlays[files.memory], overlays[files.disk]) as devices:
-        vm = QemuVM(qemu_config(config, package.directory, rundir, devices, accel, publish),
+        vm = QemuVM(qemu_config(config, package.directory, rundir, devices, accel, netdev),
                     rundir / "qemu.log")
         try:
             started = time.monotonic()

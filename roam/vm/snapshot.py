@@ -25,7 +25,7 @@ from roam.vm import package as pkg
 from roam.vm import state
 from roam.vm.accel import choose_accel
 from roam.vm.devices import exposed
-from roam.vm.machine import qemu_config, qemu_version
+from roam.vm.machine import Netdev, qemu_config, qemu_version
 from roam.vm.qemu import QemuError, QemuVM
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ async def _snapshot(blueprint: Blueprint, out: Path, options: SnapshotOptions) -
         with tempfile.TemporaryDirectory(prefix="roam-snap-") as tmp:
             work = Path(tmp)  # short: UNIX socket paths are limited to 107 bytes
             async with exposed(work, memory, disk) as exp:
-                vm = QemuVM(qemu_config(config, out, work, exp, accel, []), work / "qemu.log")
+                vm = QemuVM(qemu_config(config, out, work, exp, accel, Netdev.detached()),
+                            work / "qemu.log")
                 try:
                     started = time.monotonic()
                     await vm.start()

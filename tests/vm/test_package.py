@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from roam.network.forward import PortForward
 from roam.storage.sources import MemorySource
 from roam.vm import archive, state
-from roam.vm.machine import PortForward, nic_args
+from roam.vm.machine import Netdev, nic_args
 from roam.vm.package import Package, PackageConfig, PackageError
 from roam.vm.runner import JOURNAL, MAP, OVERLAY_BLOCK, UPPER, commit, recover
 
@@ -138,11 +139,14 @@ async def test_interrupted_commit_is_finished(tmp_path: Path) -> None:
         await recover(package.directory)
 
 
-def test_port_forwards() -> None:
-    assert PortForward.parse("8080:80") == PortForward(8080, 80)
-    assert PortForward.parse("0.0.0.0:2222:22") == PortForward(2222, 22, "0.0.0.0")
-    for bad in ("80", "a:b", "70000:80"):
-        with pytest.raises(ValueError):
-            PortForward.parse(bad)
-    netdev = nic_args("52:54:00:00:00:01", [PortForward(8080, 80)])[1]
-    assert netdev == "user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80"
+def test_nic_backends() -> None:
+    """A tap is handed over by descriptor; the user-mode backend keeps the peer's forwards;
+    snapshots use a backend that saves no state of its own."""
+    mac = "52:54:00:00:00:01"
+    tap = Netdev.tap(7)
+    assert nic_args(mac, tap) == ["-netdev", "tap,fd=7,id=net0",
+                                  "-device", f"virtio-net-pci,netdev=net0,mac={mac}"]
+    assert tap.pass_fds == (7,)
+    user = Netdev.user([PortForward(8080, 80), PortForward.parse("0.0.0.0:53:53/udp")])
+    assert user.spec == "user,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:0.0.0.0:53-:53"
+    assert Netdev.detached().pass_fds == ()
