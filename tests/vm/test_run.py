@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import xxhash
 
+from roam.network import ns
+from roam.network.registry import Registry
 from roam.vm import control
 from tests.vm.conftest import RunningVM, roam
 
@@ -143,8 +145,10 @@ def test_killed_runner_takes_qemu_along(package: Path) -> None:
         assert time.monotonic() < deadline, "QEMU outlived roam run"
         time.sleep(0.1)
     assert file_hashes(package) == before
-    vm = RunningVM(package, "orphan")  # over the dead run's leftover FUSE mount
+    assert ns.exists("roam-orphan")  # the dead run's network, until the next start sweeps it
+    vm = RunningVM(package, "orphan")  # over the dead run's leftover FUSE mount and network
     try:
         assert vm.sh("redis-cli ping") == "PONG\n"
     finally:
         vm.stop()
+    assert not ns.exists("roam-orphan") and Registry().get("orphan") is None
