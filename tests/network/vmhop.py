@@ -1,0 +1,184 @@
+"""A real guest moved between lab hosts: QEMU on each host's tap, device state handed over.
+
+The hosts of the lab share this machine's files, so the guest's memory (a shared file
+mapping) and disk need no copying: a handover is the device state only, as with the
+engine's devices after pre-copy. Per hop, in the order the migration peer will follow:
+the destination's runner network and its QEMU (paused, `-incoming`) first, then the
+source's redirect, pause, state save, load on the destination, cont, announce-self, and
+last the source's QEMU and network go. Used by the real-VM test and bench/net_blackout.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from roam.network import overlay
+from roam.network.forward import PortForward
+from roam.network.registry import Registry
+from roam.network.vmnet import HostNetwork, Segment, VmNetwork
+from roam.storage.sources import SparseFileSource
+from roam.vm.accel import Accel
+from roam.vm.machine import Netdev, nic_args
+from roam.vm.package import Package
+from roam.vm.qemu import QemuVM
+from roam.vm.qemu_cmd import FileDisk, QemuConfig
+from roam.vm.runner import connect_agent
+from tests.blueprint.boot import short_dir
+from tests.network.lab import Lab
+
+VNI = 200
+GATEWAY_MAC = "02:52:00:00:00:c8"
+GATEWAY, HOSTS = "c", ("a", "b")
+
+
+@contextlib.contextmanager
+def vm_files(snapshot: Path, into: Path) -> Iterator[Package]:
+    """A copy of the package (memory and disk are written by the guest), removed after."""
+    copy = into / "pkg"
+    subprocess.run(["cp", "-a", "--sparse=always", str(snapshot), str(copy)], check=True)
+    try:
+        yield Package.load(copy)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+@dataclass
+class Hop:
+    """One handover's figures, in ms: QMP stop on the source to cont done on the
+    destination, and the destination's QEMU start (outside the pause)."""
+
+    source: str
+    dest: str
+    downtime_ms: float
+    prepare_ms: float
+
+
+class MovingVM:
+    """The package's guest on the lab's segment, gateway on host c, running on a or b."""
+
+    def __init__(self, net_lab: Lab, package: Package, state_dir: Path) -> None:
+        self.lab = net_lab
+        self.package = package
+        self.state_dir = state_dir
+        self.hosts = {role: HostNetwork(Registry(state_dir / f"net-{role}"), prefix="v" + role,
+                                        netns=net_lab.nodes[role])
+                      for role in (*HOSTS, GATEWAY)}
+        self.gateway: VmNetwork | None = None
+        self.where = ""
+        self.net: VmNetwork | None = None
+        self.qemu: QemuVM | None = None
+        self._dirs = contextlib.ExitStack()
+        self._states = 0
+
+    def segment(self, role: str) -> Segment:
+        return Segment(VNI, self.lab.addrs[role], self.lab.addrs[GATEWAY],
+                       tuple(self.lab.addrs[h] for h in HOSTS), GATEWAY_MAC)
+
+    @property
+    def mac(self) -> str:
+        return self.package.config.mac
+
+    async def open_gateway(self, forwards: list[PortForward]) -> None:
+        """The VM's fixed end: its published ports and its egress, on host c."""
+        self.gateway = await self.hosts[GATEWAY].gateway("vm", self.segment(GATEWAY), forwards)
+
+    async def _prepare(self, role: str) -> tuple[VmNetwork, QemuVM]:
+        """The runner network on `role` and a QEMU there waiting for the device state."""
+        net = await self.hosts[role].runner("vm", self.segment(role))
+        assert net.tap_fd is not None
+        workdir = self._dirs.enter_context(short_dir())
+        qemu = QemuVM(self._config(workdir, Netdev.tap(net.tap_fd)), workdir / "qemu.log")
+        try:
+            await qemu.start(incoming=True)
+        except BaseException:
+            await self.hosts[role].down(net)
+            raise
+        return net, qemu
+
+    def _config(self, workdir: Path, netdev: Netdev) -> QemuConfig:
+        config = self.package.config
+        files = self.package.directory
+        return QemuConfig(
+            kernel=files / config.files.kernel,
+            initramfs=None if config.files.initramfs is None else files / config.files.initramfs,
+            cmdline=config.cmdline, memory_mib=config.memory_mib,
+            mem_path=self.package.path(config.files.memory),
+            disks=[FileDisk(self.package.path(config.files.disk))],
+            agent_socket=workdir / "agent.sock", qmp_socket=workdir / "qmp.sock",
+            console_log=workdir / "console.log",
+            accel=Accel(config.accel, "the package was snapshotted under it"),
+            cpus=config.cpus, machine=config.machine, cpu_model=config.cpu_model,
+            extra_args=nic_args(config.mac, netdev), pass_fds=netdev.pass_fds)
+
+    def _state(self, name: str, create: bool) -> SparseFileSource:
+        return SparseFileSource(self.state_dir / name, self.package.config.state_size,
+                                create=create)
+
+    async def start(self, role: str) -> None:
+        """Resume the package on host `role` and wait for its agent."""
+        self.net, self.qemu = await self._prepare(role)
+        self.where = role
+        state = SparseFileSource(self.package.path(self.package.config.files.state),
+                                 self.package.config.state_size, create=False)
+        try:
+            await self.qemu.load_state(state)
+        finally:
+            await state.close()
+        await self.qemu.resume()
+        await overlay.announce(self.qemu)
+        agent = await self.qemu.guard(connect_agent(self.qemu.config.agent_socket))
+        try:
+            await self.qemu.guard(agent.after_resume())
+        finally:
+            await agent.close()
+
+    async def guest_sh(self, command: str) -> str:
+        """Run `command` in the guest (where it runs now); its stdout."""
+        assert self.qemu is not None
+        agent = await self.qemu.guard(connect_agent(self.qemu.config.agent_socket))
+        try:
+            result = await agent.exec(["sh", "-c", command])
+        finally:
+            await agent.close()
+        assert result.exit_code == 0, result
+        return result.stdout
+
+    async def move(self, dest: str) -> Hop:
+        """Hand the guest over to host `dest` (see the module docstring for the order)."""
+        assert self.qemu is not None and self.net is not None
+        started = time.monotonic()
+        dest_net, dest_qemu = await self._prepare(dest)
+        prepared = time.monotonic()
+        self._states += 1
+        state = self._state(f"state{self._states}", create=True)
+        try:
+            await overlay.redirect(self.net, self.mac, self.lab.addrs[dest])
+            paused = time.monotonic()
+            await self.qemu.pause()
+            await self.qemu.save_state(state)
+            await dest_qemu.load_state(state)
+            await dest_qemu.resume()
+            resumed = time.monotonic()
+            await overlay.announce(dest_qemu)
+        finally:
+            await state.close()
+        hop = Hop(self.where, dest, 1000 * (resumed - paused), 1000 * (prepared - started))
+        await self.qemu.stop()
+        await self.hosts[self.where].down(self.net)
+        self.net, self.qemu, self.where = dest_net, dest_qemu, dest
+        return hop
+
+    async def close(self) -> None:
+        if self.qemu is not None:
+            await self.qemu.stop()
+        if self.net is not None:
+            await self.hosts[self.where].down(self.net)
+        if self.gateway is not None:
+            await self.hosts[GATEWAY].down(self.gateway)
+        self._dirs.close()
