@@ -76,7 +76,6 @@ def serve(
             log.info("receiver connected; migrating %d device(s)", len(group))
             try:
                 result = await Source(channel, group, policy=policy).run()
-                await channel.drain()
             except BaseException as e:
                 outcome.set_exception(e)
                 raise

@@ -39,7 +39,7 @@ def run_dir() -> Iterator[Path]:
     with short_dir() as path:
         os.environ["ROAM_RUN_DIR"] = str(path)
         yield path
-        del os.environ["ROAM_RUN_DIR"]
+        os.environ.pop("ROAM_RUN_DIR", None)
 
 
 @pytest.fixture(scope="session")
