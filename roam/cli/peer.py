@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,13 +14,15 @@ from typing import Annotated, Any
 import typer
 
 from roam.cli.common import Verbose, address, fail, run, setup_logging
-from roam.migration.channel import Channel, listen
+from roam.migration.channel import Channel, PeerLost, connect, listen
 from roam.migration.source import MigrationError
+from roam.peer import mounter, registry, terminator
 from roam.peer import serve as peer
-from roam.peer import terminator
 from roam.peer.terminator import Backup
 from roam.vm import control
+from roam.vm.package import Package, PackageError
 
+log = logging.getLogger("roam.peer")
 app = typer.Typer(help="Run VMs under a per-host peer and receive migrations.",
                   no_args_is_help=True)
 
@@ -66,16 +70,26 @@ def serve(
 
 @app.command("run")
 def run_vm(
-    package: Annotated[Path, typer.Argument(help="Package directory (never changed).")],
     name: Annotated[str, typer.Option(help="VM name, unique on the peer.")],
     via: Via,
+    package: Annotated[Path | None, typer.Argument(
+        help="Package directory (never changed).")] = None,
+    from_: Annotated[str | None, typer.Option(
+        "--from", help="Start lazily from `roam registry serve` at this address instead "
+                       "of a local package.")] = None,
     publish: Annotated[list[str], typer.Option(
         "--publish", "-p", help="Port forward HOSTPORT:GUESTPORT or ADDR:HOSTPORT:GUESTPORT "
                                 "(kept across migrations).")] = [],  # noqa: B006
 ) -> None:
-    """Resume PACKAGE as a VM on the peer; returns once it runs."""
-    _print(_call(via, "run", {"package": str(package.absolute()), "name": name,
-                              "publish": publish}, timeout=180.0))
+    """Resume PACKAGE (or the registry's package) as a VM on the peer; returns once it
+    runs."""
+    if (package is None) == (from_ is None):
+        raise typer.BadParameter("give a PACKAGE or --from ADDR")
+    if from_ is not None:
+        address(from_)
+    _print(_call(via, "run", {"package": str(package.absolute()) if package else None,
+                              "from": from_, "name": name, "publish": publish},
+                 timeout=180.0))
 
 
 @app.command()
@@ -176,3 +190,103 @@ def terminate(
     except (MigrationError, OSError) as exc:
         raise fail(str(exc)) from None
     _print(asdict(backup))
+
+
+registry_app = typer.Typer(help="Serve packages for lazy starts.", no_args_is_help=True)
+
+
+@registry_app.command("serve")
+def registry_serve(
+    package: Annotated[Path, typer.Argument(help="Package directory (only read).")],
+    listen_on: Annotated[str, typer.Option(
+        "--listen", help="tcp://HOST:PORT or unix://PATH.")],
+    verbose: Verbose = False,
+) -> None:
+    """Serve PACKAGE to every `roam peer run --from` / `roam run --from` until SIGINT."""
+    setup_logging(verbose)
+    addr = address(listen_on)
+    try:
+        Package.load(package)
+    except PackageError as exc:
+        raise fail(str(exc)) from None
+
+    async def main() -> None:
+        async def handler(channel: Channel) -> None:
+            try:
+                result = await registry.serve_package(package, channel)
+            except MigrationError as exc:
+                log.warning("a lazy start failed: %s", exc)
+                return
+            log.info("served %s: %d MiB in %.1f s, %d blocks on demand", package,
+                     result.bytes_sent >> 20, result.total_seconds, result.priority_blocks)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server = await listen(addr, handler)
+        log.info("serving %s on %s", package, addr)
+        try:
+            await stop.wait()
+        finally:
+            server.close()
+
+    try:
+        run(main())
+    except OSError as exc:
+        raise fail(str(exc)) from None
+
+
+def mount(
+    device: Annotated[str, typer.Argument(help="Device to mount: memory, disk, state, ...")],
+    from_: Annotated[str | None, typer.Option(
+        "--from", help="A `roam registry serve` address to mount from.")] = None,
+    listen_on: Annotated[str | None, typer.Option(
+        "--listen", help="Instead, take `roam migrate NAME --to` this address: mounts the "
+                         "VM's device as at its pause; the VM runs on.")] = None,
+    file: Annotated[Path | None, typer.Option(
+        help="FUSE directory in which the device appears as a file.")] = None,
+    nbd: Annotated[Path | None, typer.Option(
+        help="UNIX socket on which the device is an NBD export named DEVICE.")] = None,
+    cache: Annotated[Path | None, typer.Option(
+        help="Directory for the blocks received (default: a temporary one).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Mount a device of a remote package or VM locally, without a VM, until SIGINT."""
+    setup_logging(verbose)
+    if (from_ is None) == (listen_on is None) or (file is None) == (nbd is None):
+        raise typer.BadParameter("give one of --from/--listen and one of --file/--nbd")
+
+    async def main(cache_dir: Path) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if from_ is not None:
+            channel: Channel = await connect(address(from_))
+            await mounter.mount(channel, device, cache_dir, stop, fuse_dir=file, nbd_socket=nbd)
+            return
+        assert listen_on is not None
+        done: asyncio.Future[None] = loop.create_future()
+
+        async def handler(incoming: Channel) -> None:
+            if done.done():
+                return
+            try:
+                await mounter.mount(incoming, device, cache_dir, stop, fuse_dir=file,
+                                    nbd_socket=nbd)
+                done.set_result(None)
+            except Exception as exc:
+                done.set_exception(exc)
+
+        server = await listen(address(listen_on), handler)
+        try:
+            await done
+        finally:
+            server.close()
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="roam-mount-") as tmp:
+            run(main(cache or Path(tmp)))
+    except (MigrationError, PeerLost, OSError) as exc:
+        raise fail(str(exc)) from None

@@ -57,6 +57,7 @@ SPEC, KERNEL, INITRAMFS, MEMORY, DISK, STATE = (
     "vm.json", "kernel", "initramfs", "memory", "disk", "state")
 STATIC = (SPEC, KERNEL, INITRAMFS)
 DIGEST_CHUNK = 4 << 20
+SPEC_SIZE = 64 << 10
 AGENT_TIMEOUT = 120.0
 COMPRESSIONS = {"none": Encoding.RAW, "zstd": Encoding.ZSTD, "lz4": Encoding.LZ4}
 
@@ -70,6 +71,18 @@ class VMSpec(BaseModel):
 
     def forwards(self) -> list[PortForward]:
         return [PortForward.parse(p) for p in self.publish]
+
+    def device_bytes(self) -> bytes:
+        """The `vm.json` device: fixed size, so that a receiver can rewrite it (a new name
+        or new port forwards) and pass that on at the next hop."""
+        data = self.model_dump_json().encode()
+        if len(data) > SPEC_SIZE:
+            raise PeerError(f"vm.json is {len(data)} bytes, more than {SPEC_SIZE}")
+        return data.ljust(SPEC_SIZE, b"\0")
+
+    @classmethod
+    def from_device(cls, data: bytes) -> VMSpec:
+        return cls.model_validate_json(data.rstrip(b"\0"))
 
 
 class PeerError(Exception):
@@ -117,7 +130,7 @@ class Instance:
         self.state = "starting"
         self.finished = asyncio.Event()  # set when this host no longer runs the VM
         self.incoming: asyncio.Task[Any] | None = None
-        self.info: dict[str, Any] = {"name": spec.name, "pid": os.getpid(),
+        self.info: dict[str, Any] = {"pid": os.getpid(),
                                      "workdir": str(workdir)}
         self._vm: QemuVM | None = None
         self._agent: GuestClient | None = None
@@ -167,7 +180,8 @@ class Instance:
     # -- control requests --------------------------------------------------------------
 
     async def handle_info(self, _: control.Json) -> control.Json:
-        return {**self.info, "state": self.state, "ready": self.agent_ready.is_set()}
+        return {**self.info, "name": self.spec.name, "state": self.state,
+                "ready": self.agent_ready.is_set()}
 
     async def handle_exec(self, params: control.Json) -> control.Json:
         if self.state in ("starting", "incoming", "running"):
@@ -304,7 +318,7 @@ def from_package(package_dir: Path, name: str, publish: list[str], workdir: Path
     package = Package.load(package_dir)
     config = package.config
     spec = VMSpec(name=name, config=config, publish=publish)
-    (workdir / SPEC).write_text(spec.model_dump_json())
+    (workdir / SPEC).write_bytes(spec.device_bytes())
     files = config.files
     static: dict[str, Provider] = {
         SPEC: _file(workdir / SPEC),
@@ -353,11 +367,14 @@ class Incoming:
         the start, so the VM can move on later) and the vm.json spec."""
         caches = self.destination.devices
         spec_cache = caches[SPEC]  # reads ask for missing blocks first (lazy starts)
-        spec = VMSpec.model_validate_json(bytes(await spec_cache.read_at(0, spec_cache.size())))
-        spec = spec.model_copy(update=self.overrides)
+        spec = VMSpec.from_device(bytes(await spec_cache.read_at(0, spec_cache.size())))
         providers: dict[str, Provider] = dict(caches)
         self.instance = Instance(self.workdir, spec, self.workdir / "files", _stacks(providers))
         self.instance.state = "incoming"
+        if self.overrides:
+            spec = spec.model_copy(update=self.overrides)
+            self.instance.spec = spec
+            await self.instance.tracker(SPEC).write_at(0, spec.device_bytes())
         return self.instance
 
     async def prepare(self) -> None:

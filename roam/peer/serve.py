@@ -143,10 +143,19 @@ class Peer:
         control.check_name(name)
         if any(i.get("name") == name and i.get("state") in LIVE for _, i in await self._infos()):
             raise PeerError(f"a VM called {name!r} already runs on this peer")
-        args = ["--package", str(Path(params["package"]).resolve()), "--name", name]
+        args = ["--name", name]
         for spec in params.get("publish", []):
             args += ["--publish", str(spec)]
-        worker = await self._spawn(args)
+        if params.get("from"):  # lazy start from a registry
+            conn = await _connected_socket(Address.parse(str(params["from"])))
+            try:
+                worker = await self._spawn([*args, "--incoming-fd", str(conn.fileno())],
+                                           conn.fileno())
+            finally:
+                conn.close()
+        else:
+            worker = await self._spawn(
+                [*args, "--package", str(Path(params["package"]).resolve())])
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if worker.process.returncode is not None:
@@ -189,6 +198,23 @@ def _listening_socket(address: Address) -> socket.socket:
         sock.bind((address.host, address.port))
     sock.listen(16)
     sock.setblocking(False)
+    return sock
+
+
+async def _connected_socket(address: Address) -> socket.socket:
+    if address.scheme == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: Any = address.path
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        target = (address.host, address.port)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, target)
+    except OSError as exc:
+        sock.close()
+        raise PeerError(f"cannot connect to {address}: {exc.strerror or exc}") from None
     return sock
 
 

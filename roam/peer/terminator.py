@@ -55,7 +55,7 @@ async def terminate(channel: Channel, out: Path) -> Backup:
         for cache in devices.values():
             await cache.wait_complete()  # the source streams the rest while it waits
         spec_cache = devices[SPEC]
-        vm = VMSpec.model_validate_json(bytes(await spec_cache.read_at(0, spec_cache.size())))
+        vm = VMSpec.from_device(bytes(await spec_cache.read_at(0, spec_cache.size())))
         for source in made.values():
             await source.flush()
         names = vm.config.files

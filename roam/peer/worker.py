@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import uvloop
 
-from roam.migration.channel import FrameProtocol
+from roam.migration.channel import Channel, FrameProtocol
 from roam.peer.instance import Incoming, Instance, from_package
 from roam.vm import control
 
@@ -83,11 +83,19 @@ async def run_package(workdir: Path, package: Path, name: str, publish: list[str
             await device.tracker.close()
 
 
-async def run_incoming(workdir: Path, fd: int) -> None:
+async def accepted(fd: int) -> FrameProtocol:
+    """The migration connection the peer accepted and handed over as `fd`."""
     proto = FrameProtocol()
     await asyncio.get_running_loop().connect_accepted_socket(
         lambda: proto, socket.socket(fileno=fd))
-    incoming = Incoming(proto, workdir)
+    return proto
+
+
+async def run_incoming(workdir: Path, channel: Channel, name: str | None = None,
+                       publish: list[str] | None = None) -> None:
+    """Receive a VM and run it until it leaves or is stopped. `name` and `publish`
+    replace the sender's (a registry's package has neither)."""
+    incoming = Incoming(channel, workdir, name, publish)
     received: asyncio.Task[object] = asyncio.create_task(incoming.destination.run())
     try:
         await _first(incoming.destination.ready.wait(), received)
@@ -126,7 +134,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.incoming_fd is not None:
-        uvloop.run(run_incoming(args.workdir, args.incoming_fd))
+        async def incoming() -> None:
+            await run_incoming(args.workdir, await accepted(args.incoming_fd), args.name,
+                               args.publish or None)
+        uvloop.run(incoming())
     elif args.package is not None and args.name:
         uvloop.run(run_package(args.workdir, args.package, args.name, args.publish))
     else:

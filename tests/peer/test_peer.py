@@ -127,3 +127,53 @@ def test_terminate_live_backup_then_run(peers: dict[str, Peer], snapshot: Path,
     assert b.sh("restored", "redis-cli get saved").strip() == "before"
     a.call("stop", name="backed")
     b.call("stop", name="restored")
+
+
+def serve_in_background(*args: str, socket: Path) -> subprocess.Popen[str]:
+    process = subprocess.Popen([*ROAM, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not socket.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    return process
+
+
+def test_registry_lazy_start_then_migrate(peers: dict[str, Peer], snapshot: Path) -> None:
+    a, b = peers["a"], peers["b"]
+    socket = a.dir.parent / "registry.sock"
+    registry = serve_in_background("registry", "serve", str(snapshot), "--listen",
+                                   f"unix://{socket}", socket=socket)
+    try:
+        info = a.call("run", name="lazy", **{"from": f"unix://{socket}"})
+        assert info["state"] == "running"
+        assert a.sh("lazy", "redis-cli ping").strip() == "PONG"
+        # The rest of the package streams in behind the running VM; then it can move on.
+        result = json.loads(a.migrate("lazy", b).stdout)
+        assert result["outcome"] == "completed"
+        assert b.sh("lazy", "redis-cli ping").strip() == "PONG"
+        b.call("stop", name="lazy")
+    finally:
+        registry.send_signal(signal.SIGTERM)
+        registry.communicate(timeout=30)
+
+
+def test_mount_registry_device_as_nbd(peers: dict[str, Peer], snapshot: Path,
+                                      tmp_path: Path) -> None:
+    socket = peers["a"].dir.parent / "registry2.sock"
+    nbd = peers["a"].dir.parent / "disk.nbd"
+    registry = serve_in_background("registry", "serve", str(snapshot), "--listen",
+                                   f"unix://{socket}", socket=socket)
+    mounter = serve_in_background("mount", "disk", "--from", f"unix://{socket}", "--nbd",
+                                  str(nbd), "--cache", str(tmp_path / "cache"), socket=nbd)
+    try:
+        copy = tmp_path / "disk.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw",
+                        f"nbd+unix:///disk?socket={nbd}", str(copy)], check=True)
+        with copy.open("rb") as got, (snapshot / "disk.img").open("rb") as want:
+            while block := want.read(1 << 20):
+                assert got.read(1 << 20) == block
+    finally:
+        for process in (mounter, registry):
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=30)
