@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from roam.blueprint import Blueprint
+from roam.blueprint import Blueprint, cache_root
 from roam.blueprint.build import copy_file
 from roam.guest.client import GuestAgentError, GuestClient
 from roam.storage.provider import Provider
@@ -74,7 +74,7 @@ async def take_snapshot(blueprint: Blueprint, out: Path,
 
 
 async def _snapshot(blueprint: Blueprint, out: Path, options: SnapshotOptions) -> SnapshotTimes:
-    accel = choose_accel()
+    accel = choose_accel(blueprint.kernel, blueprint.initramfs, cache_root())
     files = pkg.PackageFiles(initramfs=pkg.INITRAMFS if blueprint.initramfs else None)
     copy_file(blueprint.kernel, out / files.kernel)
     if blueprint.initramfs is not None and files.initramfs is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from roam.blueprint import Blueprint
+from roam.blueprint import Blueprint, cache_root
 from roam.guest.client import GuestClient
 from roam.vm.accel import choose_accel
 from roam.vm.qemu_cmd import Disk, QemuConfig, qemu_argv
@@ -38,7 +38,8 @@ async def booted(blueprint: Blueprint, workdir: Path, disk: Disk,
         kernel=blueprint.kernel, initramfs=blueprint.initramfs, cmdline=blueprint.cmdline,
         memory_mib=256, mem_path=mem_path or workdir / "mem", disks=[disk],
         agent_socket=workdir / "agent.sock", qmp_socket=workdir / "qmp.sock",
-        console_log=console, accel=choose_accel())
+        console_log=console, accel=choose_accel(blueprint.kernel, blueprint.initramfs,
+                                                cache_root()))
     with (workdir / "qemu.log").open("wb") as qemu_log:
         qemu = await asyncio.create_subprocess_exec(
             *qemu_argv(config), stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log)
