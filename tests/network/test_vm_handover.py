@@ -16,58 +16,17 @@ import itertools
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from roam.network.forward import PortForward
 from tests.network.lab import Lab, connect, in_ns
-from tests.network.vmhop import GATEWAY, MovingVM, vm_files
+from tests.network.vmhop import GATEWAY, INTERVAL, KEY, MovingVM, RedisWriter, vm_files
 from tests.vm.conftest import snapshot
 
 __all__ = ["snapshot"]
 
 REDIS = 6379
 ECHO = 9
-INTERVAL = 0.02
-KEY = "roam:handover"
-
-
-@dataclass
-class RedisWriter:
-    """One connection; RPUSH a number every INTERVAL and check the list length it answers."""
-
-    sock: socket.socket
-    acked: int = 0
-    replies: list[float] = field(default_factory=list)
-    error: BaseException | None = None
-
-    def __post_init__(self) -> None:
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.file = self.sock.makefile("rb")
-
-    def command(self, *words: str) -> bytes:
-        self.sock.sendall(
-            f"*{len(words)}\r\n".encode()
-            + b"".join(f"${len(w)}\r\n{w}\r\n".encode() for w in words))
-        return self.file.readline()
-
-    def _run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                reply = self.command("RPUSH", KEY, str(self.acked))
-                assert reply == f":{self.acked + 1}\r\n".encode(), reply  # none lost
-                self.acked += 1
-                self.replies.append(time.monotonic())
-                time.sleep(INTERVAL)
-        except BaseException as exc:
-            self.error = exc
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 class EchoRecorder:

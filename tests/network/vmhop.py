@@ -5,17 +5,20 @@ mapping) and disk need no copying: a handover is the device state only, as with 
 engine's devices after pre-copy. Per hop, in the order the migration peer will follow:
 the destination's runner network and its QEMU (paused, `-incoming`) first, then the
 source's redirect, pause, state save, load on the destination, cont, announce-self, and
-last the source's QEMU and network go. Used by the real-VM test and bench/net_blackout.py.
+last the source's QEMU and network go. Used by the real-VM test and bench/net_blackout.py,
+with the redis client that both use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from roam.network import overlay
@@ -32,6 +35,8 @@ from roam.vm.runner import connect_agent
 from tests.blueprint.boot import short_dir
 from tests.network.lab import Lab
 
+INTERVAL = 0.02  # between a client's requests
+KEY = "roam:handover"
 VNI = 200
 GATEWAY_MAC = "02:52:00:00:00:c8"
 GATEWAY, HOSTS = "c", ("a", "b")
@@ -49,6 +54,44 @@ def vm_files(snapshot: Path, into: Path) -> Iterator[Package]:
 
 
 @dataclass
+class RedisWriter:
+    """One connection; RPUSH a number every INTERVAL and check the list length it answers."""
+
+    sock: socket.socket
+    acked: int = 0
+    replies: list[float] = field(default_factory=list)
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.file = self.sock.makefile("rb")
+
+    def command(self, *words: str) -> bytes:
+        self.sock.sendall(
+            f"*{len(words)}\r\n".encode()
+            + b"".join(f"${len(w)}\r\n{w}\r\n".encode() for w in words))
+        return self.file.readline()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                reply = self.command("RPUSH", KEY, str(self.acked))
+                assert reply == f":{self.acked + 1}\r\n".encode(), reply  # none lost
+                self.acked += 1
+                self.replies.append(time.monotonic())
+                time.sleep(INTERVAL)
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+@dataclass
 class Hop:
     """One handover's figures, in ms: QMP stop on the source to cont done on the
     destination, and the destination's QEMU start (outside the pause)."""
@@ -57,6 +100,7 @@ class Hop:
     dest: str
     downtime_ms: float
     prepare_ms: float
+    paused_at: float  # time.monotonic() at the pause
 
 
 class MovingVM:
@@ -149,8 +193,9 @@ class MovingVM:
         assert result.exit_code == 0, result
         return result.stdout
 
-    async def move(self, dest: str) -> Hop:
-        """Hand the guest over to host `dest` (see the module docstring for the order)."""
+    async def move(self, dest: str, *, redirect: bool = True) -> Hop:
+        """Hand the guest over to host `dest` (see the module docstring for the order);
+        without `redirect`, frames reaching the source during the pause are lost."""
         assert self.qemu is not None and self.net is not None
         started = time.monotonic()
         dest_net, dest_qemu = await self._prepare(dest)
@@ -158,7 +203,8 @@ class MovingVM:
         self._states += 1
         state = self._state(f"state{self._states}", create=True)
         try:
-            await overlay.redirect(self.net, self.mac, self.lab.addrs[dest])
+            if redirect:
+                await overlay.redirect(self.net, self.mac, self.lab.addrs[dest])
             paused = time.monotonic()
             await self.qemu.pause()
             await self.qemu.save_state(state)
@@ -168,7 +214,8 @@ class MovingVM:
             await overlay.announce(dest_qemu)
         finally:
             await state.close()
-        hop = Hop(self.where, dest, 1000 * (resumed - paused), 1000 * (prepared - started))
+        hop = Hop(self.where, dest, 1000 * (resumed - paused), 1000 * (prepared - started),
+                  paused)
         await self.qemu.stop()
         await self.hosts[self.where].down(self.net)
         self.net, self.qemu, self.where = dest_net, dest_qemu, dest
