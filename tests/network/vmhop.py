@@ -110,7 +110,7 @@ class MovingVM:
         self.lab = net_lab
         self.package = package
         self.state_dir = state_dir
-        self.hosts = {role: HostNetwork(Registry(state_dir / f"net-{role}"), prefix="v" + role,
+        self.hosts = {role: HostNetwork(Registry(state_dir / f"net-{role}"), prefix="m" + role,
                                         netns=net_lab.nodes[role])
                       for role in (*HOSTS, GATEWAY)}
         self.gateway: VmNetwork | None = None
