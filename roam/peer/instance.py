@@ -5,8 +5,10 @@ process), which also gives every incoming VM a fresh FUSE mount: no page cache o
 earlier visit of the same VM can be read back.
 
 The group sent to a destination: `vm.json` (what QEMU needs to be started the same way),
-kernel, initramfs, memory, disk and state. The small static devices go first so that the
-destination can start QEMU (waiting for incoming state) while memory still streams.
+kernel, initramfs, state, memory and disk. The engine sends devices in group order, so
+the small static devices go first (the destination starts QEMU, waiting for incoming
+state, while memory still streams) and after the handover the device state streams
+before the last memory blocks.
 """
 
 from __future__ import annotations
@@ -166,9 +168,13 @@ class Instance:
 
     async def load_and_resume(self) -> float:
         """Load the saved state, cont; returns the wall clock time at which cont returned."""
+        started = time.perf_counter()
         await self.vm.load_state(self.tracker(STATE))
+        loaded = time.perf_counter()
         await self.vm.resume()
         resumed = time.time()
+        self.info["load_state_ms"] = (loaded - started) * 1000
+        self.info["cont_ms"] = (time.perf_counter() - loaded) * 1000
         self.state = "running"
         return resumed
 
@@ -326,8 +332,10 @@ def from_package(package_dir: Path, name: str, publish: list[str], workdir: Path
     }
     if files.initramfs is not None:
         static[INITRAMFS] = _file(package.path(files.initramfs))
-    sizes = {MEMORY: (files.memory, package.memory_size),
-             DISK: (files.disk, config.disk_size), STATE: (files.state, config.state_size)}
+    # Group order is send order: the device state (needed first at the handover), memory,
+    # then the disk.
+    sizes = {STATE: (files.state, config.state_size), MEMORY: (files.memory, package.memory_size),
+             DISK: (files.disk, config.disk_size)}
     written = {
         dev: CowOverlay(SparseFileSource(package.path(file), size, create=False),
                         SparseFileSource(workdir / f"{dev}.upper", size),

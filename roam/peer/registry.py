@@ -33,8 +33,8 @@ async def serve_package(package_dir: Path, channel: Channel) -> SourceResult:
     await spec_device.write_at(0, spec)
     files = config.files
     providers: dict[str, Provider] = {SPEC: spec_device}
-    named = {KERNEL: files.kernel, INITRAMFS: files.initramfs, MEMORY: files.memory,
-             DISK: files.disk, STATE: files.state}
+    named = {KERNEL: files.kernel, INITRAMFS: files.initramfs, STATE: files.state,
+             MEMORY: files.memory, DISK: files.disk}  # send order: see roam.peer.instance
     for name, file in named.items():
         if file is not None:
             path = package.path(file)

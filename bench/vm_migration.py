@@ -1,0 +1,246 @@
+"""VM migration: roam vs QEMU's own live migration, same guest, same workload, same run.
+
+For each guest size and workload (idle, or busy: tests/peer/busy_guest.py rewriting
+random 4 KiB pages of a 64 MiB buffer at about 20 MiB/s):
+
+- roam: a snapshot of that size resumed on peer A (`roam peer serve` subprocesses on
+  UNIX sockets), then hops A->B->A... with `roam migrate` defaults (post-copy on).
+  Downtime: QMP stop on the source to QMP cont returning on the destination.
+- QEMU: the same blueprint booted with private guest RAM (memory-backend-ram) and the
+  disk on a shared file, migrated between two QEMU processes over TCP on loopback with
+  max-bandwidth unlimited and downtime-limit 50 ms; the destination starts running on
+  its own when the migration completes. Downtime: QEMU's own figure (query-migrate).
+
+Bytes are what went over the migration connection: roam's includes the disk, kernel
+files and device state; QEMU's is its RAM stream (the disk is shared storage).
+
+Run as root: .venv/bin/python bench/vm_migration.py [--memory 512 1024] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from roam.blueprint import Blueprint, build, cache_root
+from roam.guest.client import GuestClient
+from roam.peer import serve as peer
+from roam.vm.accel import Accel
+from roam.vm.machine import Netdev, nic_args
+from roam.vm.package import Package
+from roam.vm.qemu import QemuVM
+from roam.vm.qemu_cmd import FileDisk, QemuConfig
+from roam.vm.runner import connect_agent
+from roam.vm.snapshot import SnapshotOptions, take_snapshot
+
+BUSY = (Path(__file__).resolve().parents[1] / "tests" / "peer" / "busy_guest.py").read_text()
+BUSY_ARGV = ["sh", "-c", 'nohup python3 -c "$0" > /tmp/busy.log 2>&1 &', BUSY]
+SETTLE = 3.0  # seconds of workload before each hop
+MAX_BANDWIDTH = 1 << 40  # bytes/s: "unlimited"
+DOWNTIME_LIMIT_MS = 50
+MEMORY_DIR = Path("/dev/shm")  # QEMU's guest RAM files: memory, not disk
+
+
+def hops_for(memory_mib: int, workload: str) -> int:
+    return 5 if (memory_mib, workload) == (512, "busy") else 3
+
+
+# -- roam --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def peers(work: Path) -> Iterator[list[str]]:
+    processes = []
+    dirs = []
+    try:
+        for name in ("a", "b"):
+            state = work / name
+            state.mkdir()
+            dirs.append(str(state))
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "roam.cli.main", "peer", "serve", "--listen",
+                 f"unix://{work}/{name}.mig", "--state-dir", str(state)],
+                stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT))
+        for path in dirs:
+            while not (Path(path) / peer.PEER_SOCKET).exists():
+                time.sleep(0.05)
+        yield dirs
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+async def roam_hops(package: Path, workload: str, hops: int, work: Path) -> list[dict[str, Any]]:
+    results = []
+    with peers(work) as (a, b):
+        await peer.call(a, "run", {"package": str(package), "name": "bench"}, timeout=180)
+        if workload == "busy":
+            await peer.call(a, "exec", {"name": "bench", "argv": BUSY_ARGV, "timeout": 30})
+        here, there = a, b
+        for _ in range(hops):
+            await asyncio.sleep(SETTLE)
+            result = await peer.call(here, "migrate", {
+                "name": "bench", "to": f"unix://{Path(there).parent}/{Path(there).name}.mig"},
+                timeout=peer.MIGRATE_TIMEOUT)
+            info = await peer.call(there, "info", {"name": "bench"})
+            results.append({"downtime_ms": info["downtime_ms"], "total_ms": result["total_ms"],
+                            "bytes": result["bytes_sent"], "cycles": result["cycles"],
+                            "final_dirty": result["final_dirty"]})
+            here, there = there, here
+        if workload == "busy":
+            log = await peer.call(here, "exec", {"name": "bench",
+                                                 "argv": ["cat", "/tmp/busy.log"]})
+            if "FAIL" in log["stdout"] or "ok" not in log["stdout"]:
+                raise RuntimeError(f"in-guest verifier: {log['stdout'][-300:]}")
+        await peer.call(here, "stop", {"name": "bench"})
+    return results
+
+
+# -- QEMU native -------------------------------------------------------------------------
+
+
+def native_config(blueprint: Blueprint, accel: Accel, memory_mib: int, disk: Path,
+                  work: Path, index: int, incoming_port: int | None) -> QemuConfig:
+    extra = nic_args("52:54:00:12:34:56", Netdev.detached())
+    if incoming_port is not None:
+        extra += ["-incoming", f"tcp:127.0.0.1:{incoming_port}"]
+    return QemuConfig(
+        kernel=blueprint.kernel, initramfs=blueprint.initramfs, cmdline=blueprint.cmdline,
+        memory_mib=memory_mib, mem_path=MEMORY_DIR / f"{work.name}-{index}",
+        disks=[FileDisk(disk)],
+        agent_socket=work / f"agent{index}.sock", qmp_socket=work / f"qmp{index}.sock",
+        console_log=work / f"console{index}.log", accel=accel,
+        extra_args=extra)
+
+
+async def native_vm(config: QemuConfig, log: Path) -> QemuVM:
+    """A QEMU whose RAM QEMU migrates itself: each process has its own memory file and
+    x-ignore-shared is off, so all of guest RAM goes through QEMU's migration stream."""
+    vm = QemuVM(config, log)
+    await vm.start()
+    await vm.command("migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-ignore-shared", "state": False}]})
+    return vm
+
+
+async def native_hops(blueprint: Blueprint, accel: Accel, memory_mib: int, workload: str,
+                      hops: int, work: Path) -> list[dict[str, Any]]:
+    disk = work / "disk.img"
+    shutil.copyfile(blueprint.rootfs, disk)
+    vm = await native_vm(native_config(blueprint, accel, memory_mib, disk, work, 0, None),
+                         work / "q0.log")
+    agent = await GuestClient.connect(work / "agent0.sock")
+    await agent.wait_ready(300)
+    if workload == "busy":
+        await agent.exec(BUSY_ARGV)
+    await agent.close()
+    results = []
+    try:
+        for hop in range(1, hops + 1):
+            await asyncio.sleep(SETTLE)
+            port = 47000 + hop
+            target = await native_vm(native_config(blueprint, accel, memory_mib, disk, work,
+                                                   hop, port), work / f"q{hop}.log")
+            await vm.command("migrate-set-parameters", {
+                "max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS})
+            await vm.command("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            while True:
+                info: dict[str, Any] = await vm.command("query-migrate")
+                if info["status"] in ("completed", "failed", "cancelled"):
+                    break
+                await asyncio.sleep(0.05)
+            if info["status"] != "completed":
+                raise RuntimeError(f"QEMU migration {info['status']}: {info}")
+            results.append({"downtime_ms": info["downtime"], "total_ms": info["total-time"],
+                            "bytes": info["ram"]["transferred"]})
+            await vm.stop()
+            vm.config.mem_path.unlink(missing_ok=True)
+            vm = target
+        agent = await connect_agent(work / f"agent{hops}.sock")
+        out = await agent.exec(["cat", "/tmp/busy.log"]) if workload == "busy" else None
+        await agent.close()
+        if out is not None and ("FAIL" in out.stdout or "ok" not in out.stdout):
+            raise RuntimeError(f"in-guest verifier after QEMU migration: {out.stdout[-300:]}")
+    finally:
+        await vm.stop()
+        vm.config.mem_path.unlink(missing_ok=True)
+    return results
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
+    return {"downtime_p50_ms": statistics.median(r["downtime_ms"] for r in runs),
+            "downtime_max_ms": max(r["downtime_ms"] for r in runs),
+            "total_p50_ms": statistics.median(r["total_ms"] for r in runs),
+            "mib_p50": statistics.median(r["bytes"] for r in runs) / 2**20}
+
+
+async def measure(memory_mib: int, workloads: list[str], work: Path) -> list[dict[str, Any]]:
+    blueprint = build(cache=cache_root())
+    package = work / f"pkg-{memory_mib}"
+    await take_snapshot(blueprint, package, SnapshotOptions(memory_mib=memory_mib))
+    accel = Accel(Package.load(package).config.accel, "as the roam package")  # same for both
+    rows = []
+    for workload in workloads:
+        hops = hops_for(memory_mib, workload)
+        case = work / f"{memory_mib}-{workload}"
+        (case / "roam").mkdir(parents=True)
+        (case / "qemu").mkdir()
+        ours = await roam_hops(package, workload, hops, case / "roam")
+        theirs = await native_hops(blueprint, accel, memory_mib, workload, hops,
+                                   case / "qemu")
+        ours_s, theirs_s = summary(ours), summary(theirs)
+        row: dict[str, Any] = {"memory_mib": memory_mib, "workload": workload, "hops": hops,
+               "accel": accel.name,
+               "roam": ours_s, "qemu": theirs_s,
+               "roam_runs": ours, "qemu_runs": theirs}
+        rows.append(row)
+        print(f"{memory_mib} MiB {workload}: roam downtime p50 "
+              f"{ours_s['downtime_p50_ms']:.0f} ms, QEMU {theirs_s['downtime_p50_ms']:.0f} ms; "
+              f"total {ours_s['total_p50_ms'] / 1000:.1f} s vs "
+              f"{theirs_s['total_p50_ms'] / 1000:.1f} s; {ours_s['mib_p50']:.0f} MiB vs "
+              f"{theirs_s['mib_p50']:.0f} MiB", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--workload", nargs="+", default=["idle", "busy"])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="rvm-"))  # short: UNIX socket paths
+    rows = []
+    try:
+        for memory in args.memory:
+            rows += uvloop.run(measure(memory, args.workload, work))
+    except BaseException:
+        print(f"failed; logs are in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"accelerator: {rows[0]['accel'] if rows else '?'}")
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
