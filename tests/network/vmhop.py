@@ -110,6 +110,7 @@ class MovingVM:
         self.lab = net_lab
         self.package = package
         self.state_dir = state_dir
+        self.name = net_lab.tag  # namespaces are machine-wide: apart from other labs'
         self.hosts = {role: HostNetwork(Registry(state_dir / f"net-{role}"), prefix="m" + role,
                                         netns=net_lab.nodes[role])
                       for role in (*HOSTS, GATEWAY)}
@@ -130,11 +131,12 @@ class MovingVM:
 
     async def open_gateway(self, forwards: list[PortForward]) -> None:
         """The VM's fixed end: its published ports and its egress, on host c."""
-        self.gateway = await self.hosts[GATEWAY].gateway("vm", self.segment(GATEWAY), forwards)
+        self.gateway = await self.hosts[GATEWAY].gateway(self.name, self.segment(GATEWAY),
+                                                         forwards)
 
     async def _prepare(self, role: str) -> tuple[VmNetwork, QemuVM]:
         """The runner network on `role` and a QEMU there waiting for the device state."""
-        net = await self.hosts[role].runner("vm", self.segment(role))
+        net = await self.hosts[role].runner(self.name, self.segment(role))
         assert net.tap_fd is not None
         workdir = self._dirs.enter_context(short_dir())
         qemu = QemuVM(self._config(workdir, Netdev.tap(net.tap_fd)), workdir / "qemu.log")
