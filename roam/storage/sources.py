@@ -71,7 +71,11 @@ class FileSource:
         self._view: memoryview | None = None
         if size:
             prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
-            self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, prot)
+            try:
+                self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, prot)
+            except OSError as e:
+                os.close(self._fd)
+                raise StorageError(f"cannot map {self.path}: {e.strerror}") from e
             self._view = memoryview(self._map)
 
     def size(self) -> int:

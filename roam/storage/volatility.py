@@ -17,6 +17,8 @@ class VolatilityMonitor:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.inner = inner
         self.block_size = block_size
+        if half_life <= 0:
+            raise ValueError("half_life must be positive")
         self.half_life = half_life
         self._clock = clock
         self._counts: dict[int, float] = {}
