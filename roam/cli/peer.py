@@ -115,6 +115,13 @@ def stop(name: str, via: Via) -> None:
     _call(via, "stop", {"name": name})
 
 
+@app.command()
+def resume(name: str, via: Via) -> None:
+    """Resume a VM left paused by a migration in doubt (exit code 2 of `roam migrate`).
+    Only once you know that the destination does not run it: else `roam peer stop`."""
+    _call(via, "resume", {"name": name})
+
+
 def migrate(
     name: Annotated[str, typer.Argument(help="VM to move.")],
     to: Annotated[str, typer.Option(help="The destination peer's --listen address.")],

@@ -43,9 +43,9 @@ from roam.migration.wire import DeviceSpec, Encoding
 from roam.network.forward import PortForward
 from roam.storage.overlay import CowOverlay
 from roam.storage.provider import Provider
-from roam.storage.sources import SparseFileSource
+from roam.storage.sources import MemorySource, SparseFileSource
 from roam.storage.waiting import WaitingCache
-from roam.vm import control
+from roam.vm import control, state
 from roam.vm.accel import Accel
 from roam.vm.devices import Exposed, exposed
 from roam.vm.machine import Netdev, qemu_config
@@ -102,6 +102,7 @@ class Migrated:
     dirty_per_cycle: list[int]
     final_dirty: int
     handover_ms: float  # QMP stop to authority sent
+    state_save_ms: float  # QMP stop to the device state saved (the rest: final flush)
     downtime_ms: float  # QMP stop to the destination's acknowledgement (an upper bound)
     priority_blocks: int
 
@@ -166,10 +167,11 @@ class Instance:
         await self._vm.start(incoming=True)
         self.info["qemu_pid"] = self._vm.pid
 
-    async def load_and_resume(self) -> float:
-        """Load the saved state, cont; returns the wall clock time at which cont returned."""
+    async def load_and_resume(self, saved: Provider | None = None) -> float:
+        """Load the saved state (from `saved`, else the state device), cont; returns the
+        wall clock time at which cont returned."""
         started = time.perf_counter()
-        await self.vm.load_state(self.tracker(STATE))
+        await self.vm.load_state(saved or self.tracker(STATE))
         loaded = time.perf_counter()
         await self.vm.resume()
         resumed = time.time()
@@ -202,6 +204,17 @@ class Instance:
             raise PeerError(f"{self.spec.name} is migrating")
         self.state = "stopped"
         self.finished.set()
+        return {}
+
+    async def handle_resume(self, _: control.Json) -> control.Json:
+        """Settle an in-doubt migration in favour of this host: only once the operator
+        knows that the destination does not run the VM."""
+        if self.state != "in-doubt":
+            raise PeerError(f"{self.spec.name} is {self.state}, not in doubt")
+        await self.vm.resume()
+        self.state = "running"
+        if self._agent is not None:
+            await self.vm.guard(self._agent.after_resume())
         return {}
 
     async def handle_migrate(self, params: control.Json) -> control.Json:
@@ -242,13 +255,17 @@ class Instance:
             await self.vm.pause()
             self.state = "paused"
             await self.vm.save_state(self.tracker(STATE))
+            marks["saved"] = time.perf_counter()
 
         async def authority() -> bytes:
             payload: dict[str, Any] = {"stop_wall": marks["stop_wall"]}
-            if check_memory:  # below the tracker: reading for a check is not migrating
+            # Below the trackers: reading for the payload is not migrating.
+            if check_memory:
                 payload["memory_blake3"] = await digest(self.devices[MEMORY].tracker.inner)
+            saved = self.devices[STATE].tracker.inner
+            blob = await saved.read_at(0, state.HEADER_SIZE + await state.state_length(saved))
             marks["authority"] = time.perf_counter()
-            return json.dumps(payload).encode()
+            return b"".join((json.dumps(payload).encode(), b"\0", blob))
 
         async def resume() -> None:
             if self.state == "paused":
@@ -269,8 +286,8 @@ class Instance:
         except PostcopyFailed:
             self.state = "handed-over"  # the destination owns it: never resume here
             raise
-        except MigrationError:
-            if self.state == "migrating":
+        except Exception:
+            if self.state == "migrating":  # never paused: nothing to undo
                 self.state = "running"
             raise
         finally:
@@ -283,6 +300,7 @@ class Instance:
             total_ms=result.total_seconds * 1000, cycles=result.cycles,
             dirty_per_cycle=result.dirty_per_cycle, final_dirty=result.final_dirty,
             handover_ms=(marks["authority"] - marks["stop"]) * 1000 if marks else 0.0,
+            state_save_ms=(marks["saved"] - marks["stop"]) * 1000 if marks else 0.0,
             downtime_ms=_ack_downtime(marks, result.suspended_seconds,
                                       result.handover_seconds),
             priority_blocks=result.priority_blocks)
@@ -399,17 +417,24 @@ class Incoming:
             (files / file).write_bytes(bytes(await cache.read_at(0, cache.size())))
         await self.instance.start_qemu()
 
-    async def _authority(self, payload: bytes, _: dict[str, WaitingCache]) -> None:
+    async def _authority(self, payload: bytes, __: dict[str, WaitingCache]) -> None:
         await self.started.wait()
         assert self.instance is not None and self.prepared is not None
-        meta = json.loads(payload)
+        # The device state rides in the payload: the destination loads it at once instead
+        # of fetching the state device's last blocks (which still arrive, unused).
+        head, _, blob = payload.partition(b"\0")
+        meta = json.loads(head or b"{}")
+        saved: Provider | None = None
+        if blob:
+            saved = MemorySource(len(blob))
+            await saved.write_at(0, blob)
         try:
             await self.prepared
             if "memory_blake3" in meta:
                 if await digest(self.destination.devices[MEMORY]) != meta["memory_blake3"]:
                     raise PeerError("memory differs from the source's at its pause")
                 self.instance.info["memory_checked"] = True
-            resumed = await self.instance.load_and_resume()
+            resumed = await self.instance.load_and_resume(saved)
         except Exception as exc:
             log.warning("cannot resume the incoming VM: %s", exc, exc_info=True)
             raise Decline(f"destination cannot resume the VM: {exc}") from exc

@@ -42,7 +42,7 @@ async def mount(channel: Channel, device: str, cache_dir: Path, stop: asyncio.Ev
         return NewDevice(source)
 
     async def on_authority(payload: bytes, devices: dict[str, WaitingCache]) -> None:
-        if "stop_wall" not in json.loads(payload or b"{}"):
+        if "stop_wall" not in json.loads(payload.partition(b"\0")[0] or b"{}"):
             return  # a registry: nothing runs anywhere, take it
         for cache in devices.values():  # a live VM: copy its pause, then give it back
             await cache.wait_complete()

@@ -70,6 +70,7 @@ class Peer:
         control_server = await control.serve(self.state_dir / PEER_SOCKET, {
             "run": self._run, "ls": self._ls, "info": self._forward("info"),
             "exec": self._forward("exec", 600.0), "stop": self._stop,
+            "resume": self._forward("resume", 60.0),
             "migrate": self._forward("migrate", MIGRATE_TIMEOUT)})
         accepting = asyncio.create_task(self._accept(listener))
         log.info("peer serving %s, control socket %s", self.listen,

@@ -35,7 +35,8 @@ async def _control(instance: Instance) -> AsyncIterator[None]:
     still arriving or resuming)."""
     server = await control.serve(instance.workdir / control.SOCKET, {
         "info": instance.handle_info, "exec": instance.handle_exec,
-        "migrate": instance.handle_migrate, "stop": instance.handle_stop})
+        "migrate": instance.handle_migrate, "stop": instance.handle_stop,
+        "resume": instance.handle_resume})
     try:
         yield
     finally:
