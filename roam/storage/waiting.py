@@ -87,11 +87,19 @@ class WaitingCache:
     # -- the migration side ------------------------------------------------------------
 
     async def write_remote(self, block: int, data: Buffer) -> bool:
-        """Store a block from the source. False if the VM's own write kept it."""
-        if self._local_written[block]:
+        """Store blocks from the source, from `block` on (data may span several: one
+        write for a run). False if the VM's own writes kept any of them."""
+        blocks = range(block, block + (len(data) + self.block_size - 1) // self.block_size)
+        if any(self._local_written[b] for b in blocks):
+            if len(blocks) > 1:  # rare: split so the VM's blocks are skipped one by one
+                view = memoryview(data)
+                results = [await self.write_remote(b, view[i * self.block_size :
+                                                            (i + 1) * self.block_size])
+                           for i, b in enumerate(blocks)]
+                return all(results)
             return False
         accepted = await self.remote.write_checked(block * self.block_size, data)
-        self._mark_present([block])
+        self._mark_present(blocks)
         return accepted
 
     def mark_absent(self, blocks: Iterable[int]) -> None:
