@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from qemu.qmp import QMPClient, QMPError
+from qemu.qmp.protocol import ConnectError
 
 from roam.blueprint import Blueprint, build, cache_root
 from roam.guest.client import GuestClient
@@ -45,8 +47,7 @@ from roam.peer import serve as peer
 from roam.vm.accel import Accel
 from roam.vm.machine import Netdev, nic_args
 from roam.vm.package import Package
-from roam.vm.qemu import QemuVM
-from roam.vm.qemu_cmd import FileDisk, QemuConfig
+from roam.vm.qemu_cmd import FileDisk, QemuConfig, qemu_argv
 from roam.vm.snapshot import SnapshotOptions, take_snapshot
 
 BUSY = (Path(__file__).resolve().parents[1] / "tests" / "peer" / "busy_guest.py").read_text()
@@ -120,7 +121,7 @@ def native_config(blueprint: Blueprint, accel: Accel, memory_mib: int, disk: Pat
                   work: Path, index: int, incoming_port: int | None) -> QemuConfig:
     extra = nic_args("52:54:00:12:34:56", Netdev.detached())
     if incoming_port is not None:
-        extra += ["-incoming", f"tcp:127.0.0.1:{incoming_port}"]
+        extra += ["-incoming", "defer"]  # no -S: it runs once the migration is in
     return QemuConfig(
         kernel=blueprint.kernel, initramfs=blueprint.initramfs, cmdline=blueprint.cmdline,
         memory_mib=memory_mib, mem_path=MEMORY_DIR / f"{work.name}-{index}",
@@ -130,22 +131,57 @@ def native_config(blueprint: Blueprint, accel: Accel, memory_mib: int, disk: Pat
         extra_args=extra)
 
 
-async def native_vm(config: QemuConfig, log: Path) -> QemuVM:
+class NativeQemu:
     """A QEMU whose RAM QEMU migrates itself: each process has its own memory file and
-    x-ignore-shared is off, so all of guest RAM goes through QEMU's migration stream."""
-    vm = QemuVM(config, log)
-    await vm.start()
-    await vm.command("migrate-set-capabilities", {"capabilities": [
-        {"capability": "x-ignore-shared", "state": False}]})
-    return vm
+    x-ignore-shared stays off, so all of guest RAM goes through QEMU's migration stream.
+    QMP is opened per use: after taking in a busy guest's migration, a QMP session that
+    was open during it was found closed by QEMU here."""
+
+    def __init__(self, config: QemuConfig, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                "setpriv", "--pdeathsig", "KILL", *qemu_argv(self.config),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+
+    async def qmp(self, *commands: tuple[str, dict[str, Any] | None]) -> Any:
+        """Run `commands` on a fresh QMP session; the last one's answer."""
+        deadline = time.monotonic() + 30
+        while True:
+            client = QMPClient("bench")
+            try:
+                await client.connect(str(self.config.qmp_socket))
+                break
+            except (QMPError, ConnectError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        try:
+            answer = None
+            for name, arguments in commands:
+                answer = await client.execute(name, arguments)
+            return answer
+        finally:
+            await client.disconnect()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        self.config.mem_path.unlink(missing_ok=True)
 
 
 async def native_hops(blueprint: Blueprint, accel: Accel, memory_mib: int, workload: str,
                       hops: int, work: Path) -> list[dict[str, Any]]:
     disk = work / "disk.img"
     shutil.copyfile(blueprint.rootfs, disk)
-    vm = await native_vm(native_config(blueprint, accel, memory_mib, disk, work, 0, None),
-                         work / "q0.log")
+    vm = NativeQemu(native_config(blueprint, accel, memory_mib, disk, work, 0, None),
+                    work / "q0.log")
+    await vm.start()
     agent = await GuestClient.connect(work / "agent0.sock")
     await agent.wait_ready(300)
     if workload == "busy":
@@ -156,13 +192,15 @@ async def native_hops(blueprint: Blueprint, accel: Accel, memory_mib: int, workl
         for hop in range(1, hops + 1):
             await asyncio.sleep(SETTLE)
             port = 47000 + hop
-            target = await native_vm(native_config(blueprint, accel, memory_mib, disk, work,
-                                                   hop, port), work / f"q{hop}.log")
-            await vm.command("migrate-set-parameters", {
-                "max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS})
-            await vm.command("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            target = NativeQemu(native_config(blueprint, accel, memory_mib, disk, work, hop,
+                                              port), work / f"q{hop}.log")
+            await target.start()
+            await target.qmp(("migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"}))
+            await vm.qmp(("migrate-set-parameters", {
+                "max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS}),
+                ("migrate", {"uri": f"tcp:127.0.0.1:{port}"}))
             while True:
-                info: dict[str, Any] = await vm.command("query-migrate")
+                info: dict[str, Any] = await vm.qmp(("query-migrate", None))
                 if info["status"] in ("completed", "failed", "cancelled"):
                     break
                 await asyncio.sleep(0.05)
@@ -171,11 +209,9 @@ async def native_hops(blueprint: Blueprint, accel: Accel, memory_mib: int, workl
             results.append({"downtime_ms": info["downtime"], "total_ms": info["total-time"],
                             "bytes": info["ram"]["transferred"]})
             await vm.stop()
-            vm.config.mem_path.unlink(missing_ok=True)
             vm = target
     finally:
         await vm.stop()
-        vm.config.mem_path.unlink(missing_ok=True)
     return results
 
 
