@@ -17,7 +17,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from roam.blueprint import Blueprint, BlueprintError
+from roam.migration.channel import Address
+from roam.migration.source import MigrationError
 from roam.network.forward import PortForward
+from roam.peer.worker import run_from
 from roam.storage.provider import StorageError
 from roam.vm import archive, control
 from roam.vm.package import PackageError
@@ -77,20 +80,32 @@ def snapshot(
 
 
 def run(
-    package: Annotated[Path, typer.Argument(help="A package directory.", exists=True,
-                                            file_okay=False)],
     name: Annotated[str, typer.Option(help="The VM's name for roam exec and roam ls.")],
+    package: Annotated[Path | None, typer.Argument(help="A package directory.", exists=True,
+                                                   file_okay=False)] = None,
+    from_: Annotated[str | None, typer.Option(
+        "--from", help="Start lazily from `roam registry serve` at this address instead: "
+                       "SIGINT or SIGTERM then discards the VM (docs/MIGRATION.md).")] = None,
     publish: Annotated[list[str] | None, typer.Option(
         "--publish", "-p", help="[HOSTIP:]HOSTPORT:GUESTPORT[/udp] (repeatable; "
                                 "loopback unless HOSTIP is given).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Resume a package until SIGINT or SIGTERM, then suspend it back into the package."""
+    """Resume a package until SIGINT or SIGTERM, then suspend it back into the package
+    (or, with --from, start a registry's package lazily)."""
     _logging(verbose)
     try:
         forwards = [PortForward.parse(p) for p in publish or []]
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if (package is None) == (from_ is None):
+        raise typer.BadParameter("give a PACKAGE or --from ADDR")
+    if from_ is not None:
+        try:
+            uvloop.run(run_from(Address.parse(from_), name, publish or []))
+        except (ValueError, OSError, MigrationError, *_FAILURES) as exc:
+            raise _fail(exc) from exc
+        return
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -102,6 +117,7 @@ def run(
             err.print(f"{name}: running (QEMU pid {info['qemu_pid']}); "
                       "SIGINT or SIGTERM suspends it", highlight=False)
 
+        assert package is not None
         times = await run_package(package, name, forwards, stop, running)
         err.print(f"{name}: resumed in {times.resume:.2f} s, suspended in "
                   f"{times.suspend:.2f} s; package updated "

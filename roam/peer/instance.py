@@ -188,8 +188,9 @@ class Instance:
     # -- control requests --------------------------------------------------------------
 
     async def handle_info(self, _: control.Json) -> control.Json:
-        return {**self.info, "name": self.spec.name, "state": self.state,
-                "ready": self.agent_ready.is_set()}
+        return {"package": "(received)", **self.info, "name": self.spec.name,
+                "state": self.state, "ready": self.agent_ready.is_set(),
+                "publish": [asdict(f) for f in self.spec.forwards()]}
 
     async def handle_exec(self, params: control.Json) -> control.Json:
         if self.state in ("starting", "incoming", "running"):
@@ -361,7 +362,9 @@ def from_package(package_dir: Path, name: str, publish: list[str], workdir: Path
                         SparseFileSource(workdir / f"{dev}.upper", size),
                         workdir / f"{dev}.map", OVERLAY_BLOCK)
         for dev, (file, size) in sizes.items()}
-    return Instance(workdir, spec, package_dir, _stacks({**static, **written}))
+    instance = Instance(workdir, spec, package_dir, _stacks({**static, **written}))
+    instance.info["package"] = str(package_dir.resolve())
+    return instance
 
 
 def _file(path: Path) -> SparseFileSource:

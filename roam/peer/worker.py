@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import socket
 import sys
@@ -21,7 +22,7 @@ from typing import TypeVar
 
 import uvloop
 
-from roam.migration.channel import Channel, FrameProtocol
+from roam.migration.channel import Address, Channel, FrameProtocol, connect
 from roam.peer.instance import Incoming, Instance, from_package
 from roam.vm import control
 
@@ -122,6 +123,19 @@ async def run_incoming(workdir: Path, channel: Channel, name: str | None = None,
             await received
         for cache in incoming.destination.devices.values():
             await cache.close()
+
+
+async def run_from(address: Address, name: str, publish: list[str]) -> None:
+    """`roam run --from`: a lazy start from a registry in this process, reachable by
+    `roam exec NAME` and `roam ls` like any `roam run`; SIGINT or SIGTERM discards it."""
+    control.check_name(name)
+    workdir = control.run_root() / name
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    try:
+        await run_incoming(workdir, await connect(address), name, publish)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> None:

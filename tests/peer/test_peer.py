@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from roam.vm import control
 from tests.peer.conftest import Peer
 from tests.vm.conftest import ROAM, roam
 
@@ -177,3 +180,29 @@ def test_mount_registry_device_as_nbd(peers: dict[str, Peer], snapshot: Path,
         for process in (mounter, registry):
             process.send_signal(signal.SIGTERM)
             process.communicate(timeout=30)
+
+
+def test_roam_run_from_registry(peers: dict[str, Peer], snapshot: Path) -> None:
+    socket = peers["a"].dir.parent / "registry3.sock"
+    registry = serve_in_background("registry", "serve", str(snapshot), "--listen",
+                                   f"unix://{socket}", socket=socket)
+    vm = subprocess.Popen([*ROAM, "run", "--from", f"unix://{socket}", "--name", "fromreg"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert vm.poll() is None and time.monotonic() < deadline, vm.communicate()
+            with contextlib.suppress(control.ControlError):
+                if asyncio.run(control.call("fromreg", "info", timeout=2))["ready"]:
+                    break
+            time.sleep(0.2)
+        assert roam("exec", "fromreg", "--", "redis-cli", "ping").stdout.strip() == "PONG"
+        assert "fromreg" in roam("ls").stdout
+        vm.send_signal(signal.SIGTERM)
+        _, stderr = vm.communicate(timeout=60)
+        assert vm.returncode == 0, stderr
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+        registry.send_signal(signal.SIGTERM)
+        registry.communicate(timeout=30)
