@@ -13,7 +13,17 @@ from typing import Annotated, Any
 
 import typer
 
-from roam.cli.common import Verbose, address, fail, run, setup_logging
+from roam.cli.common import (
+    TlsCa,
+    TlsCert,
+    TlsKey,
+    Verbose,
+    address,
+    fail,
+    run,
+    setup_logging,
+    tls_files,
+)
 from roam.migration.channel import Channel, PeerLost, connect, listen
 from roam.migration.source import MigrationError
 from roam.peer import mounter, registry, terminator
@@ -49,18 +59,23 @@ def serve(
     state_dir: Annotated[Path, typer.Option(
         help="This peer's directory: control socket and one subdirectory per VM. Keep it "
              "short (UNIX socket paths are limited to 107 bytes).")],
+    tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
     verbose: Verbose = False,
 ) -> None:
-    """Serve this host until SIGINT/SIGTERM (which stops its VMs)."""
+    """Serve this host until SIGINT/SIGTERM (which stops its VMs).
+
+    With the --tls options, migrations in and out use mutual TLS: the other peer must
+    present a certificate signed by --tls-ca, and this peer presents --tls-cert."""
     setup_logging(verbose)
     addr = address(listen_on)
+    tls = tls_files(tls_cert, tls_key, tls_ca)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await peer.Peer(state_dir.absolute(), addr).serve(stop)
+        await peer.Peer(state_dir.absolute(), addr, tls).serve(stop)
 
     try:
         run(main())

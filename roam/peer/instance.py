@@ -28,7 +28,7 @@ import blake3
 from pydantic import BaseModel
 
 from roam.guest.client import GuestAgentError, GuestClient
-from roam.migration.channel import Address, Channel, connect
+from roam.migration.channel import Address, Channel, TLSFiles, connect
 from roam.migration.destination import Decline, Destination, NewDevice
 from roam.migration.source import (
     InDoubt,
@@ -138,6 +138,7 @@ class Instance:
         self._vm: QemuVM | None = None
         self._agent: GuestClient | None = None
         self._exposed: Exposed | None = None
+        self.tls: TLSFiles | None = None  # the peer's files: outgoing migrations use them
         self._migrating = False
         self.agent_ready = asyncio.Event()
 
@@ -240,7 +241,7 @@ class Instance:
         differ); that costs a full read of memory on both sides inside the downtime."""
         if self.incoming is not None:
             await self.incoming  # post-copy of the previous hop must be over
-        channel = await connect(to)
+        channel = await connect(to, self.tls)
         marks: dict[str, float] = {}
         exp = self._exposed
         assert exp is not None and self._agent is not None

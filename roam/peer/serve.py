@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from roam.migration.channel import Address
+from roam.migration.channel import Address, TLSFiles
 from roam.peer.instance import PeerError
 from roam.vm import control
 
@@ -54,9 +54,10 @@ class Worker:
 
 
 class Peer:
-    def __init__(self, state_dir: Path, listen: Address) -> None:
+    def __init__(self, state_dir: Path, listen: Address, tls: TLSFiles | None = None) -> None:
         self.state_dir = state_dir
         self.listen = listen
+        self.tls = tls  # migrations in and out use mutual TLS with these files
         self.vms_dir = state_dir / "vms"
         self.workers: dict[Path, Worker] = {}
         self._ids = itertools.count(1)
@@ -93,7 +94,8 @@ class Peer:
             conn, peer = await loop.sock_accept(listener)
             log.info("incoming migration from %s", peer or "a local peer")
             try:
-                await self._spawn(["--incoming-fd", str(conn.fileno())], conn.fileno())
+                tls = ["--incoming-tls"] if self.tls else []
+                await self._spawn(["--incoming-fd", str(conn.fileno()), *tls], conn.fileno())
             except OSError as exc:
                 log.error("cannot start a worker for an incoming migration: %s", exc)
             finally:
@@ -102,6 +104,9 @@ class Peer:
     async def _spawn(self, args: list[str], fd: int | None = None) -> Worker:
         workdir = self.vms_dir / str(next(self._ids))
         workdir.mkdir()
+        if self.tls:
+            args = [*args, "--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key),
+                    "--tls-ca", str(self.tls.ca)]
         with (workdir / "worker.log").open("ab") as out:
             # Dies with the peer, and QEMU with the worker (see QemuVM.start).
             process = await asyncio.create_subprocess_exec(

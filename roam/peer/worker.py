@@ -15,6 +15,7 @@ import logging
 import shutil
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -22,8 +23,8 @@ from typing import TypeVar
 
 import uvloop
 
-from roam.migration.channel import Address, Channel, FrameProtocol, connect
-from roam.peer.instance import Incoming, Instance, from_package
+from roam.migration.channel import Address, Channel, FrameProtocol, TLSFiles, connect
+from roam.peer.instance import Incoming, Instance, PeerError, from_package
 from roam.vm import control
 
 log = logging.getLogger("roam.peer.worker")
@@ -69,8 +70,10 @@ async def _first(awaitable: Awaitable[T], watched: asyncio.Task[object]) -> T:
     raise RuntimeError("the migration ended before the VM was resumed here")
 
 
-async def run_package(workdir: Path, package: Path, name: str, publish: list[str]) -> None:
+async def run_package(workdir: Path, package: Path, name: str, publish: list[str],
+                      tls: TLSFiles | None = None) -> None:
     instance = from_package(package, name, publish, workdir)
+    instance.tls = tls
     try:
         async with _control(instance), instance.exposure():
             try:
@@ -85,16 +88,22 @@ async def run_package(workdir: Path, package: Path, name: str, publish: list[str
             await device.tracker.close()
 
 
-async def accepted(fd: int) -> FrameProtocol:
-    """The migration connection the peer accepted and handed over as `fd`."""
+async def accepted(fd: int, tls: TLSFiles | None) -> FrameProtocol:
+    """The migration connection the peer accepted and handed over as `fd`; with `tls`,
+    the other peer must present a certificate our CA signed."""
     proto = FrameProtocol()
-    await asyncio.get_running_loop().connect_accepted_socket(
-        lambda: proto, socket.socket(fileno=fd))
+    try:
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: proto, socket.socket(fileno=fd),
+            ssl=tls.server_context() if tls else None)
+    except ssl.SSLError as e:
+        raise PeerError(f"TLS handshake with the sending peer failed: {e.reason}") from e
     return proto
 
 
 async def run_incoming(workdir: Path, channel: Channel, name: str | None = None,
-                       publish: list[str] | None = None) -> None:
+                       publish: list[str] | None = None,
+                       tls: TLSFiles | None = None) -> None:
     """Receive a VM and run it until it leaves or is stopped. `name` and `publish`
     replace the sender's (a registry's package has neither)."""
     incoming = Incoming(channel, workdir, name, publish)
@@ -103,6 +112,7 @@ async def run_incoming(workdir: Path, channel: Channel, name: str | None = None,
         await _first(incoming.destination.ready.wait(), received)
         instance = await _first(incoming.setup(), received)
         instance.incoming = received
+        instance.tls = tls
         async with _control(instance), instance.exposure():
             try:
                 incoming.prepared = asyncio.create_task(incoming.prepare())
@@ -145,16 +155,22 @@ def main() -> None:
     parser.add_argument("--name")
     parser.add_argument("--publish", action="append", default=[])
     parser.add_argument("--incoming-fd", type=int)
+    parser.add_argument("--incoming-tls", action="store_true",
+                        help="the incoming connection is a migration: require mutual TLS")
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--tls-ca", type=Path)
     args = parser.parse_args()
+    tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.incoming_fd is not None:
         async def incoming() -> None:
-            await run_incoming(args.workdir, await accepted(args.incoming_fd), args.name,
-                               args.publish or None)
+            channel = await accepted(args.incoming_fd, tls if args.incoming_tls else None)
+            await run_incoming(args.workdir, channel, args.name, args.publish or None, tls)
         uvloop.run(incoming())
     elif args.package is not None and args.name:
-        uvloop.run(run_package(args.workdir, args.package, args.name, args.publish))
+        uvloop.run(run_package(args.workdir, args.package, args.name, args.publish, tls))
     else:
         parser.error("give --incoming-fd, or --package and --name")
 

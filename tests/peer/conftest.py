@@ -24,14 +24,15 @@ __all__ = ["run_dir", "snapshot"]
 
 
 class Peer:
-    def __init__(self, name: str, root: Path) -> None:
+    def __init__(self, name: str, root: Path, extra: tuple[str, ...] = ()) -> None:
         self.name = name
         self.dir = root / name
         self.dir.mkdir()
         self.address = f"unix://{root}/{name}.mig"
         self.log = (root / f"{name}.log").open("w")
         self.process = subprocess.Popen(
-            [*ROAM, "peer", "serve", "--listen", self.address, "--state-dir", str(self.dir)],
+            [*ROAM, "peer", "serve", "--listen", self.address, "--state-dir", str(self.dir),
+             *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not (self.dir / peer.PEER_SOCKET).exists():
