@@ -11,10 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def mounted(path: Path) -> bool:
-    return any(line.split()[1] == str(path) for line in Path("/proc/mounts").read_text()
-               .splitlines())
+from tests.exposure.helpers import mounted
 
 
 def test_mount_serves_files_until_sigterm(tmp_path: Path) -> None:

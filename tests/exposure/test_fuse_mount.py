@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,53 +19,7 @@ from roam.exposure.fuse import FuseMount, Tuning, mount
 from roam.exposure.fuse.tuning import mount_device
 from roam.storage.provider import Buffer
 from roam.storage.sources import MemorySource
-
-PAGE = 4096
-
-
-def mounted(path: Path) -> bool:
-    return any(line.split()[1] == str(path) for line in Path("/proc/mounts").read_text()
-               .splitlines())
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    """A mount point that is guaranteed unmounted afterwards, whatever the test did."""
-    path = tmp_path / "mnt"
-    path.mkdir()
-    yield path
-    if mounted(path):
-        subprocess.run(["umount", "-l", str(path)], check=False)
-        pytest.fail(f"{path} was left mounted")
-
-
-class Recorder:
-    """Wraps a provider and records which pages write requests covered."""
-
-    def __init__(self, inner: MemorySource) -> None:
-        self.inner = inner
-        self.pages: set[int] = set()
-        self.flushes = 0
-
-    def size(self) -> int:
-        return self.inner.size()
-
-    async def read_at(self, offset: int, length: int) -> Buffer:
-        return await self.inner.read_at(offset, length)
-
-    async def write_at(self, offset: int, data: Buffer) -> None:
-        self.pages.update(range(offset // PAGE, (offset + len(data) - 1) // PAGE + 1))
-        await self.inner.write_at(offset, data)
-
-    async def flush(self) -> None:
-        self.flushes += 1
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def take(self) -> set[int]:
-        pages, self.pages = self.pages, set()
-        return pages
+from tests.exposure.helpers import PAGE, Recorder, mounted
 
 
 class Waiting(MemorySource):

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import shutil
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,59 +18,15 @@ import pytest
 from qemu.qmp import QMPClient
 
 from roam.exposure.fuse import FuseMount
-from roam.storage.provider import Buffer
 from roam.storage.sources import MemorySource
+from tests.exposure.helpers import PAGE, Recorder, mounted, ram_ranges
 
-PAGE = 4096
 RAM = 128 << 20
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                                 reason="qemu-system-x86_64 is not installed")
 
-# One line of `info mtree -f`: a range of guest-physical addresses backed by the RAM
-# block "mem" (read-write, or read-only where the chipset maps BIOS areas), at an offset
-# into it ("@...", absent for offset 0).
-_RAM_RANGE = re.compile(
-    r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, r[ao]m\): mem(?: @([0-9a-f]+))?$")
 
-
-def mounted(path: Path) -> bool:
-    return any(line.split()[1] == str(path) for line in Path("/proc/mounts").read_text()
-               .splitlines())
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    yield path
-    if mounted(path):
-        subprocess.run(["umount", "-l", str(path)], check=False)
-        pytest.fail(f"{path} was left mounted")
-
-
-class Recorder:
-    """Wraps a provider and records which pages write requests covered."""
-
-    def __init__(self, inner: MemorySource) -> None:
-        self.inner = inner
-        self.pages: set[int] = set()
-
-    def size(self) -> int:
-        return self.inner.size()
-
-    async def read_at(self, offset: int, length: int) -> Buffer:
-        return await self.inner.read_at(offset, length)
-
-    async def write_at(self, offset: int, data: Buffer) -> None:
-        self.pages.update(range(offset // PAGE, (offset + len(data) - 1) // PAGE + 1))
-        await self.inner.write_at(offset, data)
-
-    async def flush(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 @asynccontextmanager
@@ -103,23 +57,6 @@ async def qemu(mem_path: Path, qmp_socket: Path) -> AsyncIterator[QMPClient]:
             await proc.wait()
 
 
-async def ram_ranges(qmp: QMPClient) -> list[tuple[int, int, int]]:
-    """(guest address, length, offset in the memory file) of every range backed by RAM."""
-    text = await qmp.execute("human-monitor-command", {"command-line": "info mtree -f"})
-    assert isinstance(text, str)
-    # pmemsave reads the system address space ("memory"), not the SMM view listed first.
-    views = [view for view in text.split("FlatView #") if ' AS "memory"' in view]
-    assert len(views) == 1, text
-    ranges = []
-    for line in views[0].splitlines():
-        match = _RAM_RANGE.match(line)
-        if match:
-            start, end, offset = match.groups()
-            ranges.append((int(start, 16), int(end, 16) - int(start, 16) + 1,
-                           int(offset or "0", 16)))
-    return ranges
-
-
 async def test_guest_memory_on_a_fuse_file(mnt: Path, tmp_path: Path) -> None:
     rec = Recorder(MemorySource(RAM))
     async with FuseMount(mnt, {"memory": rec}) as m, \
@@ -134,7 +71,7 @@ async def test_guest_memory_on_a_fuse_file(mnt: Path, tmp_path: Path) -> None:
 
         await qmp.execute("stop")
         await m.flush("memory")
-        ranges = await ram_ranges(qmp)
+        ranges = await ram_ranges(qmp, "mem")
         assert sum(length for _, length, _ in ranges) > RAM // 2
         for address, length, offset in ranges:
             dump = tmp_path / f"ram-{address:x}"

@@ -13,7 +13,6 @@ engine stacks whose every block is tracked, so the test sees what the guest chan
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from roam.storage.sources import FileSource
 from roam.storage.volatility import VolatilityMonitor
 from roam.vm.devices import exposed
 from tests.blueprint.boot import booted, short_dir
+from tests.exposure.helpers import ram_ranges
 
 BLOCK = DEFAULT_BLOCK_SIZE  # what the runtime tracks devices in
 RAM = 256 << 20  # booted() gives the guest 256 MiB
@@ -42,12 +42,6 @@ pytestmark = [
                        reason="qemu-system-x86_64 is not installed"),
     pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="no /dev/fuse"),
 ]
-
-# One line of `info mtree -f`: guest-physical addresses backed by the RAM block of the
-# memory backend "mem0" (qemu_cmd's id), at an offset into it ("@...", absent for 0).
-_RAM_RANGE = re.compile(
-    r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, r[ao]m\): mem0(?: @([0-9a-f]+))?(?: KVM)?$")
-
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
@@ -83,23 +77,6 @@ async def blocks_holding(source: FileSource, needle: bytes,
         if needle in bytes(await source.read_at(block * BLOCK, length)):
             found.add(block)
     return found
-
-
-async def ram_ranges(qmp: QMPClient) -> list[tuple[int, int, int]]:
-    """(guest address, length, offset in the memory file) of every range backed by RAM."""
-    text = await qmp.execute("human-monitor-command", {"command-line": "info mtree -f"})
-    assert isinstance(text, str)
-    # pmemsave reads the system address space ("memory"), not the SMM view listed first.
-    views = [view for view in text.split("FlatView #") if ' AS "memory"' in view]
-    assert len(views) == 1, text
-    ranges = []
-    for line in views[0].splitlines():
-        match = _RAM_RANGE.match(line)
-        if match:
-            start, end, offset = match.groups()
-            ranges.append((int(start, 16), int(end, 16) - int(start, 16) + 1,
-                           int(offset or "0", 16)))
-    return ranges
 
 
 async def test_guest_on_fuse_memory_and_nbd_disk(blueprint: Blueprint, workdir: Path,
@@ -164,7 +141,7 @@ async def test_guest_on_fuse_memory_and_nbd_disk(blueprint: Blueprint, workdir: 
             try:
                 await qmp.execute("stop")
                 await exp.flush_memory()
-                ranges = await ram_ranges(qmp)
+                ranges = await ram_ranges(qmp, "mem0")
                 compared = 0
                 for address, length, offset in ranges:
                     dump = tmp_path / f"ram-{address:x}"
