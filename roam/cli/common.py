@@ -51,7 +51,7 @@ def address(text: str) -> Address:
         raise typer.BadParameter(str(e)) from None
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
+def fail(message: object, code: int = 1) -> typer.Exit:
     """Print an error the way every roam command does, and give the exit to raise."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)

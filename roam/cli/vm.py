@@ -17,6 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from roam.blueprint import Blueprint, BlueprintError
+from roam.cli.common import fail
 from roam.migration.channel import Address
 from roam.migration.source import MigrationError
 from roam.network.forward import PortForward
@@ -41,11 +42,6 @@ def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("roam.vm").setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-def _fail(exc: BaseException | str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-    return typer.Exit(1)
 
 
 def parse_mib(text: str) -> int:
@@ -74,7 +70,7 @@ def snapshot(
     try:
         times = uvloop.run(take_snapshot(Blueprint.load(blueprint), out, options))
     except _FAILURES as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"package {out}: booted to ready in {times.boot_to_ready:.1f} s, "
                f"suspended in {times.suspend:.2f} s ({times.state_bytes} bytes of state)")
 
@@ -104,7 +100,7 @@ def run(
         try:
             uvloop.run(run_from(Address.parse(from_), name, publish or []))
         except (ValueError, OSError, MigrationError, *_FAILURES) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         return
 
     async def main() -> None:
@@ -126,9 +122,9 @@ def run(
     try:
         uvloop.run(main())
     except QemuExited as exc:
-        raise _fail(f"{exc}; the package is unchanged") from exc
+        raise fail(f"{exc}; the package is unchanged") from exc
     except _FAILURES as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
 
 
 def exec_(
@@ -143,11 +139,11 @@ def exec_(
         result = asyncio.run(control.call(name, "exec", {"argv": command, "timeout": timeout},
                                           timeout=timeout + 30))
     except control.ControlError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     sys.stdout.write(result["stdout"])
     sys.stderr.write(result["stderr"])
     if result["timed_out"]:
-        raise _fail(f"timed out after {timeout} s")
+        raise fail(f"timed out after {timeout} s")
     raise typer.Exit(result["exit_code"])
 
 
@@ -182,7 +178,7 @@ def create(
             task = bar.add_task(f"packing {package.name}", total=total)
             archive.create(package, file, lambda n: bar.advance(task, n), threads=-1)
     except _FAILURES as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"{file}: {file.stat().st_size / 2**20:.1f} MiB")
 
 
@@ -197,5 +193,5 @@ def extract(
             task = bar.add_task(f"unpacking {file.name}", total=file.stat().st_size)
             archive.extract(file, directory, lambda n: bar.advance(task, n))
     except _FAILURES as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"{directory}: package verified")
