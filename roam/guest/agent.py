@@ -200,8 +200,10 @@ class Agent:
         try:
             if method == "hello" and "result" in reply:
                 with self._lock:  # a ready notification must come after this reply
-                    conn.send(reply)
+                    # Before the reply leaves: the host's next request may be handled
+                    # by another thread as soon as the reply is out.
                     conn.handshaken = True
+                    conn.send(reply)
             else:
                 conn.send(reply)
         except OSError as exc:
