@@ -140,6 +140,12 @@ class HostNetwork:
     def _down(self, record: Record) -> None:
         with self.registry.locked():
             nat.delete_table(self.netns, record.table)
+            # The kernel tears a removed namespace down later, in the background; delete
+            # what the host can see of it now, so the names and ports are free at once.
+            with self._host() as host:
+                for index in host.link_lookup(ifname=self._host_link(record)):
+                    host.link("del", index=index)  # the veth: both ends go
+            _delete_vxlan(record.netns)
             ns.remove(record.netns)
             self.registry.release(record.vm)
 
@@ -248,3 +254,14 @@ class HostNetwork:
                 bridge = inner.link_lookup(ifname=BRIDGE)[0]
                 inner.link("set", index=index, master=bridge)
             inner.link("set", index=index, state="up")
+
+
+def _delete_vxlan(netns: str) -> None:
+    """Delete the namespace's VXLAN device now: until the namespace is gone it holds the
+    host's UDP socket for the segment, and a new runner for the same VM here would get
+    EEXIST."""
+    if not ns.exists(netns):
+        return
+    with IPRoute(netns=netns) as inner:
+        for index in inner.link_lookup(ifname=VXLAN):
+            inner.link("del", index=index)
