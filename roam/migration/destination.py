@@ -106,6 +106,17 @@ class Destination:
         self._authority_task: asyncio.Task[None] | None = None
         self._pending_recv: asyncio.Future[tuple[MsgType, memoryview]] | None = None
         self._start = 0.0
+        self._prepared_sent = False
+
+    def prepared(self, payload: bytes = b"") -> None:
+        """Tell the source that authority can be taken at once (e.g. the VM waits with its
+        network up); a source whose policy waits for it pauses only after this."""
+        if not self.ready.is_set():
+            raise RuntimeError("PREPARED before the devices exist")
+        if self._prepared_sent:
+            raise RuntimeError("PREPARED sent twice")
+        self._prepared_sent = True
+        self.channel.send(encode_event(EventKind.PREPARED, payload))
 
     async def run(self) -> DestinationResult:
         start = time.perf_counter()

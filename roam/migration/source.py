@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import blake3
 
@@ -125,6 +125,7 @@ class Policy:
     precopy: bool = True  # False: hand over at once, every block streams after (lazy start)
     compression: Encoding = Encoding.RAW  # RAW, ZSTD or LZ4
     verify: bool = False  # also send every block's hash at the end for a full comparison
+    await_prepared: bool = False  # suspend only after the destination sent PREPARED
 
 
 @dataclass
@@ -140,6 +141,7 @@ class SourceResult:
     handover_seconds: float = 0.0  # suspend called to authority sent
     priority_blocks: int = 0
     payload: bytes = b""
+    prepared: bytes = b""  # the destination's PREPARED payload
 
 
 class Source:
@@ -162,6 +164,7 @@ class Source:
         self._priority: deque[tuple[int, int]] = deque()
         self._work = asyncio.Event()
         self._ready: asyncio.Future[None] | None = None
+        self._prepared: asyncio.Future[bytes] | None = None
         self._answer: asyncio.Future[EventKind] | None = None
         self._done: asyncio.Future[None] | None = None
         self._peer_has: list[dict[int, bytes]] = [{} for _ in self.devices]
@@ -174,6 +177,7 @@ class Source:
         """Migrate the group. Raises MigrationError (source intact) or InDoubt."""
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
+        self._prepared = loop.create_future()
         self._answer = loop.create_future()
         self._done = loop.create_future()
         start = time.perf_counter()
@@ -236,6 +240,11 @@ class Source:
             if (small and self.result.cycles >= self.policy.min_cycles) or (
                 self.result.cycles >= self.policy.max_cycles
             ):
+                if await self._wait_prepared(reader):  # the VM ran on while we waited
+                    self._send_dirty(dirty)
+                    await self._send_pending(reader)
+                    carry = [[] for _ in self.devices]
+                    continue
                 carry = dirty  # sent after the suspend, with whatever changes until then
                 break
             self._send_dirty(dirty)
@@ -245,6 +254,15 @@ class Source:
                 await asyncio.sleep(self.policy.cycle_throttle)
 
         await self._handover(carry, reader)
+
+    async def _wait_prepared(self, reader: asyncio.Task[None]) -> bool:
+        """With `await_prepared`, wait for PREPARED; True if that meant waiting."""
+        assert self._prepared is not None
+        if not self.policy.await_prepared or self._prepared.done():
+            return False
+        log.info("waiting for the destination to be prepared before the handover")
+        await self._until(self._prepared, reader)
+        return True
 
     async def _handover(self, carry: list[list[int]], reader: asyncio.Task[None]) -> None:
         assert self._answer and self._done
@@ -437,13 +455,15 @@ class Source:
     # -- receiving ---------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        assert self._ready and self._answer and self._done
+        assert self._ready and self._prepared and self._answer and self._done
         try:
             while True:
                 kind, body = await self.channel.recv()
                 self._handle(decode(kind, body))
         except BaseException as e:
-            for fut in (self._ready, self._answer, self._done):
+            futures: list[asyncio.Future[Any]] = [self._ready, self._prepared, self._answer,
+                                                  self._done]
+            for fut in futures:
                 if not fut.done():
                     fut.set_exception(e if isinstance(e, Exception) else PeerLost("cancelled"))
                     fut.exception()  # mark retrieved: whoever waits sees it via result()
@@ -473,6 +493,12 @@ class Source:
         elif isinstance(msg, Event):
             if msg.kind == EventKind.READY and not self._ready.done():
                 self._ready.set_result(None)
+            elif msg.kind == EventKind.PREPARED:
+                assert self._prepared is not None
+                if not self._ready.done() or self._prepared.done():
+                    raise ProtocolError("PREPARED before READY or twice")
+                self.result.prepared = msg.payload
+                self._prepared.set_result(msg.payload)
             elif msg.kind in (EventKind.AUTHORITY_ACK, EventKind.AUTHORITY_DECLINE):
                 if not self._authority_sent:
                     raise ProtocolError(f"{msg.kind.name} before authority was sent")
@@ -524,5 +550,5 @@ class Source:
             raise PeerLost("the connection reader stopped")
         return task.result()
 
-    async def _until(self, fut: asyncio.Future[None], reader: asyncio.Task[None]) -> None:
+    async def _until(self, fut: asyncio.Future[T], reader: asyncio.Task[None]) -> None:
         await self._check(asyncio.shield(fut), reader)

@@ -65,6 +65,7 @@ class EventKind(enum.IntEnum):
     AUTHORITY_DECLINE = 4  # destination: refused, the source may resume
     COMPLETE = 5  # source: every block has been sent
     DONE = 6  # destination: every block is present and verified
+    PREPARED = 7  # destination: can take authority at once (payload: application data)
 
 
 class ErrorCode(enum.IntEnum):

@@ -145,3 +145,41 @@ async def test_destination_that_has_older_content_receives_only_what_differs(
     assert await _read_all(dest.devices["d"], size) == await _read_all(src, size)
     assert result.bytes_sent < 4 * BS  # three changed blocks plus hashes, not 4 MiB
     assert dest.result.integrity_errors == 0
+
+
+async def test_source_suspends_only_once_the_destination_is_prepared(socket_pair: Pair) -> None:
+    """With await_prepared the workload keeps running (and dirtying) until PREPARED comes,
+    and the suspend hook sees the destination's payload."""
+    size = 4 * 1024 * 1024
+    src = MemorySource(size)
+    await src.write_at(0, os.urandom(size))
+    device = SourceDevice.stack("mem", src, BS)
+    seen_at_suspend: list[bytes] = []
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        while not stop.is_set():
+            await device.tracker.write_at(random.randrange(size - 10), b"x" * 10)
+            await asyncio.sleep(0.001)
+
+    async def suspend() -> None:
+        seen_at_suspend.append(source.result.prepared)
+        stop.set()
+        await writer_task
+
+    src_ch, dst_ch = await socket_pair()
+    writer_task = asyncio.create_task(writer())
+    source = Source(src_ch, [device], SourceHooks(suspend=suspend),
+                    Policy(max_dirty_blocks=1000, min_cycles=1, await_prepared=True))
+    dest = Destination(dst_ch, memory_device)
+
+    async def prepare_late() -> None:
+        await dest.ready.wait()
+        await asyncio.sleep(0.3)
+        assert not seen_at_suspend  # still running: not prepared yet
+        dest.prepared(b'{"underlay": "192.0.2.7"}')
+
+    src_result, _, _ = await asyncio.gather(source.run(), dest.run(), prepare_late())
+    assert seen_at_suspend == [b'{"underlay": "192.0.2.7"}']
+    assert src_result.cycles >= 2  # it went on collecting while it waited
+    assert await _read_all(dest.devices["mem"], size) == await _read_all(src, size)
