@@ -92,7 +92,9 @@ class DestinationResult:
 class Destination:
     def __init__(self, channel: Channel, make_device: DeviceFactory,
                  on_authority: Callable[[bytes, dict[str, WaitingCache]], Awaitable[None]]
-                 = _accept) -> None:
+                 = _accept, *, prepares: bool = False) -> None:
+        """`prepares`: the application sends PREPARED itself (`prepared()`) once it can
+        take authority at once; otherwise it goes out with READY."""
         self.channel = channel
         self.make_device = make_device
         self.on_authority = on_authority
@@ -106,13 +108,14 @@ class Destination:
         self._authority_task: asyncio.Task[None] | None = None
         self._pending_recv: asyncio.Future[tuple[MsgType, memoryview]] | None = None
         self._start = 0.0
+        self._prepares = prepares
         self._prepared_sent = False
 
     def prepared(self, payload: bytes = b"") -> None:
         """Tell the source that authority can be taken at once (e.g. the VM waits with its
         network up); a source whose policy waits for it pauses only after this."""
-        if not self.ready.is_set():
-            raise RuntimeError("PREPARED before the devices exist")
+        if not self._prepares or not self.ready.is_set():
+            raise RuntimeError("PREPARED without `prepares`, or before the devices exist")
         if self._prepared_sent:
             raise RuntimeError("PREPARED sent twice")
         self._prepared_sent = True
@@ -222,7 +225,11 @@ class Destination:
             if made.existing:
                 await self._offer_existing(spec, made.provider)
         self.ready.set()
-        self.channel.send(encode_event(EventKind.READY))
+        if self._prepares:
+            self.channel.send(encode_event(EventKind.READY))
+        else:  # one write: a peer gone by now is noticed by the reader, with its reason
+            self._prepared_sent = True
+            self.channel.send(encode_event(EventKind.READY), encode_event(EventKind.PREPARED))
 
     async def _offer_existing(self, spec: DeviceSpec, provider: Provider) -> None:
         """Tell the source what we hold, so it sends "you have this" instead of data."""

@@ -171,7 +171,7 @@ async def test_source_suspends_only_once_the_destination_is_prepared(socket_pair
     writer_task = asyncio.create_task(writer())
     source = Source(src_ch, [device], SourceHooks(suspend=suspend),
                     Policy(max_dirty_blocks=1000, min_cycles=1, await_prepared=True))
-    dest = Destination(dst_ch, memory_device)
+    dest = Destination(dst_ch, memory_device, prepares=True)
 
     async def prepare_late() -> None:
         await dest.ready.wait()
