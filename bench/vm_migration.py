@@ -77,7 +77,8 @@ def peers(work: Path) -> Iterator[list[str]]:
             dirs.append(str(state))
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "roam.cli.main", "peer", "serve", "--listen",
-                 f"unix://{work}/{name}.mig", "--state-dir", str(state)],
+                 f"unix://{work}/{name}.mig", "--state-dir", str(state),
+                 "--net-pool", f"10.241.{len(dirs)}.0/24"],
                 stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT))
         for path in dirs:
             while not (Path(path) / peer.PEER_SOCKET).exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import signal
@@ -28,6 +29,7 @@ from roam.migration.channel import Channel, PeerLost, connect, listen
 from roam.migration.source import MigrationError
 from roam.peer import mounter, registry, terminator
 from roam.peer import serve as peer
+from roam.peer.network import PEER_POOL, NetConfig
 from roam.peer.terminator import Backup
 from roam.vm import control
 from roam.vm.package import Package, PackageError
@@ -60,22 +62,49 @@ def serve(
         help="This peer's directory: control socket and one subdirectory per VM. Keep it "
              "short (UNIX socket paths are limited to 107 bytes).")],
     tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
+    underlay: Annotated[str | None, typer.Option(
+        help="This host's address for the overlay (VXLAN between peers). Needed to run "
+             "VMs that keep their connections across migrations, or their gateways.")] = None,
+    overlay_peers: Annotated[str, typer.Option(
+        help="Comma-separated --underlay addresses of every peer of the overlay "
+             "(broadcasts are replicated to them).")] = "",
+    net_prefix: Annotated[str | None, typer.Option(
+        help="Prefix of the namespaces, links and nft tables this peer creates (default: "
+             "derived from --state-dir; names are machine-wide).")] = None,
+    net_pool: Annotated[str, typer.Option(
+        help="IPv4 range for the links between this host and its VMs' namespaces (one "
+             "/30 per VM); peers sharing a network namespace need different ones.")]
+        = PEER_POOL,
     verbose: Verbose = False,
 ) -> None:
     """Serve this host until SIGINT/SIGTERM (which stops its VMs).
 
-    With the --tls options, migrations in and out use mutual TLS: the other peer must
-    present a certificate signed by --tls-ca, and this peer presents --tls-cert."""
+    Each VM gets a network namespace with a tap: NAT and its --publish ports on this host,
+    or, started with --gateway, a place on its overlay segment (it keeps its address and
+    connections when it moves). With the --tls options, migrations in and out use mutual
+    TLS: the other peer must present a certificate signed by --tls-ca, and this peer
+    presents --tls-cert."""
     setup_logging(verbose)
     addr = address(listen_on)
     tls = tls_files(tls_cert, tls_key, tls_ca)
+    directory = state_dir.absolute()
+    try:
+        netconf = NetConfig(
+            directory=directory / "net",
+            prefix=net_prefix or NetConfig.default_prefix(directory), pool=net_pool,
+            underlay=str(ipaddress.IPv4Address(underlay)) if underlay else None,
+            overlay_peers=[str(ipaddress.IPv4Address(a)) for a in overlay_peers.split(",")
+                           if a])
+        ipaddress.IPv4Network(net_pool)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await peer.Peer(state_dir.absolute(), addr, tls).serve(stop)
+        await peer.Peer(directory, addr, tls, netconf).serve(stop)
 
     try:
         run(main())
@@ -94,17 +123,49 @@ def run_vm(
                        "of a local package.")] = None,
     publish: Annotated[list[str], typer.Option(
         "--publish", "-p", help="Port forward HOSTPORT:GUESTPORT or ADDR:HOSTPORT:GUESTPORT "
-                                "(kept across migrations).")] = [],  # noqa: B006
+                                "on the host where the VM runs (set up again on each host "
+                                "it moves to).")] = [],  # noqa: B006
+    gateway: Annotated[str | None, typer.Option(
+        help="Put the VM on overlay segment --vni, whose gateway (`roam peer gateway`) "
+             "runs on the peer with this --underlay address: its address and connections "
+             "then survive migrations.")] = None,
+    vni: Annotated[int | None, typer.Option(help="The VM's overlay segment.")] = None,
 ) -> None:
     """Resume PACKAGE (or the registry's package) as a VM on the peer; returns once it
     runs."""
     if (package is None) == (from_ is None):
         raise typer.BadParameter("give a PACKAGE or --from ADDR")
+    if (gateway is None) != (vni is None):
+        raise typer.BadParameter("--gateway and --vni go together")
     if from_ is not None:
         address(from_)
     _print(_call(via, "run", {"package": str(package.absolute()) if package else None,
-                              "from": from_, "name": name, "publish": publish},
+                              "from": from_, "name": name, "publish": publish,
+                              "gateway": gateway, "vni": vni},
                  timeout=180.0))
+
+
+@app.command("gateway")
+def gateway_cmd(
+    name: Annotated[str, typer.Argument(help="The VM whose gateway this is.")],
+    via: Via,
+    vni: Annotated[int | None, typer.Option(
+        help="The VM's overlay segment (1 to 16777215).", min=1, max=2**24 - 1)] = None,
+    publish: Annotated[list[str], typer.Option(
+        "--publish", "-p", help="Port forward [ADDR:]HOSTPORT:GUESTPORT[/udp] on this host "
+                                "to the VM, wherever it runs.")] = [],  # noqa: B006
+    remove: Annotated[bool, typer.Option(help="Remove the gateway instead.")] = False,
+) -> None:
+    """Make this peer the gateway of overlay VM NAME: its stable address (--publish) and
+    the source address of its outbound connections, wherever on the overlay it runs.
+    Then start the VM on any peer of the overlay with `roam peer run --gateway ADDR --vni
+    N`, ADDR being this peer's --underlay address."""
+    if remove:
+        _call(via, "gateway", {"name": name, "remove": True})
+        return
+    if vni is None:
+        raise typer.BadParameter("give --vni (or --remove)")
+    _print(_call(via, "gateway", {"name": name, "vni": vni, "publish": publish}))
 
 
 @app.command()

@@ -111,6 +111,16 @@ class Destination:
         self._prepares = prepares
         self._prepared_sent = False
 
+    async def abort(self, reason: str) -> None:
+        """Give up before authority (the application cannot take the workload): the source
+        hears why and keeps running it; run() then ends with MigrationError."""
+        if self._authority_task is not None:
+            raise RuntimeError("abort after authority arrived: decline instead")
+        with contextlib.suppress(PeerLost, TimeoutError):
+            self.channel.send(encode_error(ErrorCode.ABORTED, reason))
+            await asyncio.wait_for(self.channel.drain(), 5.0)
+        await self.channel.close()
+
     def prepared(self, payload: bytes = b"") -> None:
         """Tell the source that authority can be taken at once (e.g. the VM waits with its
         network up); a source whose policy waits for it pauses only after this."""

@@ -11,9 +11,11 @@ place, which moves every other host's learned entry; then the source removes its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Protocol
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NTF_SELF, NUD_NOARP, NUD_PERMANENT
 
 from roam.network.vmnet import VXLAN, VmNetwork
@@ -33,6 +35,21 @@ def _redirect(netns: str, mac: str, to_host: str) -> None:
         inner.fdb("replace", ifindex=vx, lladdr=mac, dst=to_host, state=NUD_PERMANENT,
                   flags=NTF_SELF)
         inner.fdb("replace", ifindex=vx, lladdr=mac, state=NUD_NOARP, flags=NTF_MASTER)
+
+
+def _restore(netns: str, mac: str) -> None:
+    with IPRoute(netns=netns) as inner:
+        vx = inner.link_lookup(ifname=VXLAN)[0]
+        inner.brport("set", index=vx, mode=0)
+        for flags in (NTF_SELF, NTF_MASTER):
+            with contextlib.suppress(NetlinkError):  # absent: nothing to undo
+                inner.fdb("del", ifindex=vx, lladdr=mac, flags=flags)
+
+
+async def restore(net: VmNetwork, mac: str) -> None:
+    """Undo `redirect` (the handover was aborted and the VM runs on here); the bridge
+    learns the guest on its tap again from its next frame."""
+    await asyncio.to_thread(_restore, net.netns, mac)
 
 
 async def redirect(net: VmNetwork, mac: str, to_host: str) -> None:

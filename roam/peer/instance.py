@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,10 @@ from roam.migration.source import (
     SourceHooks,
 )
 from roam.migration.wire import DeviceSpec, Encoding
+from roam.network import overlay
 from roam.network.forward import PortForward
+from roam.network.vmnet import VmNetwork
+from roam.peer.network import NetConfig, OverlaySpec
 from roam.storage.overlay import CowOverlay
 from roam.storage.provider import Provider
 from roam.storage.sources import MemorySource, SparseFileSource
@@ -50,7 +53,7 @@ from roam.vm.accel import Accel
 from roam.vm.devices import Exposed, exposed
 from roam.vm.machine import Netdev, qemu_config
 from roam.vm.package import Package, PackageConfig
-from roam.vm.qemu import QemuVM
+from roam.vm.qemu import QemuError, QemuVM
 from roam.vm.runner import OVERLAY_BLOCK, connect_agent
 
 log = logging.getLogger(__name__)
@@ -65,11 +68,13 @@ COMPRESSIONS = {"none": Encoding.RAW, "zstd": Encoding.ZSTD, "lz4": Encoding.LZ4
 
 
 class VMSpec(BaseModel):
-    """vm.json: the package config plus what this run added (name, port forwards)."""
+    """vm.json: the package config plus what this run added (name, port forwards, or the
+    overlay segment whose gateway publishes its ports)."""
 
     name: str
     config: PackageConfig
     publish: list[str] = []
+    overlay: OverlaySpec | None = None
 
     def forwards(self) -> list[PortForward]:
         return [PortForward.parse(p) for p in self.publish]
@@ -124,9 +129,11 @@ class Instance:
     """A VM in `workdir`; `devices` in group order, memory/disk/state written by QEMU."""
 
     def __init__(self, workdir: Path, spec: VMSpec, files: Path,
-                 devices: list[SourceDevice]) -> None:
+                 devices: list[SourceDevice], netconf: NetConfig) -> None:
         self.workdir = workdir
         self.spec = spec
+        self.netconf = netconf
+        self.net: VmNetwork | None = None
         self.files = files  # directory with the kernel files QEMU boots
         self.devices = {d.name: d for d in devices}
         self.order = [d.name for d in devices]
@@ -157,12 +164,17 @@ class Instance:
             yield exp
 
     async def start_qemu(self) -> None:
-        """QEMU waiting for incoming device state, on the exposed devices."""
+        """The VM's network on this host, then QEMU on its tap, waiting for incoming device
+        state, on the exposed devices."""
         assert self._exposed is not None
         config = self.spec.config
         accel = Accel(config.accel, "the VM was snapshotted under it")
+        self.net = await self.netconf.vm_network(self.spec.name, self.spec.overlay,
+                                                 self.spec.forwards())
+        assert self.net.tap_fd is not None  # local and runner networks have a tap
+        self.info["netns"] = self.net.netns
         self._vm = QemuVM(qemu_config(config, self.files, self.workdir, self._exposed, accel,
-                                      Netdev.user(self.spec.forwards())),
+                                      Netdev.tap(self.net.tap_fd)),
                           self.workdir / "qemu.log")
         self.info.update(accel=accel.name, memory_mib=config.memory_mib, cpus=config.cpus)
         await self._vm.start(incoming=True)
@@ -191,7 +203,8 @@ class Instance:
     async def handle_info(self, _: control.Json) -> control.Json:
         return {"package": "(received)", **self.info, "name": self.spec.name,
                 "state": self.state, "ready": self.agent_ready.is_set(),
-                "publish": [asdict(f) for f in self.spec.forwards()]}
+                "publish": [asdict(f) for f in self.spec.forwards()],
+                "overlay": None if self.spec.overlay is None else self.spec.overlay.model_dump()}
 
     async def handle_exec(self, params: control.Json) -> control.Json:
         if self.state in ("starting", "incoming", "running"):
@@ -246,12 +259,24 @@ class Instance:
         exp = self._exposed
         assert exp is not None and self._agent is not None
         agent = self._agent
+        redirected = False
 
         async def suspend() -> None:
+            nonlocal redirected
             try:
                 await self.vm.guard(agent.before_suspend())
             except GuestAgentError as exc:
                 log.warning("before_suspend failed, suspending anyway: %s", exc)
+            if self.spec.overlay is not None:
+                # Frames still reaching this host go on to the destination's tap, which
+                # its paused QEMU holds open: they wait there instead of being lost.
+                assert self.net is not None
+                prepared = json.loads(source.result.prepared or b"{}")
+                if not prepared.get("underlay"):
+                    raise PeerError("the destination peer is not on the VM's overlay "
+                                    "(no --underlay)")
+                redirected = True
+                await overlay.redirect(self.net, self.spec.config.mac, prepared["underlay"])
             marks["stop_wall"] = time.time()
             marks["stop"] = time.perf_counter()
             await self.vm.pause()
@@ -272,6 +297,9 @@ class Instance:
             return b"".join((json.dumps(payload).encode(), b"\0", blob))
 
         async def resume() -> None:
+            if redirected:
+                assert self.net is not None
+                await overlay.restore(self.net, self.spec.config.mac)
             if self.state == "paused":
                 await self.vm.resume()
                 self.state = "running"
@@ -280,8 +308,8 @@ class Instance:
         self.state = "migrating"
         hooks = SourceHooks(before_collect=exp.flush_memory, suspend=suspend,
                             authority=authority, resume=resume)
-        source = Source(channel, [self.devices[n] for n in self.order], hooks, policy,
-                        group_name=self.spec.name)
+        source = Source(channel, [self.devices[n] for n in self.order], hooks,
+                        replace(policy, await_prepared=True), group_name=self.spec.name)
         try:
             result = await source.run()
         except InDoubt:
@@ -314,6 +342,9 @@ class Instance:
             await self._agent.close()
         if self._vm is not None:
             await self._vm.stop()
+        if self.net is not None:
+            await self.netconf.host().down(self.net)
+            self.net = None
 
 
 async def digest(device: Provider) -> str:
@@ -341,11 +372,12 @@ def _stacks(providers: dict[str, Provider]) -> list[SourceDevice]:
     return [SourceDevice.stack(name, provider) for name, provider in providers.items()]
 
 
-def from_package(package_dir: Path, name: str, publish: list[str], workdir: Path) -> Instance:
+def from_package(package_dir: Path, name: str, publish: list[str], workdir: Path,
+                 netconf: NetConfig, overlay_spec: OverlaySpec | None = None) -> Instance:
     """A VM resumed from a package, copy-on-write: the package itself is never changed."""
     package = Package.load(package_dir)
     config = package.config
-    spec = VMSpec(name=name, config=config, publish=publish)
+    spec = VMSpec(name=name, config=config, publish=publish, overlay=overlay_spec)
     (workdir / SPEC).write_bytes(spec.device_bytes())
     files = config.files
     static: dict[str, Provider] = {
@@ -363,7 +395,7 @@ def from_package(package_dir: Path, name: str, publish: list[str], workdir: Path
                         SparseFileSource(workdir / f"{dev}.upper", size),
                         workdir / f"{dev}.map", OVERLAY_BLOCK)
         for dev, (file, size) in sizes.items()}
-    instance = Instance(workdir, spec, package_dir, _stacks({**static, **written}))
+    instance = Instance(workdir, spec, package_dir, _stacks({**static, **written}), netconf)
     instance.info["package"] = str(package_dir.resolve())
     return instance
 
@@ -375,15 +407,16 @@ def _file(path: Path) -> SparseFileSource:
 class Incoming:
     """Receive a VM: devices as they arrive, QEMU started early, authority taken at once."""
 
-    def __init__(self, channel: Channel, workdir: Path, name: str | None = None,
-                 publish: list[str] | None = None) -> None:
+    def __init__(self, channel: Channel, workdir: Path, netconf: NetConfig,
+                 name: str | None = None, publish: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.netconf = netconf
         self.overrides: dict[str, Any] = {}
         if name is not None:
             self.overrides["name"] = name
         if publish is not None:
             self.overrides["publish"] = publish
-        self.destination = Destination(channel, self._make, self._authority)
+        self.destination = Destination(channel, self._make, self._authority, prepares=True)
         self.instance: Instance | None = None
         self.prepared: asyncio.Task[None] | None = None
         self.started = asyncio.Event()  # `prepared` exists
@@ -401,7 +434,8 @@ class Incoming:
         spec_cache = caches[SPEC]  # reads ask for missing blocks first (lazy starts)
         spec = VMSpec.from_device(bytes(await spec_cache.read_at(0, spec_cache.size())))
         providers: dict[str, Provider] = dict(caches)
-        self.instance = Instance(self.workdir, spec, self.workdir / "files", _stacks(providers))
+        self.instance = Instance(self.workdir, spec, self.workdir / "files", _stacks(providers),
+                                 self.netconf)
         self.instance.state = "incoming"
         if self.overrides:
             spec = spec.model_copy(update=self.overrides)
@@ -410,7 +444,8 @@ class Incoming:
         return self.instance
 
     async def prepare(self) -> None:
-        """Kernel files out of their devices, then QEMU waiting for the state."""
+        """Kernel files out of their devices, then the network and QEMU waiting for the
+        state; then the source may pause the VM (PREPARED names our overlay address)."""
         assert self.instance is not None
         files = self.instance.files
         files.mkdir(exist_ok=True)
@@ -422,6 +457,7 @@ class Incoming:
             cache = self.destination.devices[device]
             (files / file).write_bytes(bytes(await cache.read_at(0, cache.size())))
         await self.instance.start_qemu()
+        self.destination.prepared(json.dumps({"underlay": self.netconf.underlay}).encode())
 
     async def _authority(self, payload: bytes, __: dict[str, WaitingCache]) -> None:
         await self.started.wait()
@@ -444,9 +480,10 @@ class Incoming:
         except Exception as exc:
             log.warning("cannot resume the incoming VM: %s", exc, exc_info=True)
             raise Decline(f"destination cannot resume the VM: {exc}") from exc
-        with contextlib.suppress(Exception):
-            await self.instance.vm.command("announce-self", {
-                "initial": 50, "max": 550, "rounds": 5, "step": 100})
+        try:
+            await overlay.announce(self.instance.vm)
+        except QemuError as exc:  # the guest runs; others learn its place when it talks
+            log.warning("announce-self failed: %s", exc)
         stop_wall = float(meta.get("stop_wall", 0.0))
         self.instance.info["downtime_ms"] = (resumed - stop_wall) * 1000 if stop_wall else None
         self.instance.info["resumed_at"] = resumed

@@ -3,7 +3,8 @@
 It accepts migration connections on its listen address and hands each one, as a file
 descriptor, to a new worker process that receives the VM; it starts workers for
 `roam peer run`; it answers the local control socket `STATE_DIR/peer.sock` (run, ls,
-info, exec, migrate, stop) by forwarding to the worker that runs the named VM.
+info, exec, migrate, stop) by forwarding to the worker that runs the named VM. It holds
+the overlay gateways of this host itself (`gateway`): they outlive the VMs' visits.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from roam.migration.channel import Address, TLSFiles
+from roam.network.forward import PortForward
+from roam.network.vmnet import VmNetwork
 from roam.peer.instance import PeerError
+from roam.peer.network import NetConfig, OverlaySpec
 from roam.vm import control
 
 log = logging.getLogger("roam.peer")
@@ -54,9 +59,13 @@ class Worker:
 
 
 class Peer:
-    def __init__(self, state_dir: Path, listen: Address, tls: TLSFiles | None = None) -> None:
+    def __init__(self, state_dir: Path, listen: Address, tls: TLSFiles | None = None,
+                 netconf: NetConfig | None = None) -> None:
         self.state_dir = state_dir
         self.listen = listen
+        self.netconf = netconf or NetConfig(directory=state_dir / "net",
+                                            prefix=NetConfig.default_prefix(state_dir))
+        self.gateways: dict[str, tuple[OverlaySpec, list[PortForward], VmNetwork]] = {}
         self.tls = tls  # migrations in and out use mutual TLS with these files
         self.vms_dir = state_dir / "vms"
         self.workers: dict[Path, Worker] = {}
@@ -67,11 +76,14 @@ class Peer:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.vms_dir, ignore_errors=True)
         self.vms_dir.mkdir()
+        swept = await self.netconf.host().sweep()
+        if swept:
+            log.warning("removed networks a crashed peer left for: %s", ", ".join(swept))
         listener = _listening_socket(self.listen)
         control_server = await control.serve(self.state_dir / PEER_SOCKET, {
             "run": self._run, "ls": self._ls, "info": self._forward("info"),
             "exec": self._forward("exec", 600.0), "stop": self._stop,
-            "resume": self._forward("resume", 60.0),
+            "resume": self._forward("resume", 60.0), "gateway": self._gateway,
             "migrate": self._forward("migrate", MIGRATE_TIMEOUT)})
         accepting = asyncio.create_task(self._accept(listener))
         log.info("peer serving %s, control socket %s", self.listen,
@@ -87,6 +99,8 @@ class Peer:
                     worker.process.send_signal(signal.SIGTERM)
             if self._reapers:
                 await asyncio.wait(self._reapers, timeout=30)
+            for name in list(self.gateways):
+                await self._remove_gateway(name)
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -104,6 +118,7 @@ class Peer:
     async def _spawn(self, args: list[str], fd: int | None = None) -> Worker:
         workdir = self.vms_dir / str(next(self._ids))
         workdir.mkdir()
+        args = [*args, "--net", self.netconf.model_dump_json()]
         if self.tls:
             args = [*args, "--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key),
                     "--tls-ca", str(self.tls.ca)]
@@ -152,6 +167,13 @@ class Peer:
         args = ["--name", name]
         for spec in params.get("publish", []):
             args += ["--publish", str(spec)]
+        if params.get("gateway") is not None:
+            overlay = OverlaySpec(vni=int(params["vni"]), gateway=str(params["gateway"]))
+            self.netconf.segment(overlay)  # this peer must be on the overlay
+            if params.get("publish"):
+                raise PeerError("a VM on an overlay publishes its ports on its gateway "
+                                "(`roam peer gateway --publish`), not with --publish")
+            args += ["--overlay", overlay.model_dump_json()]
         if params.get("from"):  # lazy start from a registry
             conn = await _connected_socket(Address.parse(str(params["from"])))
             try:
@@ -174,7 +196,40 @@ class Peer:
         raise PeerError(f"{name} not running after {START_TIMEOUT} s")
 
     async def _ls(self, _: control.Json) -> control.Json:
-        return {"vms": [info for _, info in await self._infos()]}
+        return {"vms": [info for _, info in await self._infos()],
+                "gateways": [self._gateway_info(name) for name in self.gateways]}
+
+    def _gateway_info(self, name: str) -> control.Json:
+        overlay, forwards, net = self.gateways[name]
+        return {"name": name, **overlay.model_dump(), "netns": net.netns,
+                "publish": [asdict(f) for f in forwards]}
+
+    async def _gateway(self, params: control.Json) -> control.Json:
+        """Add (or with `remove`, remove) the gateway of overlay VM `name` on this host."""
+        name = str(params["name"])
+        if params.get("remove"):
+            if name not in self.gateways:
+                raise PeerError(f"no gateway for {name!r} on this peer")
+            await self._remove_gateway(name)
+            return {}
+        control.check_name(name)
+        if name in self.gateways:
+            raise PeerError(f"this peer already is the gateway of {name!r}")
+        if self.netconf.underlay is None:
+            raise PeerError("a gateway needs this peer's --underlay address")
+        overlay = OverlaySpec(vni=int(params["vni"]), gateway=self.netconf.underlay)
+        if any(o.vni == overlay.vni for o, _, _ in self.gateways.values()):
+            raise PeerError(f"segment {overlay.vni} already has a gateway here")
+        forwards = [PortForward.parse(str(p)) for p in params.get("publish", [])]
+        net = await self.netconf.gateway(name, overlay, forwards)
+        self.gateways[name] = (overlay, forwards, net)
+        log.info("gateway of %s (segment %d) up; publishing %s", name, overlay.vni,
+                 ", ".join(str(p) for p in params.get("publish", [])) or "nothing")
+        return self._gateway_info(name)
+
+    async def _remove_gateway(self, name: str) -> None:
+        _, _, net = self.gateways.pop(name)
+        await self.netconf.host().down(net)
 
     async def _stop(self, params: control.Json) -> control.Json:
         worker = await self._find(str(params["name"]))

@@ -1,7 +1,8 @@
 """A peer's worker process: one VM, resumed from a package or received from another peer.
 
 Started by `roam peer serve`, never by hand: `python -m roam.peer.worker --workdir DIR
-(--package PKG --name NAME [--publish SPEC]... | --incoming-fd FD)`. It serves a control
+--net NETCONFIG (--package PKG --name NAME [--publish SPEC]... [--overlay SPEC] |
+--incoming-fd FD)`. It serves a control
 socket in DIR (info, exec, migrate, stop) and exits when the VM has left this host or was
 stopped; the exit code says whether that went well.
 """
@@ -24,7 +25,9 @@ from typing import TypeVar
 import uvloop
 
 from roam.migration.channel import Address, Channel, FrameProtocol, TLSFiles, connect
+from roam.network.registry import state_dir as net_state_dir
 from roam.peer.instance import Incoming, Instance, PeerError, from_package
+from roam.peer.network import NetConfig, OverlaySpec
 from roam.vm import control
 
 log = logging.getLogger("roam.peer.worker")
@@ -71,8 +74,9 @@ async def _first(awaitable: Awaitable[T], watched: asyncio.Task[object]) -> T:
 
 
 async def run_package(workdir: Path, package: Path, name: str, publish: list[str],
+                      netconf: NetConfig, overlay: OverlaySpec | None = None,
                       tls: TLSFiles | None = None) -> None:
-    instance = from_package(package, name, publish, workdir)
+    instance = from_package(package, name, publish, workdir, netconf, overlay)
     instance.tls = tls
     try:
         async with _control(instance), instance.exposure():
@@ -101,12 +105,12 @@ async def accepted(fd: int, tls: TLSFiles | None) -> FrameProtocol:
     return proto
 
 
-async def run_incoming(workdir: Path, channel: Channel, name: str | None = None,
-                       publish: list[str] | None = None,
+async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
+                       name: str | None = None, publish: list[str] | None = None,
                        tls: TLSFiles | None = None) -> None:
     """Receive a VM and run it until it leaves or is stopped. `name` and `publish`
     replace the sender's (a registry's package has neither)."""
-    incoming = Incoming(channel, workdir, name, publish)
+    incoming = Incoming(channel, workdir, netconf, name, publish)
     received: asyncio.Task[object] = asyncio.create_task(incoming.destination.run())
     try:
         await _first(incoming.destination.ready.wait(), received)
@@ -117,7 +121,7 @@ async def run_incoming(workdir: Path, channel: Channel, name: str | None = None,
             try:
                 incoming.prepared = asyncio.create_task(incoming.prepare())
                 incoming.started.set()
-                await _first(incoming.resumed.wait(), received)
+                await _first(incoming.resumed.wait(), _or_failed(received, incoming))
                 log.info("%s resumed here %.1f ms after its pause on the source",
                          instance.spec.name, instance.info.get("downtime_ms") or 0.0)
                 await instance.after_resume()
@@ -135,6 +139,22 @@ async def run_incoming(workdir: Path, channel: Channel, name: str | None = None,
             await cache.close()
 
 
+def _or_failed(received: asyncio.Task[object], incoming: Incoming) -> asyncio.Task[object]:
+    """`received`, or a failure to prepare the VM here, whichever comes first: a source
+    that waits for PREPARED learns why it will not come, and keeps its VM."""
+    async def watch() -> object:
+        assert incoming.prepared is not None
+        await asyncio.wait([received, incoming.prepared], return_when=asyncio.FIRST_COMPLETED)
+        if received.done():
+            return received.result()
+        if not incoming.prepared.cancelled() and incoming.prepared.exception() is not None:
+            error = incoming.prepared.exception()
+            await incoming.destination.abort(f"the destination cannot start the VM: {error}")
+            raise PeerError(f"cannot start the incoming VM: {error}") from error
+        return await received
+    return asyncio.create_task(watch())
+
+
 async def run_from(address: Address, name: str, publish: list[str]) -> None:
     """`roam run --from`: a lazy start from a registry in this process, reachable by
     `roam exec NAME` and `roam ls` like any `roam run`; SIGINT or SIGTERM discards it."""
@@ -143,7 +163,9 @@ async def run_from(address: Address, name: str, publish: list[str]) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     try:
-        await run_incoming(workdir, await connect(address), name, publish)
+        netconf = NetConfig(directory=net_state_dir(), prefix="roam")
+        await netconf.host().sweep()
+        await run_incoming(workdir, await connect(address), netconf, name, publish)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -154,6 +176,8 @@ def main() -> None:
     parser.add_argument("--package", type=Path)
     parser.add_argument("--name")
     parser.add_argument("--publish", action="append", default=[])
+    parser.add_argument("--net", required=True, help="the peer's NetConfig, as JSON")
+    parser.add_argument("--overlay", help="the VM's OverlaySpec, as JSON")
     parser.add_argument("--incoming-fd", type=int)
     parser.add_argument("--incoming-tls", action="store_true",
                         help="the incoming connection is a migration: require mutual TLS")
@@ -162,15 +186,19 @@ def main() -> None:
     parser.add_argument("--tls-ca", type=Path)
     args = parser.parse_args()
     tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    netconf = NetConfig.model_validate_json(args.net)
+    overlay = OverlaySpec.model_validate_json(args.overlay) if args.overlay else None
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.incoming_fd is not None:
         async def incoming() -> None:
             channel = await accepted(args.incoming_fd, tls if args.incoming_tls else None)
-            await run_incoming(args.workdir, channel, args.name, args.publish or None, tls)
+            await run_incoming(args.workdir, channel, netconf, args.name,
+                               args.publish or None, tls)
         uvloop.run(incoming())
     elif args.package is not None and args.name:
-        uvloop.run(run_package(args.workdir, args.package, args.name, args.publish, tls))
+        uvloop.run(run_package(args.workdir, args.package, args.name, args.publish, netconf,
+                               overlay, tls))
     else:
         parser.error("give --incoming-fd, or --package and --name")
 

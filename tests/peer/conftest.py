@@ -7,6 +7,7 @@ from it under its own name. Peers run as `roam peer serve` subprocesses.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import subprocess
 import time
@@ -23,7 +24,13 @@ from tests.vm.conftest import ROAM, roam, run_dir, snapshot
 __all__ = ["run_dir", "snapshot"]
 
 
+_pools = itertools.count()
+
+
 class Peer:
+    """A `roam peer serve` in this namespace; each gets its own range of transit subnets
+    (they share the host's namespace)."""
+
     def __init__(self, name: str, root: Path, extra: tuple[str, ...] = ()) -> None:
         self.name = name
         self.dir = root / name
@@ -32,7 +39,7 @@ class Peer:
         self.log = (root / f"{name}.log").open("w")
         self.process = subprocess.Popen(
             [*ROAM, "peer", "serve", "--listen", self.address, "--state-dir", str(self.dir),
-             *extra],
+             "--net-pool", f"10.240.{next(_pools) % 256}.0/24", *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not (self.dir / peer.PEER_SOCKET).exists():
