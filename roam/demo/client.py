@@ -1,9 +1,9 @@
 """The demo's redis client: writes a new key every few milliseconds, records the acked ones.
 
-Runs inside a host namespace (`python -m roam.demo.client write|verify ...`). It speaks
-RESP over a plain socket, so the demo needs no redis library. After a hop the old host's
-port forward goes away; the client then tries the next host (reconnecting is allowed
-until the overlay network keeps connections across hosts).
+Runs inside the client's namespace (`python -m roam.demo.client write|verify ...`). It
+speaks RESP over a plain socket, so the demo needs no redis library. It keeps one
+connection for the whole run; should that connection break, it reconnects (and says so:
+`connections` in its report), never reusing the key whose outcome it did not learn.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Redis:
         self.sock.close()
 
 
-def write(hosts: list[str], port: int, out: Path, interval: float) -> None:
+def write(host: str, port: int, out: Path, interval: float) -> None:
     """Until SIGTERM: SET demo:N N, appending N to `out` once redis acknowledged it."""
     running = True
 
@@ -70,8 +70,8 @@ def write(hosts: list[str], port: int, out: Path, interval: float) -> None:
         running = False
 
     signal.signal(signal.SIGTERM, stop)
-    current = 0
     conn: Redis | None = None
+    connections = 0
     n = 0
     last_ack = time.monotonic()
     longest_gap = 0.0
@@ -79,9 +79,9 @@ def write(hosts: list[str], port: int, out: Path, interval: float) -> None:
         while running:
             if conn is None:
                 try:
-                    conn = Redis(hosts[current], port)
+                    conn = Redis(host, port)
+                    connections += 1
                 except OSError:
-                    current = (current + 1) % len(hosts)
                     time.sleep(0.01)
                     continue
             try:
@@ -98,7 +98,7 @@ def write(hosts: list[str], port: int, out: Path, interval: float) -> None:
                 n += 1  # the outcome of that write is unknown: never reuse its key
                 continue
             time.sleep(interval)
-    print(json.dumps({"longest_gap_ms": longest_gap * 1000}))
+    print(json.dumps({"longest_gap_ms": longest_gap * 1000, "connections": connections}))
 
 
 def verify(host: str, port: int, acked_file: Path) -> None:
@@ -119,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="roam.demo.client")
     sub = parser.add_subparsers(dest="mode", required=True)
     w = sub.add_parser("write")
-    w.add_argument("--hosts", required=True)
+    w.add_argument("--host", required=True)
     w.add_argument("--port", type=int, default=6379)
     w.add_argument("--out", type=Path, required=True)
     w.add_argument("--interval", type=float, default=0.005)
@@ -129,7 +129,7 @@ def main() -> None:
     v.add_argument("--acked", type=Path, required=True)
     args = parser.parse_args()
     if args.mode == "write":
-        write(args.hosts.split(","), args.port, args.out, args.interval)
+        write(args.host, args.port, args.out, args.interval)
     else:
         verify(args.host, args.port, args.acked)
     sys.stdout.flush()

@@ -1,7 +1,4 @@
-"""A machine's worth of hosts as network namespaces, and a stand-in for a guest.
-
-The lab: an underlay namespace with a bridge, and hosts (and a client) each joined to it
-by a veth with an address of 192.168.77.0/24; nothing leaves these namespaces.
+"""The lab's helpers (roam.network.lab: hosts as namespaces), and a stand-in for a guest.
 
 FakeGuest does what QEMU does with a tap descriptor (move frames between it and the
 guest) with a namespace as the guest: its own tap, the guest's address and MAC. Detaching
@@ -17,67 +14,20 @@ import select
 import socket
 import struct
 import threading
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TypeVar
 
 from pyroute2 import IPRoute
 
 from roam.network import ns
+from roam.network.lab import Lab, lab
 from roam.network.tap import open_tap
 from roam.network.vmnet import GATEWAY, GUEST
 
 T = TypeVar("T")
+__all__ = ["Lab", "lab"]
 
-UNDERLAY_NET = "192.168.77"
-UNDERLAY_MTU = 1600  # room for VXLAN's 50 bytes around a 1500-byte frame
 GUEST_MAC = "52:54:00:12:34:56"
-
-
-@dataclass
-class Lab:
-    tag: str
-    underlay: str
-    nodes: dict[str, str] = field(default_factory=dict)  # role -> namespace
-    addrs: dict[str, str] = field(default_factory=dict)  # role -> underlay address
-
-    def add(self, role: str) -> str:
-        name = f"{self.tag}{role}"
-        index = len(self.nodes) + 1
-        ns.create(name)
-        self.nodes[role] = name
-        self.addrs[role] = f"{UNDERLAY_NET}.{index}"
-        with IPRoute(netns=self.underlay) as under:
-            under.link("add", ifname=f"u{role}", kind="veth", mtu=UNDERLAY_MTU,
-                       peer={"ifname": "eth0", "net_ns_fd": name, "mtu": UNDERLAY_MTU})
-            port = under.link_lookup(ifname=f"u{role}")[0]
-            under.link("set", index=port, master=under.link_lookup(ifname="br")[0],
-                       state="up")
-        with IPRoute(netns=name) as node:
-            node.link("set", index=node.link_lookup(ifname="lo")[0], state="up")
-            eth = node.link_lookup(ifname="eth0")[0]
-            node.addr("add", index=eth, address=self.addrs[role], prefixlen=24)
-            node.link("set", index=eth, state="up")
-        return name
-
-
-@contextlib.contextmanager
-def lab(*roles: str) -> Iterator[Lab]:
-    """Namespaces for `roles`, removed on the way out whatever happened."""
-    tag = "rt" + uuid.uuid4().hex[:4]
-    the_lab = Lab(tag, f"{tag}u")
-    ns.create(the_lab.underlay)
-    try:
-        with IPRoute(netns=the_lab.underlay) as under:
-            under.link("add", ifname="br", kind="bridge", br_forward_delay=0)
-            under.link("set", index=under.link_lookup(ifname="br")[0], state="up")
-        for role in roles:
-            the_lab.add(role)
-        yield the_lab
-    finally:
-        for name in [*the_lab.nodes.values(), the_lab.underlay]:
-            ns.remove(name)
 
 
 def in_ns(name: str, function: Callable[[], T]) -> T:
