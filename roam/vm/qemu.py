@@ -18,7 +18,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import EventListener, QMPClient, QMPError
 
 from roam.storage.provider import Provider
 from roam.vm import state
@@ -31,7 +31,6 @@ T = TypeVar("T")
 QMP_CONNECT_TIMEOUT = 30.0
 STATE_TIMEOUT = 120.0
 STOP_TIMEOUT = 10.0
-_POLL = 0.005
 
 
 class QemuError(Exception):
@@ -57,6 +56,10 @@ class QemuVM:
         self._process: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
         self._qmp = QMPClient("roam")
+        # QEMU reports each change of migration status as an event: the end of a state
+        # save or load is seen as soon as it happens, without polling query-migrate.
+        self._migration_events = EventListener("MIGRATION")
+        self._qmp.register_listener(self._migration_events)
 
     @property
     def pid(self) -> int | None:
@@ -81,7 +84,8 @@ class QemuVM:
         await self.guard(self._connect())
         # Set on both ends of every save/load: the shared memory file is not state.
         await self.command("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}]})
+            {"capability": "x-ignore-shared", "state": True},
+            {"capability": "events", "state": True}]})
 
     async def _connect(self) -> None:
         deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
@@ -163,6 +167,7 @@ class QemuVM:
 
         path = self._state_socket()
         server = await asyncio.start_unix_server(receive, str(path), limit=state.CHUNK)
+        self._migration_events.clear()
         try:
             await self.command("migrate", {"uri": f"unix:{path}"})
             length = await self.guard(asyncio.wait_for(received, STATE_TIMEOUT))
@@ -179,6 +184,7 @@ class QemuVM:
         """
         length = await state.state_length(device)
         path = self._state_socket()
+        self._migration_events.clear()
         await self.command("migrate-incoming", {"uri": f"unix:{path}"})
         _, writer = await self.guard(asyncio.open_unix_connection(str(path)))
         try:
@@ -197,18 +203,22 @@ class QemuVM:
         return path
 
     async def _migration_done(self) -> None:
+        """Wait for the MIGRATION event that ends the save or load started last."""
         deadline = time.monotonic() + STATE_TIMEOUT
         while True:
-            info = cast(dict[str, Any], await self.command("query-migrate"))
-            status = info.get("status")
+            try:
+                event = await self.guard(asyncio.wait_for(
+                    self._migration_events.get(), deadline - time.monotonic()))
+            except TimeoutError:
+                raise QemuError(f"device state transfer not done after {STATE_TIMEOUT} s"
+                                ) from None
+            status = cast(dict[str, Any], event["data"]).get("status")
             if status == "completed":
                 return
             if status in ("failed", "cancelled"):
+                info = cast(dict[str, Any], await self.command("query-migrate"))
                 raise QemuError(f"device state transfer {status}: "
                                 f"{info.get('error-desc', 'no reason given')}")
-            if time.monotonic() > deadline:
-                raise QemuError(f"device state transfer still {status} after {STATE_TIMEOUT} s")
-            await asyncio.sleep(_POLL)
 
     async def stop(self) -> None:
         """End QEMU: quit over QMP, kill if it does not go in time. Safe to call twice."""
