@@ -267,6 +267,9 @@ class Instance:
                 await self.vm.guard(agent.before_suspend())
             except GuestAgentError as exc:
                 log.warning("before_suspend failed, suspending anyway: %s", exc)
+            # Write back what the guest dirtied since the last cycle while it still runs:
+            # the flush after the pause then carries only the last few milliseconds.
+            await exp.flush_memory()
             if self.spec.overlay is not None:
                 # Frames still reaching this host go on to the destination's tap, which
                 # its paused QEMU holds open: they wait there instead of being lost.
