@@ -110,6 +110,8 @@ class SourceHooks:
     """What the VM layer plugs in. Any hook that raises aborts the migration."""
 
     before_collect: Callable[[], Awaitable[None]] = _nothing  # e.g. fsync the memory file
+    # The handover is decided: tell the workload (it runs on through one last short cycle).
+    before_suspend: Callable[[], Awaitable[None]] = _nothing
     suspend: Callable[[], Awaitable[None]] = _nothing  # pause the workload, save its state
     authority: Callable[[], Awaitable[bytes]] = _no_payload  # payload for the destination
     resume: Callable[[], Awaitable[None]] = _nothing  # undo suspend (abort or decline)
@@ -117,7 +119,9 @@ class SourceHooks:
 
 @dataclass
 class Policy:
-    max_dirty_blocks: int = 256  # hand over once a cycle finds at most this many dirty
+    # Hand over once a cycle finds at most this many 64 KiB blocks' worth of dirty data
+    # (a device with 4 KiB blocks counts 16 of its blocks as one).
+    max_dirty_blocks: int = 256
     min_cycles: int = 1
     max_cycles: int = 20
     cycle_throttle: float = 0.0  # seconds to wait between dirty cycles
@@ -229,14 +233,8 @@ class Source:
 
         carry: list[list[int]] = [[] for _ in self.devices]
         while True:
-            await self._check(self.hooks.before_collect(), reader)
-            dirty = [sorted(set(c) | set(d.tracker.sync())) for c, d in zip(
-                carry, self.devices, strict=True)]
-            total = sum(map(len, dirty))
-            self.result.cycles += 1
-            self.result.dirty_per_cycle.append(total)
-            log.debug("cycle %d: %d dirty blocks", self.result.cycles, total)
-            small = total <= self.policy.max_dirty_blocks
+            dirty = await self._cycle(carry, reader)
+            small = self._dirty_bytes(dirty) <= self.policy.max_dirty_blocks * DEFAULT_BLOCK_SIZE
             if (small and self.result.cycles >= self.policy.min_cycles) or (
                 self.result.cycles >= self.policy.max_cycles
             ):
@@ -245,7 +243,7 @@ class Source:
                     await self._send_pending(reader)
                     carry = [[] for _ in self.devices]
                     continue
-                carry = dirty  # sent after the suspend, with whatever changes until then
+                carry = dirty
                 break
             self._send_dirty(dirty)
             await self._send_pending(reader)
@@ -253,7 +251,26 @@ class Source:
             if self.policy.cycle_throttle:
                 await asyncio.sleep(self.policy.cycle_throttle)
 
-        await self._handover(carry, reader)
+        # One last cycle while the workload still runs: what it dirtied since the decision
+        # (and while it prepared for the pause) goes now, so the pause carries only what
+        # changes during this short cycle.
+        await self._check(self.hooks.before_suspend(), reader)
+        last = await self._cycle(carry, reader)
+        self._send_dirty(last)
+        await self._send_pending(reader)
+        await self._handover([[] for _ in self.devices], reader)
+
+    async def _cycle(self, carry: list[list[int]], reader: asyncio.Task[None]
+                     ) -> list[list[int]]:
+        """Collect the dirty blocks (plus `carry`), per device, sorted."""
+        await self._check(self.hooks.before_collect(), reader)
+        dirty = [sorted(set(c) | set(d.tracker.sync())) for c, d in zip(
+            carry, self.devices, strict=True)]
+        total = sum(map(len, dirty))
+        self.result.cycles += 1
+        self.result.dirty_per_cycle.append(total)
+        log.debug("cycle %d: %d dirty blocks", self.result.cycles, total)
+        return dirty
 
     async def _wait_prepared(self, reader: asyncio.Task[None]) -> bool:
         """With `await_prepared`, wait for PREPARED; True if that meant waiting."""
@@ -319,6 +336,8 @@ class Source:
             ) from e
         self.result.outcome = "completed"
 
+    def _dirty_bytes(self, dirty: list[list[int]]) -> int:
+        return sum(len(d) * dev.block_size for d, dev in zip(dirty, self.devices, strict=True))
 
     # -- sending -----------------------------------------------------------------------
 

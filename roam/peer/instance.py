@@ -45,7 +45,7 @@ from roam.network.forward import PortForward
 from roam.network.vmnet import VmNetwork
 from roam.peer.network import NetConfig, OverlaySpec
 from roam.storage.overlay import CowOverlay
-from roam.storage.provider import Provider
+from roam.storage.provider import DEFAULT_BLOCK_SIZE, Provider
 from roam.storage.sources import MemorySource, SparseFileSource
 from roam.storage.waiting import WaitingCache
 from roam.vm import control, state
@@ -64,6 +64,9 @@ STATIC = (SPEC, KERNEL, INITRAMFS)
 DIGEST_CHUNK = 4 << 20
 SPEC_SIZE = 64 << 10
 AGENT_TIMEOUT = 120.0
+MEMORY_BLOCK = 4096
+"""Memory is tracked and sent per guest page: a guest writing scattered pages would cost
+a whole 64 KiB block each (several times the bytes, and a final dirty list as large)."""
 COMPRESSIONS = {"none": Encoding.RAW, "zstd": Encoding.ZSTD, "lz4": Encoding.LZ4}
 
 
@@ -261,13 +264,15 @@ class Instance:
         agent = self._agent
         redirected = False
 
-        async def suspend() -> None:
-            nonlocal redirected
+        async def before_suspend() -> None:
             try:
                 await self.vm.guard(agent.before_suspend())
             except GuestAgentError as exc:
                 log.warning("before_suspend failed, suspending anyway: %s", exc)
-            # Write back what the guest dirtied since the last cycle while it still runs:
+
+        async def suspend() -> None:
+            nonlocal redirected
+            # Write back what the guest dirtied during the last cycle while it still runs:
             # the flush after the pause then carries only the last few milliseconds.
             await exp.flush_memory()
             if self.spec.overlay is not None:
@@ -309,8 +314,8 @@ class Instance:
                 await self.vm.guard(agent.after_resume())
 
         self.state = "migrating"
-        hooks = SourceHooks(before_collect=exp.flush_memory, suspend=suspend,
-                            authority=authority, resume=resume)
+        hooks = SourceHooks(before_collect=exp.flush_memory, before_suspend=before_suspend,
+                            suspend=suspend, authority=authority, resume=resume)
         source = Source(channel, [self.devices[n] for n in self.order], hooks,
                         replace(policy, await_prepared=True), group_name=self.spec.name)
         try:
@@ -372,7 +377,8 @@ def _ack_downtime(marks: dict[str, float], suspended: float, handover: float) ->
 
 
 def _stacks(providers: dict[str, Provider]) -> list[SourceDevice]:
-    return [SourceDevice.stack(name, provider) for name, provider in providers.items()]
+    return [SourceDevice.stack(name, provider, MEMORY_BLOCK if name == MEMORY else
+                               DEFAULT_BLOCK_SIZE) for name, provider in providers.items()]
 
 
 def from_package(package_dir: Path, name: str, publish: list[str], workdir: Path,
