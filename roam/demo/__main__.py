@@ -101,6 +101,7 @@ async def demo(work: Path, hosts: Lab, pkg: Path) -> dict[str, Any]:
         await asyncio.sleep(WRITE_SECONDS)
         hops = []
         for src, dst in (("a", "b"), ("b", "a")):
+            began = time.monotonic()
             result = await peer.call(str(state[src]), "migrate", {
                 "name": VM, "to": f"tcp://{addr[dst]}:{PEER_PORT}"},
                 timeout=peer.MIGRATE_TIMEOUT)
@@ -109,7 +110,8 @@ async def demo(work: Path, hosts: Lab, pkg: Path) -> dict[str, Any]:
                          "downtime_ms": round(float(moved["downtime_ms"]), 1),
                          "total_ms": round(result["total_ms"], 1),
                          "bytes_sent": result["bytes_sent"], "cycles": result["cycles"],
-                         "final_dirty_blocks": result["final_dirty"]})
+                         "final_dirty_blocks": result["final_dirty"],
+                         "window": (began, time.monotonic())})
             print(f"hop {src.upper()} -> {dst.upper()}: downtime {hops[-1]['downtime_ms']} ms, "
                   f"total {hops[-1]['total_ms'] / 1000:.1f} s, "
                   f"{result['bytes_sent'] / 2**20:.0f} MiB sent, {result['cycles']} cycles",
@@ -118,14 +120,21 @@ async def demo(work: Path, hosts: Lab, pkg: Path) -> dict[str, Any]:
         client.send_signal(signal.SIGTERM)
         out, _ = await asyncio.to_thread(client.communicate, timeout=30)
         written = json.loads(out.strip().splitlines()[-1])
+        gaps: list[list[float]] = written["gaps"]
+        for hop in hops:  # the longest wait that overlaps the hop's migration
+            began, ended = hop.pop("window")
+            hop["client_blackout_ms"] = round(max(
+                [1000 * (b - a) for a, b in gaps if b > began and a < ended + 1.0],
+                default=0.0), 1)
         check = in_ns(hosts.nodes[CLIENT], sys.executable, "-m", "roam.demo.client", "verify",
                       "--host", addr[GATEWAY], "--port", str(REDIS_PORT), "--acked",
                       str(acked), stdout=subprocess.PIPE)
         checked, _ = await asyncio.to_thread(check.communicate, timeout=120)
         verified = json.loads(checked.strip().splitlines()[-1])
         return {"hops": hops, "accel": info["accel"], "acked": verified["acked"],
-                "lost": verified["lost"], "longest_gap_ms": written["longest_gap_ms"],
-                "connections": written["connections"]}
+                "lost": verified["lost"],
+                "longest_gap_ms": max((1000 * (b - a) for a, b in gaps), default=0.0),
+                "connections": written["connections"], "retransmits": written["retransmits"]}
     finally:
         if client is not None and client.poll() is None:
             client.kill()
@@ -159,7 +168,10 @@ def main() -> None:
     print(f"\n{report['acked']} acknowledged writes, {report['lost']} lost; the client "
           + ("kept its one connection" if kept
              else f"had to connect {report['connections']} times")
+          + f" ({report['retransmits']} TCP retransmissions)"
           + f"; longest gap between acknowledgements {report['longest_gap_ms']:.0f} ms")
+    print("client blackout per hop (longest wait for an acknowledgement): "
+          + ", ".join(f"{h['from']} -> {h['to']} {h['client_blackout_ms']:.0f} ms" for h in hops))
     print(f"demo took {time.monotonic() - started:.0f} s; accelerator {report['accel']}")
     print(json.dumps({
         "downtime_ms": [h["downtime_ms"] for h in hops],
