@@ -43,6 +43,10 @@ class Channel(Protocol):
     async def recv(self) -> tuple[MsgType, memoryview]:
         """The next frame's type and body; the body is valid until the next recv."""
 
+    def limit_queue(self, nbytes: int) -> None:
+        """From now on keep only about `nbytes` queued in this end's buffers: latency over
+        throughput, so that a frame sent next does not wait behind megabytes of others."""
+
     async def close(self) -> None: ...
 
 
@@ -56,6 +60,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._data_waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
+        self._read_ahead = buffer_size  # unprocessed bytes at which reading pauses
+        self._sock: socket.socket | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._fd = -1
@@ -73,6 +79,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         # the sender after every 1 MiB frame until the kernel took it all.
         self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         sock = transport.get_extra_info("socket")
+        self._sock = sock
         if sock is not None:
             # Big kernel buffers let each send and receive move megabytes at once.
             with contextlib.suppress(OSError):
@@ -88,7 +95,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._wpos += nbytes
         self.bytes_received += nbytes
-        if self._wpos == len(self._buf) and self._transport is not None:
+        full = self._wpos == len(self._buf) or self._wpos - self._rpos >= self._read_ahead
+        if full and self._transport is not None:
             self._transport.pause_reading()
             self._paused_reading = True
         self._wake()
@@ -149,6 +157,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 if avail >= need:
                     start = self._rpos + HEADER.size
                     self._rpos += need
+                    if self._wpos - self._rpos < self._read_ahead:
+                        self._resume_reading()
                     return kind, memoryview(self._buf)[start : start + length]
                 self._make_room(need)
             elif self._rpos + HEADER.size > len(self._buf):
@@ -158,6 +168,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     raise PeerLost("connection closed in the middle of a message")
                 raise PeerLost(str(self._lost) if self._lost else "connection closed by peer")
             await self._wait_data()
+
+    def limit_queue(self, nbytes: int) -> None:
+        self._read_ahead = nbytes
+        if self._transport is not None:
+            self._transport.set_write_buffer_limits(high=nbytes)
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, nbytes)
 
     async def close(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -179,21 +198,23 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._buf[: len(pending)] = pending
         self._wpos -= self._rpos
         self._rpos = 0
-        if self._paused_reading and self._transport is not None:
-            self._paused_reading = False
-            self._transport.resume_reading()
+        self._resume_reading()
 
     async def _wait_data(self) -> None:
         if self._rpos == self._wpos:
             self._rpos = self._wpos = 0
-            if self._paused_reading and self._transport is not None:
-                self._paused_reading = False
-                self._transport.resume_reading()
+        # Waiting for more: read even past the read-ahead limit (a frame may be larger).
+        self._resume_reading()
         self._data_waiter = asyncio.get_running_loop().create_future()
         try:
             await self._data_waiter
         finally:
             self._data_waiter = None
+
+    def _resume_reading(self) -> None:
+        if self._paused_reading and self._wpos < len(self._buf) and self._transport is not None:
+            self._paused_reading = False
+            self._transport.resume_reading()
 
     def _wake(self) -> None:
         if self._data_waiter is not None and not self._data_waiter.done():
@@ -230,6 +251,9 @@ class StreamChannel:
             raise PeerLost(str(e)) from e
         self.bytes_received += HEADER.size + length
         return kind, memoryview(body)
+
+    def limit_queue(self, nbytes: int) -> None:
+        self._writer.transport.set_write_buffer_limits(high=nbytes)
 
     async def close(self) -> None:
         self._writer.close()

@@ -17,7 +17,7 @@ import blake3
 
 from roam.migration.blocks import block_hash, decompress
 from roam.migration.channel import Channel, PeerLost
-from roam.migration.source import MigrationError, RemoteError
+from roam.migration.source import POSTCOPY_QUEUE, MigrationError, RemoteError
 from roam.migration.wire import (
     ALL_CAPS,
     VERSION,
@@ -353,6 +353,7 @@ class Destination:
             if self.result.group is None:
                 raise ProtocolError("AUTHORITY before GROUP")
             self.result.payload = msg.payload
+            self.channel.limit_queue(POSTCOPY_QUEUE)
             self._authority_task = asyncio.create_task(self._take_authority(msg.payload),
                                                        name="take-authority")
         elif msg.kind == EventKind.COMPLETE:

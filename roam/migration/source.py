@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RUN_BYTES = 1024 * 1024  # largest run of blocks in one BLOCKS frame
+POSTCOPY_QUEUE = 256 * 1024
+"""Bytes each end keeps queued once authority moved: a block the destination asks for
+must not wait behind megabytes of the bulk stream (the default buffers hold about 20 MiB)."""
 
 
 class MigrationError(Exception):
@@ -297,6 +300,7 @@ class Source:
             self.channel.send(encode_event(EventKind.AUTHORITY, payload))
             self._authority_sent = True
             await self.channel.drain()
+            self.channel.limit_queue(POSTCOPY_QUEUE)
         except BaseException as e:
             # Authority never left: this host still owns the workload, so run it again.
             log.warning("handover aborted before authority transfer: %s", e)

@@ -66,6 +66,9 @@ class Corrupting:
     async def recv(self) -> tuple[MsgType, memoryview]:
         return await self.inner.recv()
 
+    def limit_queue(self, nbytes: int) -> None:
+        self.inner.limit_queue(nbytes)
+
     async def close(self) -> None:
         await self.inner.close()
 
