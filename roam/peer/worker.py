@@ -117,8 +117,9 @@ async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
         instance = await _first(incoming.setup(), received)
         instance.incoming = received
         instance.tls = tls
-        async with _control(instance), instance.exposure():
+        async with _control(instance), instance.exposure() as exp:
             try:
+                incoming.fill_page_cache(exp)
                 incoming.prepared = asyncio.create_task(incoming.prepare())
                 incoming.started.set()
                 await _first(incoming.resumed.wait(), _or_failed(received, incoming))

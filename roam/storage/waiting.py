@@ -21,6 +21,17 @@ from roam.storage.provider import (
 )
 
 
+def block_runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive block numbers, in order."""
+    runs: list[tuple[int, int]] = []
+    for block in sorted(blocks):
+        if runs and runs[-1][0] + runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block, 1))
+    return runs
+
+
 class WaitingCache:
     def __init__(self, local: CombinatorInput, remote: CombinatorInput, block_size: int,
                  *, present: bool = False) -> None:
@@ -41,6 +52,10 @@ class WaitingCache:
         self._error: BaseException | None = None
         self.on_need: Callable[[list[int]], None] | None = None
         self.on_dont_need: Callable[[list[int]], None] | None = None
+        # For whoever caches what readers saw (a page cache above this device): new data
+        # from the source at a byte offset, and blocks that turned stale.
+        self.on_arrived: Callable[[int, Buffer], None] | None = None
+        self.on_stale: Callable[[list[int]], None] | None = None
 
     def size(self) -> int:
         return self.local.size()
@@ -100,18 +115,24 @@ class WaitingCache:
             return False
         accepted = await self.remote.write_checked(block * self.block_size, data)
         self._mark_present(blocks)
+        if accepted and self.on_arrived is not None:
+            self.on_arrived(block * self.block_size, data)
         return accepted
 
     def mark_absent(self, blocks: Iterable[int]) -> None:
         """The source changed these blocks: reads wait until the new copy arrives."""
+        stale = []
         for b in blocks:
             if self._local_written[b] or not self._present[b]:
                 continue
             self._present[b] = 0
             self._requested[b] = 0
             self._present_count -= 1
+            stale.append(b)
         if self._present_count < self.nblocks:
             self._complete.clear()
+        if stale and self.on_stale is not None:
+            self.on_stale(stale)
 
     def mark_present(self, blocks: Iterable[int]) -> None:
         """These blocks are already right locally (verified by content hash)."""

@@ -10,7 +10,7 @@ import pytest
 from roam.storage.combinator import WriteCombinator
 from roam.storage.provider import StorageError
 from roam.storage.sources import MemorySource
-from roam.storage.waiting import WaitingCache
+from roam.storage.waiting import WaitingCache, block_runs
 
 BS = 4096
 N = 8
@@ -181,3 +181,21 @@ async def test_close_fails_waiters() -> None:
     await c.cache.close()
     with pytest.raises(StorageError, match="closed"):
         await reader
+
+
+async def test_observers_hear_of_remote_data_and_stale_blocks() -> None:
+    """What a page cache above the device needs: where new data landed, what turned
+    stale (only blocks that were present and not the VM's own)."""
+    c = Cache()
+    arrived: list[tuple[int, bytes]] = []
+    stale: list[list[int]] = []
+    c.cache.on_arrived = lambda offset, data: arrived.append((offset, bytes(data)))
+    c.cache.on_stale = stale.append
+    await c.cache.write_remote(1, _block(1) + _block(2))
+    assert arrived == [(BS, _block(1) + _block(2))]
+    await c.cache.write_at(3 * BS, b"L" * BS)  # the VM's own block: never stale
+    c.cache.mark_absent([1, 3, 5])  # 5 never arrived
+    assert stale == [[1]]
+    assert await c.cache.write_remote(3, _block(3)) is False  # kept local: not announced
+    assert len(arrived) == 1
+    assert block_runs([7, 1, 2, 4, 5, 6]) == [(1, 2), (4, 4)]

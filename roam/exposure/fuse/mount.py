@@ -17,6 +17,7 @@ import pyfuse3
 import pyfuse3.asyncio
 
 from roam.exposure.fuse import tuning
+from roam.exposure.fuse.cache import PageCacheFeeder
 from roam.exposure.fuse.ops import DeviceFS
 from roam.storage.provider import Provider
 
@@ -58,6 +59,11 @@ class FuseMount:
         self._fs.inode_of(name)  # KeyError for an unknown device
         return self.mountpoint / name
 
+    def page_cache(self, name: str) -> PageCacheFeeder:
+        """What fills and invalidates the page cache of device `name` (see cache.py)."""
+        self._check_serving()
+        return PageCacheFeeder(self._fs.inode_of(name), self.path(name))
+
     async def flush(self, name: str) -> None:
         """Return once every page of `name` written before this call has reached its
         provider (and the provider has been flushed).
@@ -82,6 +88,9 @@ class FuseMount:
             device = tuning.mount_device(self.mountpoint, mountinfo)
             self.tuned = tuning.apply(device, self.tuning)
             self._main = asyncio.create_task(pyfuse3.main(), name=f"fuse {self.mountpoint}")
+            # The kernel's INIT handshake is served by the loop: once a stat of the root
+            # returns, the session is ready (notifications before it fail with ENOSYS).
+            await asyncio.to_thread(os.stat, self.mountpoint)
         except BaseException:
             self._close()
             raise
