@@ -40,7 +40,7 @@ class FuseMount:
     """
 
     def __init__(self, mountpoint: str | Path, devices: Mapping[str, Provider], *,
-                 tuning: tuning.Tuning = DEFAULT_TUNING, max_read: int | None = None,
+                 tuning: tuning.Tuning = DEFAULT_TUNING,
                  fsname: str = "roam") -> None:
         for name in devices:
             if not name or "/" in name or name in (".", ".."):
@@ -50,8 +50,6 @@ class FuseMount:
         self.tuned: dict[str, str] = {}
         self._fs = DeviceFS(devices)
         self._options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=roam"}
-        if max_read is not None:
-            self._options.add(f"max_read={max_read}")
         self._main: asyncio.Task[None] | None = None
 
     def path(self, name: str) -> Path:
