@@ -138,6 +138,10 @@ class Peer:
     async def _reap(self, worker: Worker) -> None:
         code = await worker.process.wait()
         self.workers.pop(worker.workdir, None)
+        # A worker that was killed left its VM's network behind: remove it now.
+        swept = await self.netconf.host().sweep()
+        if swept:
+            log.warning("removed the network a dead worker left for %s", ", ".join(swept))
         if code == 0:
             shutil.rmtree(worker.workdir, ignore_errors=True)
         else:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from roam.network import ns
+from roam.peer.network import NetConfig
 from roam.vm import control
 from tests.peer.conftest import Peer
 from tests.vm.conftest import ROAM, roam
@@ -111,6 +113,12 @@ def test_destination_killed_before_authority(peers: dict[str, Peer], snapshot: P
     assert a.sh("survivor", "redis-cli get alive").strip() == "yes"
     assert "survivor" not in b.vms()
     a.call("stop", name="survivor")
+    # The killed worker's network on B goes once B's peer has reaped it.
+    leftover = ns.path(f"{NetConfig.default_prefix(b.dir)}-survivor")
+    deadline = time.monotonic() + 30
+    while leftover.exists():
+        assert time.monotonic() < deadline, f"{leftover} was left behind"
+        time.sleep(0.1)
 
 
 def test_terminate_live_backup_then_run(peers: dict[str, Peer], snapshot: Path,
