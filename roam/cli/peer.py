@@ -283,11 +283,16 @@ def registry_serve(
     package: Annotated[Path, typer.Argument(help="Package directory (only read).")],
     listen_on: Annotated[str, typer.Option(
         "--listen", help="tcp://HOST:PORT or unix://PATH.")],
+    tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
     verbose: Verbose = False,
 ) -> None:
-    """Serve PACKAGE to every `roam peer run --from` / `roam run --from` until SIGINT."""
+    """Serve PACKAGE to every `roam peer run --from` / `roam run --from` until SIGINT.
+
+    With the --tls options, clients must present a certificate signed by --tls-ca (peers
+    started with --tls-* do)."""
     setup_logging(verbose)
     addr = address(listen_on)
+    tls = tls_files(tls_cert, tls_key, tls_ca)
     try:
         Package.load(package)
     except PackageError as exc:
@@ -307,8 +312,8 @@ def registry_serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        server = await listen(addr, handler)
-        log.info("serving %s on %s", package, addr)
+        server = await listen(addr, handler, tls)
+        log.info("serving %s on %s%s", package, addr, " (mutual TLS)" if tls else "")
         try:
             await stop.wait()
         finally:

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from roam.blueprint import Blueprint, BlueprintError
-from roam.cli.common import fail
+from roam.cli.common import TlsCa, TlsCert, TlsKey, fail, tls_files
 from roam.migration.channel import Address
 from roam.migration.source import MigrationError
 from roam.network.forward import PortForward
@@ -85,10 +85,12 @@ def run(
     publish: Annotated[list[str] | None, typer.Option(
         "--publish", "-p", help="[HOSTIP:]HOSTPORT:GUESTPORT[/udp] (repeatable; "
                                 "loopback unless HOSTIP is given).")] = None,
+    tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Resume a package until SIGINT or SIGTERM, then suspend it back into the package
-    (or, with --from, start a registry's package lazily)."""
+    (or, with --from, start a registry's package lazily; the --tls options connect to a
+    registry that requires mutual TLS)."""
     _logging(verbose)
     try:
         forwards = [PortForward.parse(p) for p in publish or []]
@@ -98,7 +100,8 @@ def run(
         raise typer.BadParameter("give a PACKAGE or --from ADDR")
     if from_ is not None:
         try:
-            uvloop.run(run_from(Address.parse(from_), name, publish or []))
+            uvloop.run(run_from(Address.parse(from_), name, publish or [],
+                                tls_files(tls_cert, tls_key, tls_ca)))
         except (ValueError, OSError, MigrationError, *_FAILURES) as exc:
             raise fail(exc) from exc
         return

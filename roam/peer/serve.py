@@ -178,13 +178,9 @@ class Peer:
                 raise PeerError("a VM on an overlay publishes its ports on its gateway "
                                 "(`roam peer gateway --publish`), not with --publish")
             args += ["--overlay", overlay.model_dump_json()]
-        if params.get("from"):  # lazy start from a registry
-            conn = await _connected_socket(Address.parse(str(params["from"])))
-            try:
-                worker = await self._spawn([*args, "--incoming-fd", str(conn.fileno())],
-                                           conn.fileno())
-            finally:
-                conn.close()
+        if params.get("from"):  # lazy start from a registry (with our TLS files, if any)
+            registry = Address.parse(str(params["from"]))
+            worker = await self._spawn([*args, "--from", str(registry)])
         else:
             worker = await self._spawn(
                 [*args, "--package", str(Path(params["package"]).resolve())])
@@ -263,23 +259,6 @@ def _listening_socket(address: Address) -> socket.socket:
         sock.bind((address.host, address.port))
     sock.listen(16)
     sock.setblocking(False)
-    return sock
-
-
-async def _connected_socket(address: Address) -> socket.socket:
-    if address.scheme == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: Any = address.path
-    else:
-        sock = socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET,
-                             socket.SOCK_STREAM)
-        target = (address.host, address.port)
-    sock.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, target)
-    except OSError as exc:
-        sock.close()
-        raise PeerError(f"cannot connect to {address}: {exc.strerror or exc}") from None
     return sock
 
 

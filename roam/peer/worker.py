@@ -156,7 +156,8 @@ def _or_failed(received: asyncio.Task[object], incoming: Incoming) -> asyncio.Ta
     return asyncio.create_task(watch())
 
 
-async def run_from(address: Address, name: str, publish: list[str]) -> None:
+async def run_from(address: Address, name: str, publish: list[str],
+                   tls: TLSFiles | None = None) -> None:
     """`roam run --from`: a lazy start from a registry in this process, reachable by
     `roam exec NAME` and `roam ls` like any `roam run`; SIGINT or SIGTERM discards it."""
     control.check_name(name)
@@ -166,7 +167,7 @@ async def run_from(address: Address, name: str, publish: list[str]) -> None:
     try:
         netconf = NetConfig(directory=net_state_dir(), prefix="roam")
         await netconf.host().sweep()
-        await run_incoming(workdir, await connect(address), netconf, name, publish)
+        await run_incoming(workdir, await connect(address, tls), netconf, name, publish)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--net", required=True, help="the peer's NetConfig, as JSON")
     parser.add_argument("--overlay", help="the VM's OverlaySpec, as JSON")
     parser.add_argument("--incoming-fd", type=int)
+    parser.add_argument("--from", dest="registry", help="a registry to start lazily from")
     parser.add_argument("--incoming-tls", action="store_true",
                         help="the incoming connection is a migration: require mutual TLS")
     parser.add_argument("--tls-cert", type=Path)
@@ -191,7 +193,14 @@ def main() -> None:
     overlay = OverlaySpec.model_validate_json(args.overlay) if args.overlay else None
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.incoming_fd is not None:
+    if args.registry is not None:
+        async def lazy() -> None:
+            # A registry is a server: connect as a client, with the peer's TLS files.
+            channel = await connect(Address.parse(args.registry), tls)
+            await run_incoming(args.workdir, channel, netconf, args.name,
+                               args.publish or None, tls)
+        uvloop.run(lazy())
+    elif args.incoming_fd is not None:
         async def incoming() -> None:
             channel = await accepted(args.incoming_fd, tls if args.incoming_tls else None)
             await run_incoming(args.workdir, channel, netconf, args.name,
@@ -201,7 +210,7 @@ def main() -> None:
         uvloop.run(run_package(args.workdir, args.package, args.name, args.publish, netconf,
                                overlay, tls))
     else:
-        parser.error("give --incoming-fd, or --package and --name")
+        parser.error("give --incoming-fd, --from, or --package and --name")
 
 
 if __name__ == "__main__":

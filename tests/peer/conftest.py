@@ -81,6 +81,16 @@ class Peer:
         self.log.close()
 
 
+def serve_in_background(*args: str, socket: Path) -> subprocess.Popen[str]:
+    process = subprocess.Popen([*ROAM, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not socket.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    return process
+
+
 @pytest.fixture(scope="module")
 def peers() -> Iterator[dict[str, Peer]]:
     with short_dir() as root:

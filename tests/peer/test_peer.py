@@ -16,7 +16,7 @@ import pytest
 from roam.network import ns
 from roam.peer.network import NetConfig
 from roam.vm import control
-from tests.peer.conftest import Peer
+from tests.peer.conftest import Peer, serve_in_background
 from tests.vm.conftest import ROAM, roam
 
 pytestmark = pytest.mark.slow
@@ -147,16 +147,6 @@ def test_terminate_live_backup_then_run(peers: dict[str, Peer], snapshot: Path,
     assert b.sh("restored", "redis-cli get saved").strip() == "before"
     a.call("stop", name="backed")
     b.call("stop", name="restored")
-
-
-def serve_in_background(*args: str, socket: Path) -> subprocess.Popen[str]:
-    process = subprocess.Popen([*ROAM, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not socket.exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.05)
-    return process
 
 
 def test_registry_lazy_start_then_migrate(peers: dict[str, Peer], snapshot: Path) -> None:

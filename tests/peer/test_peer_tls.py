@@ -1,5 +1,6 @@
 """Peers with mutual TLS: a VM moves between peers whose certificates share a CA, and a
-peer with a foreign certificate is refused while the VM runs on at the source."""
+peer with a foreign certificate is refused while the VM runs on at the source; a registry
+with mutual TLS serves lazy starts to the first and refuses the second."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 import trustme
 
+from roam.vm import control
 from tests.blueprint.boot import short_dir
-from tests.peer.conftest import Peer
+from tests.peer.conftest import Peer, serve_in_background
 
 
 def _identity(ca: trustme.CA, root: Path, name: str) -> tuple[str, ...]:
@@ -52,3 +54,24 @@ def test_migration_over_mutual_tls(tls_peers: dict[str, Peer], snapshot: Path) -
     assert b.sh("secure", "redis-cli get moved-over").strip() == "tls"
     assert "secure" not in a.vms()
     b.call("stop", name="secure")
+
+
+def test_registry_over_mutual_tls(tls_peers: dict[str, Peer], snapshot: Path) -> None:
+    a, rogue = tls_peers["a"], tls_peers["rogue"]
+    root = a.dir.parent
+    socket = root / "tls-registry.sock"
+    registry = serve_in_background(
+        "registry", "serve", str(snapshot), "--listen", f"unix://{socket}",
+        "--tls-cert", str(root / "b.pem"), "--tls-key", str(root / "b.key"),
+        "--tls-ca", str(root / "b-ca.pem"), socket=socket)
+    try:
+        with pytest.raises(control.ControlError, match="TLS"):
+            rogue.call("run", name="lazy", **{"from": f"unix://{socket}"})
+        assert "lazy" not in rogue.vms()
+        info = a.call("run", name="lazy", **{"from": f"unix://{socket}"})
+        assert info["state"] == "running"
+        assert a.sh("lazy", "redis-cli ping").strip() == "PONG"
+        a.call("stop", name="lazy")
+    finally:
+        registry.terminate()
+        registry.communicate(timeout=30)
