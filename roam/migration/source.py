@@ -335,10 +335,20 @@ class Source:
                 await self._send_pending(reader, until=self._done)
             self._done.result()
         except (PeerLost, MigrationError, ProtocolError) as e:
+            if self._destination_done():
+                # DONE arrived, then the destination hung up: the reader may notice the
+                # close before this loop notices DONE. The migration is complete.
+                self.result.outcome = "completed"
+                return
             raise PostcopyFailed(
                 f"authority was transferred, then streaming the last blocks failed: {e}"
             ) from e
         self.result.outcome = "completed"
+
+    def _destination_done(self) -> bool:
+        done = self._done
+        return (done is not None and done.done() and not done.cancelled()
+                and done.exception() is None)
 
     def _dirty_bytes(self, dirty: list[list[int]]) -> int:
         return sum(len(d) * dev.block_size for d, dev in zip(dirty, self.devices, strict=True))

@@ -88,7 +88,8 @@ def test_mutual_tls(tmp_path: Path) -> None:
     done = _receive(["--connect", f"unix://{sock}", "--out", str(tmp_path / "out"),
                      *tls("client")])
     assert done.returncode == 0, done.stderr
-    assert server.wait(timeout=30) == 0
+    _, server_log = server.communicate(timeout=30)
+    assert server.returncode == 0, server_log
     assert (tmp_path / "out" / "d").read_bytes() == data.read_bytes()
 
 
