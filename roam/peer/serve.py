@@ -29,6 +29,7 @@ from roam.network.vmnet import VmNetwork
 from roam.peer.instance import PeerError
 from roam.peer.network import NetConfig, OverlaySpec
 from roam.vm import control
+from roam.vm.devices import MOUNT_DIR
 
 log = logging.getLogger("roam.peer")
 
@@ -138,7 +139,9 @@ class Peer:
     async def _reap(self, worker: Worker) -> None:
         code = await worker.process.wait()
         self.workers.pop(worker.workdir, None)
-        # A worker that was killed left its VM's network behind: remove it now.
+        # A worker that was killed left its FUSE mount (the kernel keeps a dead daemon's
+        # mount until it is unmounted) and its VM's network behind: remove them now.
+        await _unmount_stale(worker.workdir / MOUNT_DIR)
         swept = await self.netconf.host().sweep()
         if swept:
             log.warning("removed the network a dead worker left for %s", ", ".join(swept))
@@ -243,6 +246,19 @@ class Peer:
             worker = await self._find(str(params["name"]))
             return await worker.call(method, params, timeout)
         return forward
+
+
+async def _unmount_stale(mountpoint: Path) -> None:
+    # /proc/mounts, not a stat: a dead daemon's mount answers every stat with ENOTCONN.
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    if not any(line.split()[1] == str(mountpoint) for line in mounts):
+        return
+    log.warning("unmounting %s, left by a worker that died", mountpoint)
+    process = await asyncio.create_subprocess_exec(
+        "umount", "--lazy", str(mountpoint), stderr=asyncio.subprocess.PIPE)
+    _, err = await process.communicate()
+    if process.returncode:
+        log.error("cannot unmount %s: %s", mountpoint, err.decode().strip())
 
 
 def _listening_socket(address: Address) -> socket.socket:

@@ -16,6 +16,7 @@ import pytest
 from roam.network import ns
 from roam.peer.network import NetConfig
 from roam.vm import control
+from tests.exposure.helpers import mounted
 from tests.peer.conftest import Peer, serve_in_background
 from tests.vm.conftest import ROAM, roam
 
@@ -116,8 +117,9 @@ def test_destination_killed_before_authority(peers: dict[str, Peer], snapshot: P
     # The killed worker's network on B goes once B's peer has reaped it.
     leftover = ns.path(f"{NetConfig.default_prefix(b.dir)}-survivor")
     deadline = time.monotonic() + 30
-    while leftover.exists():
-        assert time.monotonic() < deadline, f"{leftover} was left behind"
+    mounts = [b.dir / "vms" / d.name / "fuse" for d in (b.dir / "vms").iterdir()]
+    while leftover.exists() or any(mounted(m) for m in mounts):
+        assert time.monotonic() < deadline, f"{leftover} or a FUSE mount was left behind"
         time.sleep(0.1)
 
 
