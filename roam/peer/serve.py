@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from roam.exposure.fuse.mount import mounted
 from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
 from roam.network.vmnet import VmNetwork
@@ -77,9 +78,7 @@ class Peer:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.vms_dir, ignore_errors=True)
         self.vms_dir.mkdir()
-        swept = await self.netconf.host().sweep()
-        if swept:
-            log.warning("removed networks a crashed peer left for: %s", ", ".join(swept))
+        await self._sweep()
         listener = _listening_socket(self.listen)
         control_server = await control.serve(self.state_dir / PEER_SOCKET, {
             "run": self._run, "ls": self._ls, "info": self._forward("info"),
@@ -142,14 +141,18 @@ class Peer:
         # A worker that was killed left its FUSE mount (the kernel keeps a dead daemon's
         # mount until it is unmounted) and its VM's network behind: remove them now.
         await _unmount_stale(worker.workdir / MOUNT_DIR)
-        swept = await self.netconf.host().sweep()
-        if swept:
-            log.warning("removed the network a dead worker left for %s", ", ".join(swept))
+        await self._sweep()
         if code == 0:
             shutil.rmtree(worker.workdir, ignore_errors=True)
         else:
             log.warning("worker %s exited with %d (files kept):\n%s", worker.workdir.name,
                         code, worker.log_tail())
+
+    async def _sweep(self) -> None:
+        """Remove the VM networks whose owners (a worker, an earlier peer) are dead."""
+        swept = await self.netconf.host().sweep()
+        if swept:
+            log.warning("removed the networks a dead process left for %s", ", ".join(swept))
 
     async def _infos(self) -> list[tuple[Worker, control.Json]]:
         found = []
@@ -249,9 +252,7 @@ class Peer:
 
 
 async def _unmount_stale(mountpoint: Path) -> None:
-    # /proc/mounts, not a stat: a dead daemon's mount answers every stat with ENOTCONN.
-    mounts = Path("/proc/self/mounts").read_text().splitlines()
-    if not any(line.split()[1] == str(mountpoint) for line in mounts):
+    if not mounted(mountpoint):
         return
     log.warning("unmounting %s, left by a worker that died", mountpoint)
     process = await asyncio.create_subprocess_exec(

@@ -122,7 +122,11 @@ async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
                 incoming.fill_page_cache(exp)
                 incoming.prepared = asyncio.create_task(incoming.prepare())
                 incoming.started.set()
-                await _first(incoming.resumed.wait(), _or_failed(received, incoming))
+                watched = _or_failed(received, incoming)
+                try:
+                    await _first(incoming.resumed.wait(), watched)
+                finally:
+                    watched.cancel()  # it only watched; `received` is handled below
                 log.info("%s resumed here %.1f ms after its pause on the source",
                          instance.spec.name, instance.info.get("downtime_ms") or 0.0)
                 await instance.after_resume()
@@ -152,7 +156,7 @@ def _or_failed(received: asyncio.Task[object], incoming: Incoming) -> asyncio.Ta
             error = incoming.prepared.exception()
             await incoming.destination.abort(f"the destination cannot start the VM: {error}")
             raise PeerError(f"cannot start the incoming VM: {error}") from error
-        return await received
+        return await asyncio.shield(received)  # cancelling the watch leaves it running
     return asyncio.create_task(watch())
 
 

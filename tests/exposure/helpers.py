@@ -4,19 +4,16 @@ the guest RAM ranges that QMP pmemsave reads."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from qemu.qmp import QMPClient
 
+from roam.exposure.fuse.mount import mounted
 from roam.storage.provider import Buffer
 from roam.storage.sources import MemorySource
 
+__all__ = ["PAGE", "Recorder", "mounted", "ram_ranges"]
+
 PAGE = 4096
-
-
-def mounted(path: Path) -> bool:
-    return any(line.split()[1] == str(path) for line in Path("/proc/mounts").read_text()
-               .splitlines())
 
 
 class Recorder:

@@ -132,6 +132,13 @@ class FuseMount:
         log.info("unmounted %s", self.mountpoint)
 
 
+def mounted(path: Path) -> bool:
+    """Whether `path` is a mount point, from /proc (a stat of a dead daemon's mount fails
+    with ENOTCONN)."""
+    return any(line.split()[1] == str(path)
+               for line in Path("/proc/self/mounts").read_text().splitlines())
+
+
 def _enable_asyncio() -> None:
     """Switch pyfuse3 to asyncio mode, with a race in its shutdown fixed.
 
