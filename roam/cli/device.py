@@ -15,7 +15,8 @@ from roam.cli.common import TlsCa, TlsCert, TlsKey, Verbose, address, fail, run,
 from roam.cli.common import tls_files as make_tls
 from roam.migration.channel import Channel, PeerLost, connect, listen
 from roam.migration.destination import Destination, NewDevice
-from roam.migration.source import MigrationError, Policy, Source, SourceDevice
+from roam.migration.errors import MigrationError
+from roam.migration.source import Policy, Source, SourceDevice
 from roam.migration.wire import DeviceSpec, Encoding, ProtocolError
 from roam.storage.provider import DEFAULT_BLOCK_SIZE, StorageError
 from roam.storage.sources import FileSource

@@ -26,7 +26,7 @@ from roam.cli.common import (
     tls_files,
 )
 from roam.migration.channel import Channel, PeerLost, connect, listen
-from roam.migration.source import MigrationError
+from roam.migration.errors import MigrationError
 from roam.peer import mounter, registry, terminator
 from roam.peer import serve as peer
 from roam.peer.network import PEER_POOL, NetConfig

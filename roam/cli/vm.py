@@ -19,7 +19,7 @@ from rich.table import Table
 from roam.blueprint import Blueprint, BlueprintError
 from roam.cli.common import TlsCa, TlsCert, TlsKey, fail, tls_files
 from roam.migration.channel import Address
-from roam.migration.source import MigrationError
+from roam.migration.errors import MigrationError
 from roam.network.forward import PortForward
 from roam.peer.worker import run_from
 from roam.storage.provider import StorageError

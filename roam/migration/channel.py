@@ -24,6 +24,9 @@ from roam.storage.provider import Buffer
 
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
+POSTCOPY_QUEUE = 256 * 1024
+"""Bytes each end keeps queued once authority moved: a block the destination asks for
+must not wait behind megabytes of the bulk stream (the default buffers hold about 20 MiB)."""
 
 
 class PeerLost(ConnectionError):

@@ -16,8 +16,15 @@ from dataclasses import dataclass, field
 import blake3
 
 from roam.migration.blocks import block_hash, decompress
-from roam.migration.channel import Channel, PeerLost
-from roam.migration.source import POSTCOPY_QUEUE, MigrationError, RemoteError
+from roam.migration.channel import POSTCOPY_QUEUE, Channel, PeerLost
+from roam.migration.errors import (
+    Decline,
+    IntegrityError,
+    LostPeer,
+    MigrationError,
+    RemoteError,
+    wire_code,
+)
 from roam.migration.wire import (
     ALL_CAPS,
     VERSION,
@@ -52,10 +59,6 @@ MAX_GROUP_BLOCKS = 1 << 28  # 16 TiB at 64 KiB blocks
 MAX_REFETCH = 3  # a block that fails verification this often is an error, not bad luck
 
 LOCAL, REMOTE = 1, 0  # write priorities: the VM's own writes beat blocks from the source
-
-
-class Decline(Exception):
-    """Raised by an authority hook to refuse authority; the source then resumes."""
 
 
 @dataclass
@@ -142,14 +145,14 @@ class Destination:
                 await self._authority_task
         except (ProtocolError, MigrationError) as e:
             self._fail(e)
-            code = ErrorCode.INTEGRITY if "verification" in str(e) else ErrorCode.PROTOCOL
+            code = ErrorCode.INTEGRITY if isinstance(e, IntegrityError) else ErrorCode.PROTOCOL
             with contextlib.suppress(Exception):
                 self.channel.send(encode_error(code, str(e)))
                 await self.channel.drain()
             raise
         except PeerLost as e:
             self._fail(e)
-            raise MigrationError(f"lost the source: {e}") from e
+            raise LostPeer(f"lost the source: {e}") from e
         except BaseException as e:
             self._fail(e)
             raise
@@ -206,7 +209,7 @@ class Destination:
         elif isinstance(msg, Group):
             await self._group(msg)
         elif isinstance(msg, Error):
-            raise RemoteError(f"source: {msg.message} ({msg.code.name})")
+            raise RemoteError(f"source: {msg.message} ({msg.code.name})", code=wire_code(msg.code))
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} from source")
         return self._finished()
@@ -323,7 +326,7 @@ class Destination:
         log.warning("device %s block %d failed verification (%s); fetching it again",
                     spec.name, block, why)
         if self._refetches[key] > MAX_REFETCH:
-            raise MigrationError(f"device {spec.name} block {block} failed verification "
+            raise IntegrityError(f"device {spec.name} block {block} failed verification "
                                  f"{self._refetches[key]} times: {why}")
         cache.mark_absent([block])
         bs = spec.block_size

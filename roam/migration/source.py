@@ -20,7 +20,15 @@ from typing import Any, TypeVar
 import blake3
 
 from roam.migration.blocks import Compressor, block_hash, is_zero
-from roam.migration.channel import Channel, PeerLost
+from roam.migration.channel import POSTCOPY_QUEUE, Channel, PeerLost
+from roam.migration.errors import (
+    InDoubt,
+    LostPeer,
+    MigrationError,
+    PostcopyFailed,
+    RemoteError,
+    wire_code,
+)
 from roam.migration.wire import (
     ALL_CAPS,
     VERSION,
@@ -55,26 +63,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RUN_BYTES = 1024 * 1024  # largest run of blocks in one BLOCKS frame
-POSTCOPY_QUEUE = 256 * 1024
-"""Bytes each end keeps queued once authority moved: a block the destination asks for
-must not wait behind megabytes of the bulk stream (the default buffers hold about 20 MiB)."""
-
-
-class MigrationError(Exception):
-    """The migration failed; the source still has authority and runs as before."""
-
-
-class InDoubt(MigrationError):
-    """Authority was sent but never acknowledged: the source stays paused. An operator
-    (or the control plane) must find out whether the destination runs the workload."""
-
-
-class PostcopyFailed(MigrationError):
-    """The destination owns the workload but did not get every block."""
-
-
-class RemoteError(MigrationError):
-    """The peer reported an error."""
 
 
 @dataclass
@@ -195,7 +183,7 @@ class Source:
             cause = reader.exception() if reader.done() and not reader.cancelled() else None
             if cause is not None and not isinstance(cause, PeerLost):
                 raise cause from e  # what the reader heard (an ERROR, bad input) says more
-            raise MigrationError(f"lost the destination: {e}") from e
+            raise LostPeer(f"lost the destination: {e}") from e
         except BaseException as e:
             if not self._authority_sent:  # tell the destination why, if it can still hear
                 with contextlib.suppress(Exception):
@@ -546,7 +534,8 @@ class Source:
             else:
                 raise ProtocolError(f"unexpected event {msg.kind.name} from destination")
         elif isinstance(msg, Error):
-            raise RemoteError(f"destination: {msg.message} ({msg.code.name})")
+            raise RemoteError(f"destination: {msg.message} ({msg.code.name})",
+                              code=wire_code(msg.code))
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} from destination")
 

@@ -30,16 +30,9 @@ from pydantic import BaseModel
 from roam.exposure.fuse.cache import PageCacheFeeder
 from roam.guest.client import GuestAgentError, GuestClient
 from roam.migration.channel import Address, Channel, TLSFiles, connect
-from roam.migration.destination import Decline, Destination, NewDevice
-from roam.migration.source import (
-    InDoubt,
-    MigrationError,
-    Policy,
-    PostcopyFailed,
-    Source,
-    SourceDevice,
-    SourceHooks,
-)
+from roam.migration.destination import Destination, NewDevice
+from roam.migration.errors import Decline, InDoubt, MigrationError, PostcopyFailed
+from roam.migration.source import Policy, Source, SourceDevice, SourceHooks
 from roam.migration.wire import DeviceSpec, Encoding
 from roam.network import overlay
 from roam.network.forward import PortForward

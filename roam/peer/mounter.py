@@ -21,8 +21,8 @@ from pathlib import Path
 from roam.exposure.fuse import FuseMount
 from roam.exposure.nbd.server import Export, NBDServer
 from roam.migration.channel import Channel
-from roam.migration.destination import Decline, Destination, NewDevice
-from roam.migration.source import MigrationError
+from roam.migration.destination import Destination, NewDevice
+from roam.migration.errors import Decline, MigrationError
 from roam.migration.wire import DeviceSpec
 from roam.storage.sources import SparseFileSource
 from roam.storage.waiting import WaitingCache

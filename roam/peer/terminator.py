@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roam.migration.channel import Channel
-from roam.migration.destination import Decline, Destination, NewDevice
-from roam.migration.source import MigrationError
+from roam.migration.destination import Destination, NewDevice
+from roam.migration.errors import Decline, MigrationError
 from roam.migration.wire import DeviceSpec
 from roam.peer.instance import DISK, INITRAMFS, KERNEL, MEMORY, SPEC, STATE, VMSpec
 from roam.storage.sources import SparseFileSource

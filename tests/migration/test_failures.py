@@ -10,16 +10,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from roam.migration.channel import Channel
-from roam.migration.destination import Decline, Destination
-from roam.migration.source import (
-    InDoubt,
-    MigrationError,
-    Policy,
-    RemoteError,
-    Source,
-    SourceDevice,
-    SourceHooks,
-)
+from roam.migration.destination import Destination
+from roam.migration.errors import Decline, InDoubt, MigrationError, RemoteError
+from roam.migration.source import Policy, Source, SourceDevice, SourceHooks
 from roam.migration.wire import HEADER, MsgType
 from roam.storage.provider import Buffer, StorageError
 from roam.storage.sources import MemorySource

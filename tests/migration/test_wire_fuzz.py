@@ -22,7 +22,8 @@ from hypothesis.control import currently_in_test_context
 from roam.migration import wire as w
 from roam.migration.channel import FrameProtocol, PeerLost
 from roam.migration.destination import Destination, DestinationResult
-from roam.migration.source import MigrationError, Source, SourceDevice, SourceResult
+from roam.migration.errors import MigrationError
+from roam.migration.source import Source, SourceDevice, SourceResult
 from roam.migration.wire import Caps, Encoding, ErrorCode, EventKind, MsgType, ProtocolError
 from roam.storage.sources import MemorySource
 from tests.migration.conftest import memory_device
