@@ -25,8 +25,8 @@ from typing import Any
 import uvloop
 
 from roam.blueprint import build, cache_root
+from roam.hypervisor.accel import choose_accel
 from roam.vm import archive
-from roam.vm.accel import choose_accel
 from roam.vm.runner import run_package
 from roam.vm.snapshot import SnapshotOptions, take_snapshot
 

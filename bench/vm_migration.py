@@ -44,11 +44,12 @@ from qemu.qmp.protocol import ConnectError
 
 from roam.blueprint import Blueprint, build, cache_root
 from roam.guest.client import GuestClient
+from roam.hypervisor import Nic
+from roam.hypervisor.accel import Accel
+from roam.hypervisor.qemu.cmdline import FileDisk, QemuConfig, qemu_argv
+from roam.hypervisor.qemu.machine import nic_args
 from roam.peer import serve as peer
-from roam.vm.accel import Accel
-from roam.vm.machine import Netdev, nic_args
 from roam.vm.package import Package
-from roam.vm.qemu_cmd import FileDisk, QemuConfig, qemu_argv
 from roam.vm.snapshot import SnapshotOptions, take_snapshot
 
 BUSY = (Path(__file__).resolve().parents[1] / "tests" / "peer" / "busy_guest.py").read_text()
@@ -121,7 +122,7 @@ async def roam_hops(package: Path, workload: str, hops: int, work: Path) -> list
 
 def native_config(blueprint: Blueprint, accel: Accel, memory_mib: int, disk: Path,
                   work: Path, index: int, incoming_port: int | None) -> QemuConfig:
-    extra = nic_args("52:54:00:12:34:56", Netdev.detached())
+    extra = nic_args("52:54:00:12:34:56", Nic.detached())
     if incoming_port is not None:
         extra += ["-incoming", "defer"]  # no -S: it runs once the migration is in
     return QemuConfig(

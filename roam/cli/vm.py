@@ -18,6 +18,8 @@ from rich.table import Table
 
 from roam.blueprint import Blueprint, BlueprintError
 from roam.cli.common import TlsCa, TlsCert, TlsKey, fail, tls_files
+from roam.hypervisor import HypervisorError, MachineExited
+from roam.hypervisor.device_state import StateError
 from roam.migration.channel import Address
 from roam.migration.errors import MigrationError
 from roam.network.forward import PortForward
@@ -25,16 +27,14 @@ from roam.peer.worker import run_from
 from roam.storage.provider import StorageError
 from roam.vm import archive, control
 from roam.vm.package import PackageError
-from roam.vm.qemu import QemuError, QemuExited
 from roam.vm.runner import RunError, run_package
 from roam.vm.snapshot import SnapshotError, SnapshotOptions, take_snapshot
-from roam.vm.state import StateError
 
 package_app = typer.Typer(help="Archive packages (tar + zstd) and unpack them.",
                           no_args_is_help=True)
 err = Console(stderr=True, soft_wrap=True)
 
-_FAILURES = (BlueprintError, PackageError, SnapshotError, RunError, QemuError, StateError,
+_FAILURES = (BlueprintError, PackageError, SnapshotError, RunError, HypervisorError, StateError,
              StorageError, control.ControlError)
 
 
@@ -124,7 +124,7 @@ def run(
 
     try:
         uvloop.run(main())
-    except QemuExited as exc:
+    except MachineExited as exc:
         raise fail(f"{exc}; the package is unchanged") from exc
     except _FAILURES as exc:
         raise fail(exc) from exc

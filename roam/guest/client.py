@@ -222,3 +222,29 @@ class GuestClient:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(reason)
+
+
+HELLO_TIMEOUT = 3.0
+
+
+async def fresh_session(connect: Callable[[], Awaitable[GuestClient]],
+                        timeout: float = 60.0) -> GuestClient:
+    """A session with the agent of a resumed guest, handshake done.
+
+    Snapshots are saved while the host is connected, so the restored guest learns at once
+    that the host went away and reopens its port for the new session. A state saved just
+    after the host disconnected can leave the guest reading a stale session that swallows
+    the first bytes; a fresh session is served, so a handshake that gets no answer is
+    retried on a new connection (`connect` makes one).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        agent = await connect()
+        try:
+            await agent.hello(HELLO_TIMEOUT)
+            return agent
+        except GuestAgentError as exc:
+            await agent.close()
+            if exc.code != "timeout" or time.monotonic() > deadline:
+                raise
+            log.info("agent did not answer the handshake; reconnecting")

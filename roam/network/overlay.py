@@ -3,8 +3,8 @@
 At the pause the source calls `redirect`: frames for the VM that still reach the source
 (every other host learned it there) go on over VXLAN to the destination, whose paused
 QEMU holds its tap open and lets the kernel queue them until the guest runs. After the
-destination resumes the guest, `announce` makes it send gratuitous ARPs from its new
-place, which moves every other host's learned entry; then the source removes its network
+destination resumes the guest, the driver's `announce` makes it send gratuitous ARPs from its
+new place, which moves every other host's learned entry; then the source removes its network
 (`HostNetwork.down`).
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Protocol
 
+from pydantic import BaseModel
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NTF_SELF, NUD_NOARP, NUD_PERMANENT
@@ -21,10 +21,20 @@ from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NTF_SELF, NUD_NOARP, NUD_PER
 from roam.network.vmnet import VXLAN, VmNetwork
 
 
-class Qmp(Protocol):
-    """What `announce` needs of a VM driver (roam.vm.qemu.QemuVM has it)."""
+class OverlaySpec(BaseModel):
+    """Where a migratable VM's segment is: part of its vm.json, so it travels with it."""
 
-    async def command(self, name: str, arguments: dict[str, object] | None = None) -> object: ...
+    vni: int
+    gateway: str  # the gateway host's underlay address
+
+    def gateway_mac(self) -> str:
+        return gateway_mac(self.vni)
+
+
+def gateway_mac(vni: int) -> str:
+    """The gateway's bridge address on segment `vni`: locally administered, one per VNI,
+    so that every runner can pin it without asking the gateway."""
+    return "02:52:ff:" + ":".join(f"{b:02x}" for b in vni.to_bytes(3, "big"))
 
 
 def _redirect(netns: str, mac: str, to_host: str) -> None:
@@ -58,9 +68,3 @@ async def redirect(net: VmNetwork, mac: str, to_host: str) -> None:
     Call on the source with the VM paused, before its state goes to the destination.
     """
     await asyncio.to_thread(_redirect, net.netns, mac, to_host)
-
-
-async def announce(vm: Qmp, rounds: int = 5, initial_ms: int = 50) -> None:
-    """Have the resumed guest announce itself (RARP from its MAC, repeated with back-off)."""
-    await vm.command("announce-self", {"initial": initial_ms, "max": 550, "rounds": rounds,
-                                       "step": 100})

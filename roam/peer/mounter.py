@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from roam.migration.errors import Decline, MigrationError
 from roam.migration.wire import DeviceSpec
 from roam.storage.sources import SparseFileSource
 from roam.storage.waiting import WaitingCache
+from roam.vm import group
+from roam.vm.group import Device
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,15 @@ async def mount(channel: Channel, device: str, cache_dir: Path, stop: asyncio.Ev
         return NewDevice(source)
 
     async def on_authority(payload: bytes, devices: dict[str, WaitingCache]) -> None:
-        if "stop_wall" not in json.loads(payload.partition(b"\0")[0] or b"{}"):
+        if not payload:
+            return  # a plain device group (`roam device serve`): nothing runs anywhere
+        handover = group.read_authority(payload)
+        if not handover.authority.live:
             return  # a registry: nothing runs anywhere, take it
         for cache in devices.values():  # a live VM: copy its pause, then give it back
             await cache.wait_complete()
+        if Device.STATE in devices:
+            await group.store_state(handover, devices[Device.STATE])
         raise Decline("mounted a copy; the VM runs on at its source")
 
     destination = Destination(channel, make, on_authority)

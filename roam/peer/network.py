@@ -19,26 +19,11 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from roam.network.forward import PortForward
+from roam.network.overlay import OverlaySpec
 from roam.network.registry import Registry
 from roam.network.vmnet import HostNetwork, Segment, VmNetwork
 
 PEER_POOL = "10.232.0.0/16"  # transit subnets; not `roam run`'s (registry.DEFAULT_POOL)
-
-
-class OverlaySpec(BaseModel):
-    """Where a migratable VM's segment is: part of its vm.json, so it travels with it."""
-
-    vni: int
-    gateway: str  # the gateway host's underlay address
-
-    def gateway_mac(self) -> str:
-        return gateway_mac(self.vni)
-
-
-def gateway_mac(vni: int) -> str:
-    """The gateway's bridge address on segment `vni`: locally administered, one per VNI,
-    so that every runner can pin it without asking the gateway."""
-    return "02:52:ff:" + ":".join(f"{b:02x}" for b in vni.to_bytes(3, "big"))
 
 
 class NetConfig(BaseModel):

@@ -23,14 +23,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from roam.exposure.fuse.mount import mounted
+from roam import hypervisor
 from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
+from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer.instance import PeerError
-from roam.peer.network import NetConfig, OverlaySpec
+from roam.peer.errors import PeerError
+from roam.peer.network import NetConfig
 from roam.vm import control
-from roam.vm.devices import MOUNT_DIR
 
 log = logging.getLogger("roam.peer")
 
@@ -140,7 +140,7 @@ class Peer:
         self.workers.pop(worker.workdir, None)
         # A worker that was killed left its FUSE mount (the kernel keeps a dead daemon's
         # mount until it is unmounted) and its VM's network behind: remove them now.
-        await _unmount_stale(worker.workdir / MOUNT_DIR)
+        await hypervisor.driver().sweep(worker.workdir)
         await self._sweep()
         if code == 0:
             shutil.rmtree(worker.workdir, ignore_errors=True)
@@ -249,17 +249,6 @@ class Peer:
             worker = await self._find(str(params["name"]))
             return await worker.call(method, params, timeout)
         return forward
-
-
-async def _unmount_stale(mountpoint: Path) -> None:
-    if not mounted(mountpoint):
-        return
-    log.warning("unmounting %s, left by a worker that died", mountpoint)
-    process = await asyncio.create_subprocess_exec(
-        "umount", "--lazy", str(mountpoint), stderr=asyncio.subprocess.PIPE)
-    _, err = await process.communicate()
-    if process.returncode:
-        log.error("cannot unmount %s: %s", mountpoint, err.decode().strip())
 
 
 def _listening_socket(address: Address) -> socket.socket:

@@ -18,9 +18,10 @@ from roam.migration.channel import Channel
 from roam.migration.destination import Destination, NewDevice
 from roam.migration.errors import Decline, MigrationError
 from roam.migration.wire import DeviceSpec
-from roam.peer.instance import DISK, INITRAMFS, KERNEL, MEMORY, SPEC, STATE, VMSpec
 from roam.storage.sources import SparseFileSource
 from roam.storage.waiting import WaitingCache
+from roam.vm import group
+from roam.vm.group import Device
 from roam.vm.package import Package
 
 log = logging.getLogger(__name__)
@@ -42,29 +43,26 @@ async def terminate(channel: Channel, out: Path) -> Backup:
         raise MigrationError(f"{out} already holds a package")
     out.mkdir(parents=True, exist_ok=True)
     made: dict[str, SparseFileSource] = {}
-    written: list[VMSpec] = []
+    written: list[group.VMSpec] = []
 
     async def make(spec: DeviceSpec) -> NewDevice:
-        if spec.name not in (SPEC, KERNEL, INITRAMFS, MEMORY, DISK, STATE):
-            raise MigrationError(f"unknown device {spec.name!r} in a VM group")
+        group.device(spec.name)  # a VM's device, or the group is refused
         device = SparseFileSource(out / (spec.name + PARTIAL), spec.size)
         made[spec.name] = device
         return NewDevice(device)
 
-    async def on_authority(_: bytes, devices: dict[str, WaitingCache]) -> None:
+    async def on_authority(payload: bytes, devices: dict[str, WaitingCache]) -> None:
+        handover = group.read_authority(payload)
         for cache in devices.values():
             await cache.wait_complete()  # the source streams the rest while it waits
-        spec_cache = devices[SPEC]
-        vm = VMSpec.from_device(bytes(await spec_cache.read_at(0, spec_cache.size())))
+        await group.store_state(handover, devices[Device.STATE])  # the state at its pause
+        vm = await group.read_spec(devices[Device.SPEC])
         for source in made.values():
             await source.flush()
-        names = vm.config.files
-        targets = {KERNEL: names.kernel, INITRAMFS: names.initramfs, MEMORY: names.memory,
-                   DISK: names.disk, STATE: names.state}
-        for device, file in targets.items():
-            if device in made and file is not None:
+        for device, file in group.package_files(vm.config).items():
+            if device in made:
                 os.replace(out / (device + PARTIAL), out / file)
-        (out / (SPEC + PARTIAL)).unlink()
+        (out / (Device.SPEC + PARTIAL)).unlink()
         Package(out, vm.config).save_config()  # last: only now is it a package
         written.append(vm)
         raise Decline(f"live backup of {vm.name} written to {out}; keep running")

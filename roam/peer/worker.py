@@ -25,9 +25,12 @@ from typing import TypeVar
 import uvloop
 
 from roam.migration.channel import Address, Channel, FrameProtocol, TLSFiles, connect
+from roam.network.overlay import OverlaySpec
 from roam.network.registry import state_dir as net_state_dir
-from roam.peer.instance import Incoming, Instance, PeerError, from_package
-from roam.peer.network import NetConfig, OverlaySpec
+from roam.peer.errors import PeerError
+from roam.peer.incoming import Incoming
+from roam.peer.instance import Instance, from_package
+from roam.peer.network import NetConfig
 from roam.vm import control
 
 log = logging.getLogger("roam.peer.worker")
@@ -54,7 +57,7 @@ async def _serve(instance: Instance) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, instance.finished.set)
     finished = asyncio.create_task(instance.finished.wait())
-    exited = asyncio.create_task(instance.vm.wait_exit())
+    exited = asyncio.create_task(instance.vm.machine.wait_exit())
     await asyncio.wait([finished, exited], return_when=asyncio.FIRST_COMPLETED)
     finished.cancel()
     if exited.done() and not instance.finished.is_set():
@@ -81,7 +84,7 @@ async def run_package(workdir: Path, package: Path, name: str, publish: list[str
     try:
         async with _control(instance), instance.exposure():
             try:
-                await instance.start_qemu()
+                await instance.start_machine()
                 await instance.load_and_resume()
                 await instance.after_resume()
                 await _serve(instance)
@@ -117,9 +120,9 @@ async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
         instance = await _first(incoming.setup(), received)
         instance.incoming = received
         instance.tls = tls
-        async with _control(instance), instance.exposure() as exp:
+        async with _control(instance), instance.exposure():
             try:
-                incoming.fill_page_cache(exp)
+                incoming.fill_memory()
                 incoming.prepared = asyncio.create_task(incoming.prepare())
                 incoming.started.set()
                 watched = _or_failed(received, incoming)

@@ -14,6 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from roam.errors import RoamError
+from roam.hypervisor.driver import MachineSpec
+
 FORMAT: Literal[1] = 1
 CONFIG = "config.json"
 KERNEL = "vmlinuz"
@@ -25,7 +28,7 @@ GUEST_NET = "roam.ip=10.0.2.15/24 roam.gw=10.0.2.2"
 """Kernel arguments that address eth0 on QEMU's user-mode network (roam-init reads them)."""
 
 
-class PackageError(Exception):
+class PackageError(RoamError):
     """A package is missing, incomplete, corrupt or of an unknown format."""
 
 
@@ -45,8 +48,17 @@ class PackageFiles(BaseModel):
                 if n is not None]
 
 
+class HypervisorRef(BaseModel):
+    """The driver (roam.hypervisor) that saved the device state, and its version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str
+
+
 class PackageConfig(BaseModel):
-    """config.json: how to start QEMU so that the saved device state fits it."""
+    """config.json: how to start the machine so that the saved device state fits it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,11 +71,27 @@ class PackageConfig(BaseModel):
     machine: str
     cpu_model: str = Field(description="the -cpu value the guest saw")
     accel: Literal["kvm", "tcg"] = Field(description="accelerator of the snapshot")
-    qemu_version: str
+    hypervisor: HypervisorRef | None = Field(
+        default=None, description="absent in packages made before drivers were recorded: "
+                                  "those are QEMU's, with its version in qemu_version")
+    qemu_version: str | None = None
     mac: str
     state_size: int = Field(gt=0, description="bytes allocated for the state device")
     disk_size: int = Field(gt=0)
     files: PackageFiles = PackageFiles()
+
+    def driver(self) -> HypervisorRef:
+        if self.hypervisor is not None:
+            return self.hypervisor
+        return HypervisorRef(name="qemu", version=self.qemu_version or "unknown")
+
+    def machine_spec(self, files: Path) -> MachineSpec:
+        """The machine to start, its kernel files in `files`."""
+        return MachineSpec(
+            kernel=files / self.files.kernel,
+            initramfs=None if self.files.initramfs is None else files / self.files.initramfs,
+            cmdline=self.cmdline, memory_mib=self.memory_mib, cpus=self.cpus,
+            machine=self.machine, cpu_model=self.cpu_model, accel=self.accel, mac=self.mac)
 
 
 class Package:

@@ -24,36 +24,34 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from roam.exposure.fuse import tuning
-from roam.guest.client import GuestAgentError, GuestClient
+from roam import hypervisor
+from roam.errors import ErrorCode, RoamError
+from roam.hypervisor import Nic
 from roam.network.forward import PortForward
 from roam.network.vmnet import HostNetwork
-from roam.storage.overlay import CowOverlay
+from roam.storage.cow import CopyOnWrite
 from roam.storage.sources import SparseFileSource
-from roam.vm import control
-from roam.vm.accel import Accel
-from roam.vm.devices import MOUNT_DIR, exposed
-from roam.vm.machine import Netdev, qemu_config
+from roam.vm import control, group
+from roam.vm.group import COW_BLOCK, Device
+from roam.vm.lifecycle import VM
 from roam.vm.package import Package, PackageError, fsync_dir, write_atomic
-from roam.vm.qemu import QemuVM
 
 log = logging.getLogger(__name__)
 
-OVERLAY_BLOCK = 64 * 1024
 JOURNAL = ".commit.json"
 UPPER = ".upper"
 MAP = ".map"
-HELLO_TIMEOUT = 3.0
 
 
-class RunError(Exception):
+class RunError(RoamError):
     """The VM could not be resumed or is already running."""
+
+    code = ErrorCode.CONFLICT
 
 
 @dataclass
@@ -82,9 +80,8 @@ def _locked(directory: Path) -> Iterator[None]:
 
 def _device_files(package: Package) -> dict[str, int]:
     """Package file name -> size, for each device the VM writes."""
-    files = package.config.files
-    return {files.memory: package.memory_size, files.disk: package.config.disk_size,
-            files.state: package.config.state_size}
+    names = group.package_files(package.config)
+    return {names[dev]: size for dev, size in group.device_sizes(package).items()}
 
 
 async def _apply(base: Path, upper: Path, written_map: Path, size: int) -> int:
@@ -98,8 +95,8 @@ async def _apply(base: Path, upper: Path, written_map: Path, size: int) -> int:
     try:
         for block, flag in enumerate(written):
             if flag:
-                offset = block * OVERLAY_BLOCK
-                n = min(OVERLAY_BLOCK, size - offset)
+                offset = block * COW_BLOCK
+                n = min(COW_BLOCK, size - offset)
                 await target.write_at(offset, await source.read_at(offset, n))
                 copied += n
         await target.flush()
@@ -138,42 +135,10 @@ async def recover(directory: Path) -> None:
     await commit(package, rundir)
 
 
-async def connect_agent(socket: Path, timeout: float = 60.0) -> GuestClient:  # noqa: ASYNC109
-    """A session with the agent of a resumed guest.
-
-    Snapshots are saved while the host is connected, so the restored guest learns at once
-    that the host went away and reopens its port for the new session. A state saved just
-    after the host disconnected can leave the guest reading a stale session that swallows
-    the first bytes; a fresh session is served, so a handshake that gets no answer is
-    retried on a new connection.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        agent = await GuestClient.connect(socket)
-        try:
-            await agent.hello(HELLO_TIMEOUT)
-            return agent
-        except GuestAgentError as exc:
-            await agent.close()
-            if exc.code != "timeout" or time.monotonic() > deadline:
-                raise
-            log.info("agent did not answer the handshake; reconnecting")
-
-
-def _clear_run_dir(rundir: Path) -> None:
-    """Start from an empty run directory, even after a run that was killed.
-
-    A killed run leaves its FUSE mount behind, disconnected: it must be detached before
-    the directory can be removed.
-    """
-    mountpoint = (rundir / MOUNT_DIR).absolute()
-    try:
-        tuning.mount_device(mountpoint, Path("/proc/self/mountinfo").read_text())
-    except LookupError:
-        pass  # not mounted
-    else:
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True,
-                       check=False)
+async def _clear_run_dir(rundir: Path) -> None:
+    """Start from an empty run directory, even after a run that was killed (whose
+    exposure the driver removes first)."""
+    await hypervisor.driver().sweep(rundir)
     shutil.rmtree(rundir, ignore_errors=True)
     rundir.mkdir(parents=True)
 
@@ -192,11 +157,11 @@ async def run_package(directory: Path, name: str, publish: list[PortForward],
         with contextlib.suppress(control.ControlError):
             await control.call(name, "info", timeout=3.0)
             raise RunError(f"a VM called {name!r} is already running")
-        _clear_run_dir(rundir)
+        await _clear_run_dir(rundir)
         overlays = {
-            file: CowOverlay(SparseFileSource(package.path(file), size, create=False),
+            file: CopyOnWrite(SparseFileSource(package.path(file), size, create=False),
                              SparseFileSource(rundir / (file + UPPER), size),
-                             rundir / (file + MAP), OVERLAY_BLOCK)
+                             rundir / (file + MAP), COW_BLOCK)
             for file, size in _device_files(package).items()}
         try:
             times = await _run(package, name, rundir, overlays, publish, stop, on_running)
@@ -210,7 +175,7 @@ async def run_package(directory: Path, name: str, publish: list[PortForward],
         return times
 
 
-async def _run(package: Package, name: str, rundir: Path, overlays: dict[str, CowOverlay],
+async def _run(package: Package, name: str, rundir: Path, overlays: dict[str, CopyOnWrite],
                publish: list[PortForward], stop: asyncio.Event,
                on_running: Callable[[dict[str, object]], None] | None) -> RunTimes:
     host = HostNetwork()
@@ -222,71 +187,57 @@ async def _run(package: Package, name: str, rundir: Path, overlays: dict[str, Co
     try:
         assert net.tap_fd is not None  # a local network always has a tap
         return await _run_vm(package, name, rundir, overlays, publish, stop, on_running,
-                             Netdev.tap(net.tap_fd))
+                             Nic.tap(net.tap_fd))
     finally:
         await host.down(net)
 
 
-async def _run_vm(package: Package, name: str, rundir: Path, overlays: dict[str, CowOverlay],
+async def _run_vm(package: Package, name: str, rundir: Path, overlays: dict[str, CopyOnWrite],
                   publish: list[PortForward], stop: asyncio.Event,
                   on_running: Callable[[dict[str, object]], None] | None,
-                  netdev: Netdev) -> RunTimes:
+                  nic: Nic) -> RunTimes:
     config = package.config
-    files = config.files
+    files = group.package_files(config)
     times = RunTimes()
-    # Saved device state loads only under the accelerator that saved it.
-    accel = Accel(config.accel, "the package was snapshotted under it")
-    async with exposed(rundir, overlays[files.memory], overlays[files.disk]) as devices:
-        vm = QemuVM(qemu_config(config, package.directory, rundir, devices, accel, netdev),
-                    rundir / "qemu.log")
+    driver = hypervisor.driver(config.driver().name)
+    async with driver.machine(config.machine_spec(package.directory), rundir,
+                              overlays[files[Device.MEMORY]],
+                              overlays[files[Device.DISK]]) as machine:
+        vm = VM(machine)
         try:
             started = time.monotonic()
-            await vm.start(incoming=True)
-            await vm.load_state(overlays[files.state])
-            await vm.resume()
-            agent = await vm.guard(connect_agent(rundir / "agent.sock"))
+            await vm.resume(overlays[files[Device.STATE]], nic)
+            times.resume = time.monotonic() - started
+            info: dict[str, object] = {
+                "name": name, "package": str(package.directory.resolve()),
+                "pid": os.getpid(), "qemu_pid": machine.pid, "accel": config.accel,
+                "memory_mib": config.memory_mib, "cpus": config.cpus,
+                "publish": [asdict(f) for f in publish], "resumed_at": time.time()}
+
+            async def info_handler(_: control.Json) -> control.Json:
+                return info
+
+            async def exec_handler(params: control.Json) -> control.Json:
+                result = await vm.exec(params["argv"], float(params.get("timeout", 30.0)))
+                return asdict(result)
+
+            server = await control.serve(rundir / control.SOCKET,
+                                         {"info": info_handler, "exec": exec_handler})
             try:
-                await vm.guard(agent.after_resume())
-                times.resume = time.monotonic() - started
-                info: dict[str, object] = {
-                    "name": name, "package": str(package.directory.resolve()),
-                    "pid": os.getpid(), "qemu_pid": vm.pid, "accel": accel.name,
-                    "memory_mib": config.memory_mib, "cpus": config.cpus,
-                    "publish": [asdict(f) for f in publish], "resumed_at": time.time()}
-
-                async def info_handler(_: control.Json) -> control.Json:
-                    return info
-
-                async def exec_handler(params: control.Json) -> control.Json:
-                    result = await agent.exec(params["argv"],
-                                              timeout=float(params.get("timeout", 30.0)))
-                    return asdict(result)
-
-                server = await control.serve(rundir / control.SOCKET,
-                                             {"info": info_handler, "exec": exec_handler})
-                try:
-                    if on_running is not None:
-                        on_running(info)
-                    stopped = asyncio.create_task(stop.wait())
-                    exited = asyncio.create_task(vm.wait_exit())
-                    await asyncio.wait([stopped, exited], return_when=asyncio.FIRST_COMPLETED)
-                    stopped.cancel()
-                    if exited.done():
-                        raise exited.result()
-                    exited.cancel()
-                finally:
-                    server.close()
-                started = time.monotonic()
-                try:
-                    await vm.guard(agent.before_suspend())
-                except GuestAgentError as exc:
-                    log.warning("before_suspend failed, suspending anyway: %s", exc)
-                # Saved with the host still connected: see connect_agent.
-                await vm.pause()
-                await vm.save_state(overlays[files.state])
+                if on_running is not None:
+                    on_running(info)
+                stopped = asyncio.create_task(stop.wait())
+                exited = asyncio.create_task(machine.wait_exit())
+                await asyncio.wait([stopped, exited], return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if exited.done():
+                    raise exited.result()
+                exited.cancel()
             finally:
-                await agent.close()
+                server.close()
+            started = time.monotonic()
+            await vm.suspend(overlays[files[Device.STATE]])
         finally:
-            await vm.stop()
+            await vm.close()
     times.suspend = time.monotonic() - started  # the mount's exit flushed the memory
     return times

@@ -16,17 +16,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from roam import hypervisor
 from roam.blueprint import Blueprint, cache_root
 from roam.blueprint.build import copy_file
-from roam.guest.client import GuestAgentError, GuestClient
+from roam.errors import RoamError
+from roam.guest.client import GuestAgentError
+from roam.hypervisor import HypervisorError, Nic, device_state
+from roam.hypervisor.accel import choose_accel
 from roam.storage.provider import Provider
 from roam.storage.sources import SparseFileSource
 from roam.vm import package as pkg
-from roam.vm import state
-from roam.vm.accel import choose_accel
-from roam.vm.devices import exposed
-from roam.vm.machine import Netdev, qemu_config, qemu_version
-from roam.vm.qemu import QemuError, QemuVM
+from roam.vm.lifecycle import VM
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ class SnapshotOptions:
     cpus: int = 1
     cpu_model: str | None = None  # a QEMU named model; default host (KVM) or max (TCG)
     machine: str = "q35"
-    state_size: int = state.DEFAULT_SIZE
+    state_size: int = device_state.DEFAULT_SIZE
+    driver: str = hypervisor.factory.DEFAULT
 
 
 @dataclass
@@ -51,7 +52,7 @@ class SnapshotTimes:
     state_bytes: int = 0
 
 
-class SnapshotError(Exception):
+class SnapshotError(RoamError):
     """The guest did not come up or could not be saved; the message has the console tail."""
 
 
@@ -74,6 +75,7 @@ async def take_snapshot(blueprint: Blueprint, out: Path,
 
 
 async def _snapshot(blueprint: Blueprint, out: Path, options: SnapshotOptions) -> SnapshotTimes:
+    driver = hypervisor.driver(options.driver)
     accel = choose_accel(blueprint.kernel, blueprint.initramfs, cache_root())
     files = pkg.PackageFiles(initramfs=pkg.INITRAMFS if blueprint.initramfs else None)
     copy_file(blueprint.kernel, out / files.kernel)
@@ -89,7 +91,7 @@ async def _snapshot(blueprint: Blueprint, out: Path, options: SnapshotOptions) -
         machine=options.machine,
         cpu_model=options.cpu_model or ("host" if accel.name == "kvm" else "max"),
         accel="kvm" if accel.name == "kvm" else "tcg",
-        qemu_version=qemu_version(),
+        hypervisor=pkg.HypervisorRef(name=driver.name, version=driver.version()),
         mac=random_mac(),
         state_size=options.state_size,
         disk_size=(out / files.disk).stat().st_size,
@@ -105,29 +107,21 @@ async def _snapshot(blueprint: Blueprint, out: Path, options: SnapshotOptions) -
     try:
         with tempfile.TemporaryDirectory(prefix="roam-snap-") as tmp:
             work = Path(tmp)  # short: UNIX socket paths are limited to 107 bytes
-            async with exposed(work, memory, disk) as exp:
-                vm = QemuVM(qemu_config(config, out, work, exp, accel, Netdev.detached()),
-                            work / "qemu.log")
+            async with driver.machine(config.machine_spec(out), work, memory,
+                                      disk) as machine:
+                vm = VM(machine)
                 try:
                     started = time.monotonic()
-                    await vm.start()
-                    agent = await vm.guard(GuestClient.connect(work / "agent.sock"))
-                    try:
-                        await vm.guard(agent.wait_ready(BOOT_TIMEOUT))
-                        times.boot_to_ready = time.monotonic() - started
-                        started = time.monotonic()
-                        await vm.guard(agent.before_suspend())
-                        # Saved with the host still connected: see runner.connect_agent.
-                        await vm.pause()
-                        times.state_bytes = await vm.save_state(state_device)
-                        times.suspend = time.monotonic() - started
-                    finally:
-                        await agent.close()
-                except (QemuError, GuestAgentError) as exc:
+                    await vm.boot(Nic.detached(), BOOT_TIMEOUT)
+                    times.boot_to_ready = time.monotonic() - started
+                    started = time.monotonic()
+                    times.state_bytes = await vm.suspend(state_device)
+                    times.suspend = time.monotonic() - started
+                except (HypervisorError, GuestAgentError) as exc:
                     console = (work / "console.log").read_text(errors="replace")[-3000:]
                     raise SnapshotError(f"{exc}\nconsole:\n{console}") from exc
                 finally:
-                    await vm.stop()
+                    await vm.close()
     finally:
         for device in devices:
             with contextlib.suppress(OSError):

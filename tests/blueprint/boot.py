@@ -14,8 +14,8 @@ import pytest
 
 from roam.blueprint import Blueprint, cache_root
 from roam.guest.client import GuestClient
-from roam.vm.accel import choose_accel
-from roam.vm.qemu_cmd import Disk, QemuConfig, qemu_argv
+from roam.hypervisor.accel import choose_accel
+from roam.hypervisor.qemu.cmdline import Disk, QemuConfig, qemu_argv
 
 BOOT_TIMEOUT = 240.0
 

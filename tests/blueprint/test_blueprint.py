@@ -17,7 +17,7 @@ from roam.blueprint.build import copy_file
 from roam.blueprint.initramfs import Cpio
 from roam.blueprint.spec import file_sha256
 from roam.blueprint.tools import PACKAGE_OF, which
-from roam.vm.qemu_cmd import FileDisk, NbdDisk, disk_from_uri
+from roam.hypervisor.qemu.cmdline import FileDisk, NbdDisk, disk_from_uri
 from tests.blueprint.boot import booted, short_dir
 
 

@@ -1,4 +1,5 @@
-"""A Linux guest on both exposures at once, as the runtime sets it up (roam.vm.devices).
+"""A Linux guest on both exposures at once, as the QEMU driver sets it up
+(roam.hypervisor.qemu.exposure).
 
 The blueprint guest boots with its memory on a FUSE file and its root disk served by our
 own NBD server (QEMU's built-in NBD client connects over a UNIX socket). Both devices are
@@ -23,12 +24,12 @@ from qemu.qmp import QMPClient
 
 from roam.blueprint import Blueprint
 from roam.blueprint.build import copy_file
+from roam.hypervisor.qemu.exposure import exposed
 from roam.storage.dirty import DirtyTracker
 from roam.storage.metrics import Metrics
 from roam.storage.provider import DEFAULT_BLOCK_SIZE
 from roam.storage.sources import FileSource
 from roam.storage.volatility import VolatilityMonitor
-from roam.vm.devices import exposed
 from tests.blueprint.boot import booted, short_dir
 from tests.exposure.helpers import ram_ranges
 

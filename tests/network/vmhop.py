@@ -21,17 +21,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from roam.guest.client import GuestClient, fresh_session
+from roam.hypervisor import Nic
+from roam.hypervisor.accel import Accel
+from roam.hypervisor.qemu.cmdline import FileDisk, QemuConfig
+from roam.hypervisor.qemu.machine import announce, nic_args
+from roam.hypervisor.qemu.process import QemuVM
 from roam.network import overlay
 from roam.network.forward import PortForward
 from roam.network.registry import Registry
 from roam.network.vmnet import HostNetwork, Segment, VmNetwork
 from roam.storage.sources import SparseFileSource
-from roam.vm.accel import Accel
-from roam.vm.machine import Netdev, nic_args
 from roam.vm.package import Package
-from roam.vm.qemu import QemuVM
-from roam.vm.qemu_cmd import FileDisk, QemuConfig
-from roam.vm.runner import connect_agent
 from tests.blueprint.boot import short_dir
 from tests.network.lab import Lab
 
@@ -139,7 +140,7 @@ class MovingVM:
         net = await self.hosts[role].runner(self.name, self.segment(role))
         assert net.tap_fd is not None
         workdir = self._dirs.enter_context(short_dir())
-        qemu = QemuVM(self._config(workdir, Netdev.tap(net.tap_fd)), workdir / "qemu.log")
+        qemu = QemuVM(self._config(workdir, Nic.tap(net.tap_fd)), workdir / "qemu.log")
         try:
             await qemu.start(incoming=True)
         except BaseException:
@@ -147,7 +148,7 @@ class MovingVM:
             raise
         return net, qemu
 
-    def _config(self, workdir: Path, netdev: Netdev) -> QemuConfig:
+    def _config(self, workdir: Path, nic: Nic) -> QemuConfig:
         config = self.package.config
         files = self.package.directory
         return QemuConfig(
@@ -160,7 +161,7 @@ class MovingVM:
             console_log=workdir / "console.log",
             accel=Accel(config.accel, "the package was snapshotted under it"),
             cpus=config.cpus, machine=config.machine, cpu_model=config.cpu_model,
-            extra_args=nic_args(config.mac, netdev), pass_fds=netdev.pass_fds)
+            extra_args=nic_args(config.mac, nic), pass_fds=(nic.tap_fd,) if nic.tap_fd else ())
 
     def _state(self, name: str, create: bool) -> SparseFileSource:
         return SparseFileSource(self.state_dir / name, self.package.config.state_size,
@@ -177,17 +178,21 @@ class MovingVM:
         finally:
             await state.close()
         await self.qemu.resume()
-        await overlay.announce(self.qemu)
-        agent = await self.qemu.guard(connect_agent(self.qemu.config.agent_socket))
+        await announce(self.qemu)
+        agent = await self.qemu.guard(fresh_session(self._agent_connect))
         try:
             await self.qemu.guard(agent.after_resume())
         finally:
             await agent.close()
 
+    async def _agent_connect(self) -> GuestClient:
+        assert self.qemu is not None
+        return await GuestClient.connect(self.qemu.config.agent_socket)
+
     async def guest_sh(self, command: str) -> str:
         """Run `command` in the guest (where it runs now); its stdout."""
         assert self.qemu is not None
-        agent = await self.qemu.guard(connect_agent(self.qemu.config.agent_socket))
+        agent = await self.qemu.guard(fresh_session(self._agent_connect))
         try:
             result = await agent.exec(["sh", "-c", command])
         finally:
@@ -213,7 +218,7 @@ class MovingVM:
             await dest_qemu.load_state(state)
             await dest_qemu.resume()
             resumed = time.monotonic()
-            await overlay.announce(dest_qemu)
+            await announce(dest_qemu)
         finally:
             await state.close()
         hop = Hop(self.where, dest, 1000 * (resumed - paused), 1000 * (prepared - started),

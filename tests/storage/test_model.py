@@ -9,9 +9,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from roam.storage.cow import CopyOnWrite
 from roam.storage.dirty import DirtyTracker
 from roam.storage.metrics import Metrics
-from roam.storage.overlay import CowOverlay
 from roam.storage.provider import Provider
 from roam.storage.sources import FileSource, MemorySource, SparseFileSource
 from roam.storage.volatility import VolatilityMonitor
@@ -104,8 +104,8 @@ def test_overlay_matches_model(program: list[tuple[str, tuple[int, int], int]],
             d = Path(tmp)
             (d / "base").write_bytes(base_content)
 
-            def open_overlay() -> CowOverlay:
-                return CowOverlay(FileSource(d / "base", readonly=True),
+            def open_overlay() -> CopyOnWrite:
+                return CopyOnWrite(FileSource(d / "base", readonly=True),
                                   SparseFileSource(d / "upper", SIZE, block_size=BS),
                                   d / "map", BS)
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from roam.network.forward import PortForward
+from roam.hypervisor import Nic, device_state
+from roam.hypervisor.qemu.machine import nic_args
 from roam.storage.sources import MemorySource
-from roam.vm import archive, state
-from roam.vm.machine import Netdev, nic_args
+from roam.vm import archive
+from roam.vm.group import COW_BLOCK
 from roam.vm.package import Package, PackageConfig, PackageError
-from roam.vm.runner import JOURNAL, MAP, OVERLAY_BLOCK, UPPER, commit, recover
+from roam.vm.runner import JOURNAL, MAP, UPPER, commit, recover
 
 MIB = 1 << 20
 
@@ -29,7 +30,7 @@ def fake_package(directory: Path) -> Package:
         created=datetime.datetime.now(datetime.UTC), blueprint="b" * 32, cmdline="console=ttyS0",
         memory_mib=1, cpus=1, machine="q35", cpu_model="max", accel="tcg",
         qemu_version="7.2", mac="52:54:00:00:00:01", state_size=64 * 1024,
-        disk_size=2 * OVERLAY_BLOCK)
+        disk_size=2 * COW_BLOCK)
     for name in ("vmlinuz", "initramfs.img"):
         (directory / name).write_bytes(name.encode() * 100)
     with (directory / "memory.img").open("wb") as f:
@@ -98,41 +99,41 @@ def test_extract_refuses_a_truncated_archive(tmp_path: Path) -> None:
 
 async def test_state_device_length_prefix() -> None:
     device = MemorySource(1 * MIB)
-    with pytest.raises(state.StateError, match="no saved state"):
-        await state.state_length(device)
+    with pytest.raises(device_state.StateError, match="no saved state"):
+        await device_state.state_length(device)
     reader = asyncio.StreamReader()
     payload = bytes(range(256)) * 3000
     reader.feed_data(payload)
     reader.feed_eof()
-    assert await state.write_state(device, reader) == len(payload)
-    assert b"".join([c async for c in state.read_state(device)]) == payload
+    assert await device_state.write_state(device, reader) == len(payload)
+    assert b"".join([c async for c in device_state.read_state(device)]) == payload
     too_big = asyncio.StreamReader()
     too_big.feed_data(bytes(MIB))
     too_big.feed_eof()
-    with pytest.raises(state.StateError, match="exceeds"):
-        await state.write_state(device, too_big)
-    with pytest.raises(state.StateError):  # the failed save cleared the old header
-        await state.state_length(device)
+    with pytest.raises(device_state.StateError, match="exceeds"):
+        await device_state.write_state(device, too_big)
+    with pytest.raises(device_state.StateError):  # the failed save cleared the old header
+        await device_state.state_length(device)
 
 
 async def test_interrupted_commit_is_finished(tmp_path: Path) -> None:
     package = fake_package(tmp_path / "pkg")
     rundir = tmp_path / "run"
     rundir.mkdir()
-    for name, size in (("memory.img", MIB), ("disk.img", 2 * OVERLAY_BLOCK),
+    for name, size in (("memory.img", MIB), ("disk.img", 2 * COW_BLOCK),
                        ("state.img", 64 * 1024)):
         upper = bytearray(size)
-        upper[OVERLAY_BLOCK - 3:OVERLAY_BLOCK + 3] = b"NEWNEW"
+        upper[COW_BLOCK - 3:COW_BLOCK + 3] = b"NEWNEW"
         (rundir / (name + UPPER)).write_bytes(upper)
-        written = bytearray(size // OVERLAY_BLOCK)
+        written = bytearray(size // COW_BLOCK)
         written[0] = 1  # only the first block was written in the run
         (rundir / (name + MAP)).write_bytes(written)
     (package.path(JOURNAL)).write_text(json.dumps({"run": str(rundir)}))
     await recover(package.directory)
     assert not package.path(JOURNAL).exists()
     disk = package.path("disk.img").read_bytes()
-    assert disk[OVERLAY_BLOCK - 3:OVERLAY_BLOCK + 3] == b"NEW" + bytes(range(3))
-    assert await commit(package, rundir) == 2 * OVERLAY_BLOCK + 64 * 1024  # idempotent
+    assert disk[COW_BLOCK - 3:COW_BLOCK + 3] == b"NEW" + bytes(range(3))
+    assert await commit(package, rundir) == 2 * COW_BLOCK + 64 * 1024  # idempotent
 
     (package.path(JOURNAL)).write_text(json.dumps({"run": str(tmp_path / "gone")}))
     with pytest.raises(PackageError, match="restore the package from its archive"):
@@ -140,13 +141,9 @@ async def test_interrupted_commit_is_finished(tmp_path: Path) -> None:
 
 
 def test_nic_backends() -> None:
-    """A tap is handed over by descriptor; the user-mode backend keeps the peer's forwards;
-    snapshots use a backend that saves no state of its own."""
+    """A tap is handed over by descriptor; snapshots use a backend that saves no state of
+    its own (a hub port leading nowhere)."""
     mac = "52:54:00:00:00:01"
-    tap = Netdev.tap(7)
-    assert nic_args(mac, tap) == ["-netdev", "tap,fd=7,id=net0",
-                                  "-device", f"virtio-net-pci,netdev=net0,mac={mac}"]
-    assert tap.pass_fds == (7,)
-    user = Netdev.user([PortForward(8080, 80), PortForward.parse("0.0.0.0:53:53/udp")])
-    assert user.spec == "user,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:0.0.0.0:53-:53"
-    assert Netdev.detached().pass_fds == ()
+    assert nic_args(mac, Nic.tap(7)) == ["-netdev", "tap,fd=7,id=net0",
+                                         "-device", f"virtio-net-pci,netdev=net0,mac={mac}"]
+    assert nic_args(mac, Nic.detached())[1] == "hubport,hubid=0,id=net0"

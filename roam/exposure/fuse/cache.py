@@ -94,6 +94,9 @@ class PageCacheFeeder:
         if self._last is not None:
             await asyncio.wait([self._last])
         await asyncio.to_thread(self._thread.shutdown)
+        log.info("page cache of %s: %.0f MiB stored (%.0f MiB before anyone held the file), "
+                 "%.1f MiB invalidated", self.path, self.stored / 2**20, self.skipped / 2**20,
+                 self.invalidated / 2**20)
         if self._error is not None:
             raise PageCacheError(f"page cache of {self.path}: {self._error}") from self._error
 

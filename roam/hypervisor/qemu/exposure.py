@@ -13,8 +13,8 @@ from pathlib import Path
 
 from roam.exposure.fuse import FuseMount
 from roam.exposure.nbd.server import Export, NBDServer
+from roam.hypervisor.qemu.cmdline import NbdDisk
 from roam.storage.provider import Provider
-from roam.vm.qemu_cmd import NbdDisk
 
 MEMORY_FILE = "memory"
 MOUNT_DIR = "fuse"

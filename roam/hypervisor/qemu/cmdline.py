@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from roam.guest.agent import PORT_NAME
-from roam.vm.accel import Accel
+from roam.hypervisor.accel import Accel
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("roam.vm")
+log = logging.getLogger("roam.hypervisor")
 
 KVM_DEVICE = "/dev/kvm"
 KVM_GET_API_VERSION = 0xAE00

@@ -21,7 +21,7 @@ from roam.storage.provider import (
 )
 
 
-class CowOverlay:
+class CopyOnWrite:
     def __init__(self, base: Provider, upper: Provider, map_path: str | Path,
                  block_size: int) -> None:
         check_block_size(block_size)

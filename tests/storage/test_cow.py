@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from roam.storage.cow import CopyOnWrite
 from roam.storage.gate import Gate
-from roam.storage.overlay import CowOverlay
 from roam.storage.provider import StorageError
 from roam.storage.sources import FileSource, MemorySource
 
@@ -25,8 +25,8 @@ def base_file(tmp_path: Path) -> tuple[Path, bytes]:
     return path, content
 
 
-def _open(tmp_path: Path, base: Path) -> CowOverlay:
-    return CowOverlay(FileSource(base, readonly=True),
+def _open(tmp_path: Path, base: Path) -> CopyOnWrite:
+    return CopyOnWrite(FileSource(base, readonly=True),
                       FileSource(tmp_path / "upper.img", SIZE, create=True),
                       tmp_path / "upper.map", BS)
 
@@ -91,11 +91,11 @@ async def test_map_of_wrong_size_is_refused(tmp_path: Path,
 
 async def test_sizes_must_match() -> None:
     with pytest.raises(StorageError):
-        CowOverlay(MemorySource(BS), MemorySource(2 * BS), "/nonexistent/map", BS)
+        CopyOnWrite(MemorySource(BS), MemorySource(2 * BS), "/nonexistent/map", BS)
 
 
 async def test_write_out_of_range(tmp_path: Path) -> None:
-    ov = CowOverlay(MemorySource(BS), MemorySource(BS), tmp_path / "m", BS)
+    ov = CopyOnWrite(MemorySource(BS), MemorySource(BS), tmp_path / "m", BS)
     with pytest.raises(StorageError):
         await ov.write_at(BS - 1, b"xy")
     with pytest.raises(StorageError):
@@ -109,7 +109,7 @@ async def test_write_during_slow_copy_up_is_not_lost(tmp_path: Path) -> None:
     base_src = MemorySource(2 * BS)
     await base_src.write_at(0, b"B" * (2 * BS))
     base = Gate(base_src)  # lets the test hold base reads
-    ov = CowOverlay(base, MemorySource(2 * BS), tmp_path / "m", BS)
+    ov = CopyOnWrite(base, MemorySource(2 * BS), tmp_path / "m", BS)
     await base.lock(reads=True)
     partial = asyncio.create_task(ov.write_at(10, b"p"))
     for _ in range(5):

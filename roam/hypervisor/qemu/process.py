@@ -1,10 +1,10 @@
-"""The QEMU driver: one guest process, controlled over QMP.
+"""One QEMU process, controlled over QMP.
 
-The interface is what a snapshot, a runner or a migration needs and no more: start
-(cold, or waiting for incoming state), pause, resume, save and load the device state,
-stop, and notice when QEMU dies under us. Guest memory is never copied by QEMU: the
-`x-ignore-shared` capability leaves the shared memory-backend-file out of the migration
-stream, since that memory already is an engine device.
+What the driver's Machine needs and no more: start (cold, or waiting for incoming
+state), pause, resume, save and load the device state, stop, and notice when QEMU dies
+under us. Guest memory is never copied by QEMU: the `x-ignore-shared` capability leaves
+the shared memory-backend-file out of the migration stream, since that memory already is
+an engine device. Benchmarks and tests also drive it directly on plain files.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any, TypeVar, cast
 
 from qemu.qmp import EventListener, QMPClient, QMPError
 
+from roam.hypervisor import device_state
+from roam.hypervisor.driver import HypervisorError, MachineExited
+from roam.hypervisor.qemu.cmdline import QemuConfig, qemu_argv
 from roam.storage.provider import Provider
-from roam.vm import state
-from roam.vm.qemu_cmd import QemuConfig, qemu_argv
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +34,8 @@ STATE_TIMEOUT = 120.0
 STOP_TIMEOUT = 10.0
 
 
-class QemuError(Exception):
+class QemuError(HypervisorError):
     """QEMU refused a command, failed a migration, or is not running."""
-
-
-class QemuExited(QemuError):
-    """QEMU ended while the VM was supposed to be running."""
-
-    def __init__(self, returncode: int, log_tail: str) -> None:
-        how = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
-        super().__init__(f"QEMU exited unexpectedly ({how})"
-                         + (f": {log_tail}" if log_tail else ""))
-        self.returncode = returncode
 
 
 class QemuVM:
@@ -110,7 +101,7 @@ class QemuVM:
             quiet.setLevel(saved_level)
 
     async def guard(self, awaitable: Awaitable[T]) -> T:
-        """Await `awaitable`, raising QemuExited instead if QEMU ends first."""
+        """Await `awaitable`, raising MachineExited instead if QEMU ends first."""
         if self._exited is None:
             raise QemuError("QEMU is not started")
         task = asyncio.ensure_future(awaitable)
@@ -122,17 +113,17 @@ class QemuVM:
             await task
         raise self._exit_error()
 
-    async def wait_exit(self) -> QemuExited:
+    async def wait_exit(self) -> MachineExited:
         """Return (not raise) the error once QEMU has ended: the runner's kill detection."""
         if self._exited is None:
             raise QemuError("QEMU is not started")
         await asyncio.shield(self._exited)
         return self._exit_error()
 
-    def _exit_error(self) -> QemuExited:
+    def _exit_error(self) -> MachineExited:
         assert self._exited is not None
         tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
-        return QemuExited(self._exited.result(), " / ".join(tail))
+        return MachineExited(self._exited.result(), " / ".join(tail), "QEMU")
 
     async def command(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
         try:
@@ -158,7 +149,7 @@ class QemuVM:
         async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 if not received.done():
-                    received.set_result(await state.write_state(device, reader))
+                    received.set_result(await device_state.write_state(device, reader))
             except Exception as exc:
                 if not received.done():
                     received.set_exception(exc)
@@ -166,7 +157,7 @@ class QemuVM:
                 writer.close()
 
         path = self._state_socket()
-        server = await asyncio.start_unix_server(receive, str(path), limit=state.CHUNK)
+        server = await asyncio.start_unix_server(receive, str(path), limit=device_state.CHUNK)
         self._migration_events.clear()
         try:
             await self.command("migrate", {"uri": f"unix:{path}"})
@@ -182,13 +173,13 @@ class QemuVM:
 
         The VM stays paused: call resume() when its devices are ready.
         """
-        length = await state.state_length(device)
+        length = await device_state.state_length(device)
         path = self._state_socket()
         self._migration_events.clear()
         await self.command("migrate-incoming", {"uri": f"unix:{path}"})
         _, writer = await self.guard(asyncio.open_unix_connection(str(path)))
         try:
-            async for chunk in state.read_state(device):
+            async for chunk in device_state.read_state(device):
                 writer.write(chunk)
                 await self.guard(writer.drain())
         finally:

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from roam.blueprint import Blueprint
-from roam.vm import accel
+from roam.hypervisor import accel
 
 
 def test_choice_comes_from_a_test_boot_and_is_remembered(
         blueprint: Blueprint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.delenv("ROAM_ACCEL", raising=False)
-    caplog.set_level(logging.INFO, logger="roam.vm")
+    caplog.set_level(logging.INFO, logger="roam.hypervisor")
     first = accel.choose_accel(blueprint.kernel, blueprint.initramfs, tmp_path)
     assert first.name in ("kvm", "tcg")
     assert f"accelerator: {first.name}" in caplog.text

@@ -1,0 +1,146 @@
+"""Migration in: receive a VM's device group, start its machine early, take authority.
+
+The devices are WaitingCaches as soon as the group is announced; once `vm.json` is
+readable the instance exists (its control socket answers), the kernel files are read
+out, and the machine starts waiting for its device state (`prepare`, after which the
+destination sends PREPARED so the source may pause). Until the guest runs, memory blocks
+go straight into the memory the machine will map (the driver's memory feeder). At
+authority the device state from the payload is written into the state device, loaded,
+and the guest runs; the rest streams in behind it (post-copy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from roam.errors import ErrorCode
+from roam.hypervisor import HypervisorError, MemoryFeeder
+from roam.migration.channel import Channel
+from roam.migration.destination import Destination, NewDevice
+from roam.migration.errors import Decline
+from roam.migration.wire import DeviceSpec
+from roam.peer.errors import PeerError
+from roam.peer.instance import Instance, stacks
+from roam.peer.network import NetConfig
+from roam.peer.outgoing import memory_digest
+from roam.storage.provider import Provider
+from roam.storage.sources import SparseFileSource
+from roam.storage.waiting import WaitingCache, block_runs
+from roam.vm import group
+from roam.vm.group import Device
+from roam.vm.states import VMState
+
+log = logging.getLogger(__name__)
+
+
+class Incoming:
+    """Receive a VM into `workdir`. `name` and `publish` replace the sender's (a
+    registry's package has neither)."""
+
+    def __init__(self, channel: Channel, workdir: Path, netconf: NetConfig,
+                 name: str | None = None, publish: list[str] | None = None) -> None:
+        self.workdir = workdir
+        self.netconf = netconf
+        self.overrides: dict[str, Any] = {}
+        if name is not None:
+            self.overrides["name"] = name
+        if publish is not None:
+            self.overrides["publish"] = publish
+        self.destination = Destination(channel, self._make, self._authority, prepares=True)
+        self.instance: Instance | None = None
+        self.prepared: asyncio.Task[None] | None = None
+        self.started = asyncio.Event()  # `prepared` exists
+        self.resumed = asyncio.Event()
+        self._feeder: MemoryFeeder | None = None
+
+    def fill_memory(self) -> None:
+        """Until the VM resumes, memory blocks go into the memory the machine maps as they
+        arrive, and blocks the source sends again are invalidated there: the resumed
+        guest then faults on almost nothing."""
+        assert self.instance is not None
+        feeder = self.instance.vm.machine.memory_feeder()
+        if feeder is None:
+            return
+        cache = self.destination.devices[Device.MEMORY]
+        size = cache.block_size
+
+        def stale(blocks: list[int]) -> None:
+            for first, count in block_runs(blocks):
+                feeder.invalidate(first * size, count * size)
+
+        cache.on_arrived = feeder.store
+        cache.on_stale = stale
+        self._feeder = feeder
+
+    async def _stop_filling(self) -> None:
+        """Before the guest runs: after that, its own pages must not be replaced."""
+        if self._feeder is None:
+            return
+        cache = self.destination.devices[Device.MEMORY]
+        cache.on_arrived = cache.on_stale = None
+        feeder, self._feeder = self._feeder, None
+        await feeder.close()
+
+    async def _make(self, spec: DeviceSpec) -> NewDevice:
+        group.device(spec.name)  # a VM's device, or the group is refused
+        return NewDevice(SparseFileSource(self.workdir / f"{spec.name}.img", spec.size))
+
+    async def setup(self) -> Instance:
+        """Once the devices exist: stacks over the waiting caches (with dirty trackers from
+        the start, so the VM can move on later) and the vm.json spec."""
+        caches = self.destination.devices
+        spec = await group.read_spec(caches[Device.SPEC])  # asks first for missing blocks
+        providers: dict[str, Provider] = dict(caches)
+        self.instance = Instance(self.workdir, spec, self.workdir / "files", stacks(providers),
+                                 self.netconf, VMState.INCOMING)
+        if self.overrides:
+            spec = spec.model_copy(update=self.overrides)
+            self.instance.spec = spec
+            await self.instance.tracker(Device.SPEC).write_at(0, spec.device_bytes())
+        return self.instance
+
+    async def prepare(self) -> None:
+        """Kernel files out of their devices, then the network and the machine waiting for
+        the state; then the source may pause the VM (PREPARED names our overlay address)."""
+        assert self.instance is not None
+        files = self.instance.files
+        files.mkdir(exist_ok=True)
+        names = group.package_files(self.instance.spec.config)
+        for dev in (Device.KERNEL, Device.INITRAMFS):
+            if dev in names:
+                cache = self.destination.devices[dev]
+                (files / names[dev]).write_bytes(bytes(await cache.read_at(0, cache.size())))
+        await self.instance.start_machine()
+        self.destination.prepared(json.dumps({"underlay": self.netconf.underlay}).encode())
+
+    async def _authority(self, payload: bytes, _: dict[str, WaitingCache]) -> None:
+        await self.started.wait()
+        instance = self.instance
+        assert instance is not None and self.prepared is not None
+        try:
+            handover = group.read_authority(payload)
+            await self.prepared
+            await self._stop_filling()
+            await group.store_state(handover, instance.tracker(Device.STATE))
+            expected = handover.authority.memory_blake3
+            if expected is not None:
+                if await memory_digest(self.destination.devices[Device.MEMORY]) != expected:
+                    raise PeerError("memory differs from the source's at its pause",
+                                    code=ErrorCode.INTEGRITY)
+                instance.info["memory_checked"] = True
+            resumed = await instance.load_and_resume()
+        except Exception as exc:
+            log.warning("cannot resume the incoming VM: %s", exc, exc_info=True)
+            raise Decline(f"destination cannot resume the VM: {exc}") from exc
+        try:
+            await instance.vm.machine.announce()
+        except HypervisorError as exc:  # the guest runs; others learn its place when it talks
+            log.warning("announce failed: %s", exc)
+        stop_wall = handover.authority.stop_wall
+        instance.info["downtime_ms"] = (resumed.wall - stop_wall) * 1000 if stop_wall else None
+        instance.info["resumed_at"] = resumed.wall
+        self.resumed.set()
