@@ -25,7 +25,7 @@ from typing import TypeVar
 import uvloop
 
 from roam.migration.channel import Address, Channel, FrameProtocol, TLSFiles, connect
-from roam.network.registry import state_dir as net_state_dir
+from roam.network.leases import state_dir as net_state_dir
 from roam.peer.instance import Incoming, Instance, PeerError, from_package
 from roam.peer.network import NetConfig, OverlaySpec
 from roam.vm import control

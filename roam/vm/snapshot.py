@@ -19,6 +19,7 @@ from pathlib import Path
 from roam.blueprint import Blueprint, cache_root
 from roam.blueprint.build import copy_file
 from roam.guest.client import GuestAgentError, GuestClient
+from roam.network.guest import KERNEL_ARGS as GUEST_KERNEL_ARGS
 from roam.storage.provider import Provider
 from roam.storage.sources import SparseFileSource
 from roam.vm import package as pkg
@@ -83,7 +84,7 @@ async def _snapshot(blueprint: Blueprint, out: Path, options: SnapshotOptions) -
     config = pkg.PackageConfig(
         created=datetime.datetime.now(datetime.UTC),
         blueprint=blueprint.hash,
-        cmdline=f"{blueprint.cmdline} {pkg.GUEST_NET}",
+        cmdline=f"{blueprint.cmdline} {GUEST_KERNEL_ARGS}",
         memory_mib=options.memory_mib,
         cpus=options.cpus,
         machine=options.machine,
