@@ -27,14 +27,30 @@ for pkg in "${APT_PACKAGES[@]}"; do
 done
 
 # Python packages go into the project's own virtualenv so the host's packages never
-# conflict with our pins.
+# conflict with ours: exactly the versions of requirements.lock, checked against its
+# hashes, then roam itself (editable, without resolving anything again). The stamp holds
+# the hash of the lock and pyproject.toml, so any change to either installs again, and a
+# package the lock no longer names is removed.
 VENV=.venv
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
-  touch "$VENV/.installed"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+stamp=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$stamp" ]; then
+  echo "installing Python packages from requirements.lock"
+  "${PIP[@]}" install -q --require-hashes -r requirements.lock
+  "${PIP[@]}" install -q --no-deps -e .
+  normalise() { sed -n 's/^\([A-Za-z0-9._-]*\)==.*/\1/p' | tr 'A-Z_.' 'a-z--' | sort -u; }
+  stale=$(comm -13 <(normalise < requirements.lock) \
+                   <("${PIP[@]}" freeze --exclude-editable | normalise))
+  if [ -n "$stale" ]; then
+    echo "removing Python packages no longer locked: $stale"
+    # shellcheck disable=SC2086  # one package name per word
+    "${PIP[@]}" uninstall -q -y $stale
+  fi
+  echo "$stamp" > "$VENV/.installed"
 fi
-"$VENV/bin/python" -m pip check
-"$VENV/bin/python" -c 'import roam, pyfuse3, xxhash, blake3, zstandard, lz4, uvloop, typer, qemu.qmp'
+"${PIP[@]}" check
+"$VENV/bin/python" -c 'import roam, pyfuse3, xxhash, blake3, zstandard, lz4, uvloop, typer, qemu.qmp
+import fastapi, uvicorn, httpx, httpx_sse, numpy'

@@ -9,14 +9,13 @@
 - runner: a host where the migratable VM runs (or is about to). Namespace with a bridge
   joining the tap and the segment; no address, no NAT.
 
-Every role starts with a record on disk (registry.py) and ends with `down`, which removes
+Every role starts with a lease on disk (leases.py) and ends with `down`, which removes
 the namespace (its devices go with it, the veth's host end too) and the host's nft table.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import re
@@ -27,9 +26,9 @@ from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
 
 from roam.network import nat, ns
 from roam.network.forward import PortForward
-from roam.network.registry import Record, Registry, Transit
+from roam.network.guest import GATEWAY, GUEST
+from roam.network.leases import Lease, Leases, Transit
 from roam.network.tap import QUEUE_LEN, open_tap
-from roam.vm.package import GUEST_NET
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +39,6 @@ VXLAN = "vx0"
 VXLAN_PORT = 4789
 ZERO_MAC = "00:00:00:00:00:00"
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
-
-
-def _guest_net() -> tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface]:
-    """The guest's address and its gateway's, as every package's kernel command line sets."""
-    args = dict(word.split("=", 1) for word in GUEST_NET.split())
-    guest = ipaddress.IPv4Interface(args["roam.ip"])
-    return guest, ipaddress.IPv4Interface(f"{args['roam.gw']}/{guest.network.prefixlen}")
-
-
-GUEST, GATEWAY = _guest_net()
 
 
 @dataclass(frozen=True)
@@ -77,14 +66,14 @@ class Segment:
 class VmNetwork:
     """One VM's network on this host; `tap_fd` is for QEMU (`-netdev tap,fd=`)."""
 
-    record: Record
+    lease: Lease
     transit: Transit | None
     tap_fd: int | None = None
     forwards: list[PortForward] = field(default_factory=list)
 
     @property
     def netns(self) -> str:
-        return self.record.netns
+        return self.lease.netns
 
 
 class HostNetwork:
@@ -96,11 +85,11 @@ class HostNetwork:
     when it is not this process's own (tests simulate hosts that way).
     """
 
-    def __init__(self, registry: Registry | None = None, prefix: str = "roam",
+    def __init__(self, leases: Leases | None = None, prefix: str = "roam",
                  netns: str | None = None) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", prefix):
             raise ValueError(f"bad network prefix {prefix!r}: 1 to 8 lowercase letters/digits")
-        self.registry = registry or Registry()
+        self.leases = leases or Leases()
         self.prefix = prefix
         self.netns = netns
 
@@ -122,41 +111,41 @@ class HostNetwork:
         if net.tap_fd is not None:
             os.close(net.tap_fd)
             net.tap_fd = None
-        await asyncio.to_thread(self._down, net.record)
+        await asyncio.to_thread(self._down, net.lease)
 
     async def sweep(self) -> list[str]:
         """Remove what crashed owners left behind; the VMs whose networks were removed."""
         return await asyncio.to_thread(self._sweep)
 
     def _sweep(self) -> list[str]:
-        with self.registry.locked():
-            stale = [r for r in self.registry.records() if not r.owner.alive()]
-        for record in stale:
+        with self.leases.locked():
+            stale = [lease for lease in self.leases.all() if not lease.owner.alive()]
+        for lease in stale:
             log.warning("removing the network that a crashed process (pid %d) left for %s",
-                        record.owner.pid, record.vm)
-            self._down(record)
-        return [r.vm for r in stale]
+                        lease.owner.pid, lease.vm)
+            self._down(lease)
+        return [lease.vm for lease in stale]
 
-    def _down(self, record: Record) -> None:
-        with self.registry.locked():
-            nat.delete_table(self.netns, record.table)
+    def _down(self, lease: Lease) -> None:
+        with self.leases.locked():
+            nat.delete_table(self.netns, lease.table)
             # The kernel tears a removed namespace down later, in the background; delete
             # what the host can see of it now, so the names and ports are free at once.
             with self._host() as host:
-                for index in host.link_lookup(ifname=self._host_link(record)):
+                for index in host.link_lookup(ifname=self._host_link(lease)):
                     host.link("del", index=index)  # the veth: both ends go
-            _delete_vxlan(record.netns)
-            ns.remove(record.netns)
-            self.registry.release(record.vm)
+            _delete_vxlan(lease.netns)
+            ns.remove(lease.netns)
+            self.leases.release(lease.vm)
 
     def _up(self, vm: str, forwards: list[PortForward], segment: Segment | None, *,
             uplink: bool, tap: bool) -> VmNetwork:
         if not _NAME.fullmatch(vm):
             raise ValueError(f"VM name {vm!r}: networking needs 1 to 40 of [A-Za-z0-9_.-]")
         name = f"{self.prefix}-{vm}"
-        with self.registry.locked():
-            record = self.registry.claim(vm, name, name)
-        net = VmNetwork(record, self.registry.transit(record.slot) if uplink else None,
+        with self.leases.locked():
+            lease = self.leases.claim(vm, name, name)
+        net = VmNetwork(lease, self.leases.transit(lease.slot) if uplink else None,
                         forwards=forwards)
         try:
             ns.create(name)
@@ -167,36 +156,36 @@ class HostNetwork:
             if tap:
                 net.tap_fd = self._tap(name, address=segment is None, segment=segment)
             if net.transit is not None:
-                self._uplink(record, net.transit, forwards)
+                self._uplink(lease, net.transit, forwards)
         except BaseException:
             if net.tap_fd is not None:
                 os.close(net.tap_fd)
-            self._down(record)
+            self._down(lease)
             raise
         return net
 
-    def _host_link(self, record: Record) -> str:
-        return f"{self.prefix}{record.slot}"
+    def _host_link(self, lease: Lease) -> str:
+        return f"{self.prefix}{lease.slot}"
 
-    def _uplink(self, record: Record, transit: Transit, forwards: list[PortForward]) -> None:
-        link = self._host_link(record)
+    def _uplink(self, lease: Lease, transit: Transit, forwards: list[PortForward]) -> None:
+        link = self._host_link(lease)
         with self._host() as host:
             host.link("add", ifname=link, kind="veth",
-                      peer={"ifname": UPLINK, "net_ns_fd": record.netns})
+                      peer={"ifname": UPLINK, "net_ns_fd": lease.netns})
             index = host.link_lookup(ifname=link)[0]
             host.addr("add", index=index, address=str(transit.host),
                       prefixlen=transit.prefixlen)
             host.link("set", index=index, state="up")
-        with IPRoute(netns=record.netns) as inner:
+        with IPRoute(netns=lease.netns) as inner:
             index = inner.link_lookup(ifname=UPLINK)[0]
             inner.addr("add", index=index, address=str(transit.ns), prefixlen=transit.prefixlen)
             inner.link("set", index=index, state="up")
             inner.route("add", dst="0.0.0.0/0", gateway=str(transit.host))
         ns.sysctl(self.netns, "net/ipv4/ip_forward", "1")
         ns.sysctl(self.netns, f"net/ipv4/conf/{link}/route_localnet", "1")
-        ns.sysctl(record.netns, "net/ipv4/ip_forward", "1")
-        nat.load(record.netns, nat.ns_ruleset(UPLINK, transit.ns, GUEST.ip))
-        nat.load(self.netns, nat.host_ruleset(record.table, link, transit.ns, forwards))
+        ns.sysctl(lease.netns, "net/ipv4/ip_forward", "1")
+        nat.load(lease.netns, nat.ns_ruleset(UPLINK, transit.ns, GUEST.ip))
+        nat.load(self.netns, nat.host_ruleset(lease.table, link, transit.ns, forwards))
 
     def _segment(self, name: str, segment: Segment, *, gateway_addr: bool) -> None:
         """Bridge + VXLAN in the namespace; the VXLAN's socket stays in the host's.

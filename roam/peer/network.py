@@ -19,17 +19,17 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from roam.network.forward import PortForward
+from roam.network.leases import Leases
 from roam.network.overlay import OverlaySpec
-from roam.network.registry import Registry
 from roam.network.vmnet import HostNetwork, Segment, VmNetwork
 
-PEER_POOL = "10.232.0.0/16"  # transit subnets; not `roam run`'s (registry.DEFAULT_POOL)
+PEER_POOL = "10.232.0.0/16"  # transit subnets; not `roam run`'s (leases.DEFAULT_POOL)
 
 
 class NetConfig(BaseModel):
     """What `roam peer serve` was told about this host's networks (passed to workers)."""
 
-    directory: Path  # the registry: records of what exists
+    directory: Path  # the leases: what exists of each VM's network
     prefix: str  # names of namespaces, links and nft tables; unique per peer on a machine
     pool: str = PEER_POOL
     underlay: str | None = None  # this host's address for VXLAN, if it is on an overlay
@@ -42,7 +42,7 @@ class NetConfig(BaseModel):
         return "r" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:5]
 
     def host(self) -> HostNetwork:
-        return HostNetwork(Registry(self.directory, self.pool), prefix=self.prefix)
+        return HostNetwork(Leases(self.directory, self.pool), prefix=self.prefix)
 
     def segment(self, overlay: OverlaySpec) -> Segment:
         if self.underlay is None:

@@ -25,8 +25,8 @@ from typing import TypeVar
 import uvloop
 
 from roam.migration.channel import Address, Channel, FrameProtocol, TLSFiles, connect
+from roam.network.leases import state_dir as net_state_dir
 from roam.network.overlay import OverlaySpec
-from roam.network.registry import state_dir as net_state_dir
 from roam.peer.errors import PeerError
 from roam.peer.incoming import Incoming
 from roam.peer.instance import Instance, from_package

@@ -24,8 +24,6 @@ INITRAMFS = "initramfs.img"
 DISK = "disk.img"
 MEMORY = "memory.img"
 STATE = "state.img"
-GUEST_NET = "roam.ip=10.0.2.15/24 roam.gw=10.0.2.2"
-"""Kernel arguments that address eth0 on QEMU's user-mode network (roam-init reads them)."""
 
 
 class PackageError(RoamError):

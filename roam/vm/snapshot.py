@@ -23,6 +23,7 @@ from roam.errors import RoamError
 from roam.guest.client import GuestAgentError
 from roam.hypervisor import HypervisorError, Nic, device_state
 from roam.hypervisor.accel import choose_accel
+from roam.network.guest import KERNEL_ARGS as GUEST_KERNEL_ARGS
 from roam.storage.provider import Provider
 from roam.storage.sources import SparseFileSource
 from roam.vm import package as pkg
@@ -85,7 +86,7 @@ async def _snapshot(blueprint: Blueprint, out: Path, options: SnapshotOptions) -
     config = pkg.PackageConfig(
         created=datetime.datetime.now(datetime.UTC),
         blueprint=blueprint.hash,
-        cmdline=f"{blueprint.cmdline} {pkg.GUEST_NET}",
+        cmdline=f"{blueprint.cmdline} {GUEST_KERNEL_ARGS}",
         memory_mib=options.memory_mib,
         cpus=options.cpus,
         machine=options.machine,

@@ -20,9 +20,9 @@ from typing import TypeVar
 from pyroute2 import IPRoute
 
 from roam.network import ns
+from roam.network.guest import GATEWAY, GUEST
 from roam.network.lab import Lab, lab
 from roam.network.tap import open_tap
-from roam.network.vmnet import GATEWAY, GUEST
 
 T = TypeVar("T")
 __all__ = ["Lab", "lab"]

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from roam.network.forward import PortForward
-from roam.network.registry import Registry
+from roam.network.leases import Leases
 from roam.network.vmnet import HostNetwork
 from tests.network.lab import EchoServer, FakeGuest, Lab, connect, udp_socket
 
 
 def _host(net_lab: Lab, role: str, tmp_path: Path) -> HostNetwork:
-    return HostNetwork(Registry(tmp_path / role), prefix="v" + role, netns=net_lab.nodes[role])
+    return HostNetwork(Leases(tmp_path / role), prefix="v" + role, netns=net_lab.nodes[role])
 
 
 def _echo(sock: socket.socket, line: bytes) -> bytes:
@@ -69,7 +69,7 @@ async def test_forwards_and_outbound_nat(net_lab: Lab, guest: FakeGuest, tmp_pat
 
 
 def _assert_clean(net_lab: Lab, host: HostNetwork) -> None:
-    """Nothing of the host's VM networks is left: namespaces, links, tables, records."""
+    """Nothing of the host's VM networks is left: namespaces, links, tables, leases."""
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"{host.prefix}-" not in names
     assert host.netns is not None
@@ -79,5 +79,5 @@ def _assert_clean(net_lab: Lab, host: HostNetwork) -> None:
     tables = subprocess.run(["ip", "netns", "exec", host.netns, "nft", "list", "tables"],
                             capture_output=True, text=True, check=True).stdout
     assert tables.strip() == ""
-    with host.registry.locked():
-        assert host.registry.records() == []
+    with host.leases.locked():
+        assert host.leases.all() == []

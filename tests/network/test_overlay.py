@@ -16,7 +16,7 @@ from pathlib import Path
 
 from roam.network import overlay
 from roam.network.forward import PortForward
-from roam.network.registry import Registry
+from roam.network.leases import Leases
 from roam.network.vmnet import HostNetwork, Segment, VmNetwork
 from tests.network.lab import GUEST_MAC, EchoServer, FakeGuest, Lab, connect
 
@@ -77,7 +77,7 @@ def _segment(net_lab: Lab, role: str) -> Segment:
 
 
 def _host(net_lab: Lab, role: str, tmp_path: Path) -> HostNetwork:
-    return HostNetwork(Registry(tmp_path / role), prefix="o" + role, netns=net_lab.nodes[role])
+    return HostNetwork(Leases(tmp_path / role), prefix="o" + role, netns=net_lab.nodes[role])
 
 
 async def test_connections_survive_handovers(net_lab: Lab, guest: FakeGuest,

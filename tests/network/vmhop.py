@@ -29,7 +29,7 @@ from roam.hypervisor.qemu.machine import announce, nic_args
 from roam.hypervisor.qemu.process import QemuVM
 from roam.network import overlay
 from roam.network.forward import PortForward
-from roam.network.registry import Registry
+from roam.network.leases import Leases
 from roam.network.vmnet import HostNetwork, Segment, VmNetwork
 from roam.storage.sources import SparseFileSource
 from roam.vm.package import Package
@@ -112,7 +112,7 @@ class MovingVM:
         self.package = package
         self.state_dir = state_dir
         self.name = net_lab.tag  # namespaces are machine-wide: apart from other labs'
-        self.hosts = {role: HostNetwork(Registry(state_dir / f"net-{role}"), prefix="m" + role,
+        self.hosts = {role: HostNetwork(Leases(state_dir / f"net-{role}"), prefix="m" + role,
                                         netns=net_lab.nodes[role])
                       for role in (*HOSTS, GATEWAY)}
         self.gateway: VmNetwork | None = None

@@ -14,7 +14,7 @@ import pytest
 import xxhash
 
 from roam.network import ns
-from roam.network.registry import Registry
+from roam.network.leases import Leases
 from roam.vm import control
 from tests.vm.conftest import RunningVM, roam
 
@@ -151,4 +151,4 @@ def test_killed_runner_takes_qemu_along(package: Path) -> None:
         assert vm.sh("redis-cli ping") == "PONG\n"
     finally:
         vm.stop()
-    assert not ns.exists("roam-orphan") and Registry().get("orphan") is None
+    assert not ns.exists("roam-orphan") and Leases().get("orphan") is None

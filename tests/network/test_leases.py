@@ -9,22 +9,22 @@ import textwrap
 from pathlib import Path
 
 from roam.network.forward import PortForward
-from roam.network.registry import Registry
+from roam.network.leases import Leases
 from tests.network.lab import EchoServer, FakeGuest, Lab, connect
 from tests.network.test_local import _assert_clean, _echo, _host
 
 
 def test_slots_are_lowest_free_and_reused(tmp_path: Path) -> None:
-    registry = Registry(tmp_path, pool="10.9.0.0/29")  # room for two /30s
-    with registry.locked():
-        first = registry.claim("one", "n1", "t1")
-        second = registry.claim("two", "n2", "t2")
+    leases = Leases(tmp_path, pool="10.9.0.0/29")  # room for two /30s
+    with leases.locked():
+        first = leases.claim("one", "n1", "t1")
+        second = leases.claim("two", "n2", "t2")
         assert (first.slot, second.slot) == (0, 1)
-        assert str(registry.transit(1).host) == "10.9.0.5"
-        registry.release("one")
-        assert registry.claim("three", "n3", "t3").slot == 0
+        assert str(leases.transit(1).host) == "10.9.0.5"
+        leases.release("one")
+        assert leases.claim("three", "n3", "t3").slot == 0
         try:
-            registry.claim("four", "n4", "t4")
+            leases.claim("four", "n4", "t4")
         except OSError as exc:
             assert "in use" in str(exc)
         else:
@@ -65,9 +65,9 @@ async def test_crashed_owner_is_swept(net_lab: Lab, tmp_path: Path) -> None:
         import asyncio, os, signal
         from pathlib import Path
         from roam.network.forward import PortForward
-        from roam.network.registry import Registry
+        from roam.network.leases import Leases
         from roam.network.vmnet import HostNetwork
-        host = HostNetwork(Registry(Path({str(host.registry.directory)!r})), prefix={host.prefix!r},
+        host = HostNetwork(Leases(Path({str(host.leases.directory)!r})), prefix={host.prefix!r},
                            netns={host.netns!r})
         asyncio.run(host.local("crash", [PortForward.parse("8080:80")]))
         os.kill(os.getpid(), signal.SIGKILL)
@@ -75,7 +75,7 @@ async def test_crashed_owner_is_swept(net_lab: Lab, tmp_path: Path) -> None:
     done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script],
                                    capture_output=True, text=True, timeout=60)
     assert done.returncode == -9, done.stderr
-    assert (host.registry.directory / "crash.json").exists()
+    assert (host.leases.directory / "crash.json").exists()
     assert await host.sweep() == ["crash"]
     _assert_clean(net_lab, host)
     assert await host.sweep() == []

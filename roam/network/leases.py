@@ -1,10 +1,14 @@
-"""What this host created for each VM, on disk: the address allocator and crash cleanup.
+"""Leases: what this host created for each VM, on disk; the address allocator and crash
+cleanup.
 
-A record is written before anything is created and removed after everything is gone, so
-a peer that crashes in between leaves a record naming what may remain; the next start
-removes it (`sweep`). The records are also the allocator: a VM's slot (which picks its
-transit subnet and host-side link name) is the lowest one no record holds. One flock on
+A lease is written before anything is created and removed after everything is gone, so
+a peer that crashes in between leaves a lease naming what may remain; the next start
+removes it (`sweep`). The leases are also the allocator: a VM's slot (which picks its
+transit subnet and host-side link name) is the lowest one no lease holds. One flock on
 the directory serialises every change, across processes.
+
+(Not to be confused with the package registry, `roam registry serve`.) The files are one
+`VM.json` per lease and `.lock`, as they were when this module was called registry.py.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def _start_time(pid: int) -> int | None:
 
 
 @dataclass(frozen=True)
-class Record:
+class Lease:
     """One VM's network on this host: its namespace, its nft table here, its slot."""
 
     vm: str
@@ -66,7 +70,7 @@ class Record:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> Record:
+    def from_json(cls, text: str) -> Lease:
         data = json.loads(text)
         return cls(data["vm"], data["netns"], data["table"], data["slot"],
                    Owner(**data["owner"]))
@@ -81,8 +85,8 @@ class Transit:
     prefixlen: int = 30
 
 
-class Registry:
-    """Records in `directory`; transit subnets are /30s of `pool`, by slot."""
+class Leases:
+    """Leases in `directory`; transit subnets are /30s of `pool`, by slot."""
 
     def __init__(self, directory: Path | None = None, pool: str = DEFAULT_POOL) -> None:
         self.directory = directory or state_dir()
@@ -109,27 +113,27 @@ class Registry:
     def _path(self, vm: str) -> Path:
         return self.directory / f"{vm}.json"
 
-    def records(self) -> list[Record]:
-        """Every record (call while locked)."""
-        return [Record.from_json(p.read_text()) for p in sorted(self.directory.glob("*.json"))]
+    def all(self) -> list[Lease]:
+        """Every lease (call while locked)."""
+        return [Lease.from_json(p.read_text()) for p in sorted(self.directory.glob("*.json"))]
 
-    def get(self, vm: str) -> Record | None:
+    def get(self, vm: str) -> Lease | None:
         path = self._path(vm)
-        return Record.from_json(path.read_text()) if path.exists() else None
+        return Lease.from_json(path.read_text()) if path.exists() else None
 
-    def claim(self, vm: str, netns: str, table: str) -> Record:
-        """Allocate the lowest free slot for `vm` and write its record (call while locked)."""
+    def claim(self, vm: str, netns: str, table: str) -> Lease:
+        """Allocate the lowest free slot for `vm` and write its lease (call while locked)."""
         if self._path(vm).exists():
             raise FileExistsError(f"VM {vm!r} already has a network on this host")
-        used = {r.slot for r in self.records()}
+        used = {lease.slot for lease in self.all()}
         slot = next((s for s in range(self.capacity) if s not in used), None)
         if slot is None:
             raise OSError(f"all {self.capacity} transit subnets of {self.pool} are in use")
-        record = Record(vm, netns, table, slot, Owner.current())
+        lease = Lease(vm, netns, table, slot, Owner.current())
         tmp = self._path(vm).with_suffix(".tmp")
-        tmp.write_text(record.to_json())
+        tmp.write_text(lease.to_json())
         tmp.replace(self._path(vm))
-        return record
+        return lease
 
     def release(self, vm: str) -> None:
         self._path(vm).unlink(missing_ok=True)
