@@ -27,16 +27,26 @@ from typing import Any
 import blake3
 from pydantic import BaseModel
 
+from roam.errors import ErrorCode, RoamError
 from roam.exposure.fuse.cache import PageCacheFeeder
 from roam.guest.client import GuestAgentError, GuestClient
-from roam.migration.channel import Address, Channel, TLSFiles, connect
+from roam.migration.channel import Address, Channel, PeerLost, TLSFiles, connect
 from roam.migration.destination import Destination, NewDevice
-from roam.migration.errors import Decline, InDoubt, MigrationError, PostcopyFailed
+from roam.migration.errors import (
+    Decline,
+    Declined,
+    InDoubt,
+    LostPeer,
+    MigrationError,
+    PostcopyFailed,
+)
 from roam.migration.source import Policy, Source, SourceDevice, SourceHooks
 from roam.migration.wire import DeviceSpec, Encoding
 from roam.network import overlay
 from roam.network.forward import PortForward
 from roam.network.vmnet import VmNetwork
+from roam.peer import events
+from roam.peer.models import ExecRequest, MigrateRequest, Prepared
 from roam.peer.network import NetConfig, OverlaySpec
 from roam.storage.overlay import CowOverlay
 from roam.storage.provider import DEFAULT_BLOCK_SIZE, Provider
@@ -134,6 +144,7 @@ class Instance:
         self.files = files  # directory with the kernel files QEMU boots
         self.devices = {d.name: d for d in devices}
         self.order = [d.name for d in devices]
+        self.events = events.Hub()  # the peer follows the VM here (roam.peer.events)
         self.state = "starting"
         self.finished = asyncio.Event()  # set when this host no longer runs the VM
         self.incoming: asyncio.Task[Any] | None = None
@@ -145,6 +156,16 @@ class Instance:
         self.tls: TLSFiles | None = None  # the peer's files: outgoing migrations use them
         self._migrating = False
         self.agent_ready = asyncio.Event()
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        """Every change reaches the peer (its VM table, /events) as it happens."""
+        self._state = value
+        events.changed(self)
 
     @property
     def vm(self) -> QemuVM:
@@ -198,22 +219,19 @@ class Instance:
     # -- control requests --------------------------------------------------------------
 
     async def handle_info(self, _: control.Json) -> control.Json:
-        return {"package": "(received)", **self.info, "name": self.spec.name,
-                "state": self.state, "ready": self.agent_ready.is_set(),
-                "publish": [asdict(f) for f in self.spec.forwards()],
-                "overlay": None if self.spec.overlay is None else self.spec.overlay.model_dump()}
+        return events.describe(self).model_dump(mode="json")
 
     async def handle_exec(self, params: control.Json) -> control.Json:
+        request = ExecRequest.model_validate(params)
         if self.state in ("starting", "incoming", "running"):
             await asyncio.wait_for(self.agent_ready.wait(), AGENT_TIMEOUT)
         if self._agent is None or self.state != "running":
-            raise PeerError(f"{self.spec.name} is {self.state}")
-        result = await self._agent.exec(params["argv"], timeout=float(params.get("timeout", 30)))
-        return asdict(result)
+            raise RoamError(f"{self.spec.name} is {self.state}", code=ErrorCode.CONFLICT)
+        return asdict(await self._agent.exec(request.argv, timeout=request.timeout))
 
     async def handle_stop(self, _: control.Json) -> control.Json:
         if self._migrating:
-            raise PeerError(f"{self.spec.name} is migrating")
+            raise RoamError(f"{self.spec.name} is migrating", code=ErrorCode.BUSY)
         self.state = "stopped"
         self.finished.set()
         return {}
@@ -222,25 +240,40 @@ class Instance:
         """Settle an in-doubt migration in favour of this host: only once the operator
         knows that the destination does not run the VM."""
         if self.state != "in-doubt":
-            raise PeerError(f"{self.spec.name} is {self.state}, not in doubt")
+            raise RoamError(f"{self.spec.name} is {self.state}, not in doubt",
+                            code=ErrorCode.CONFLICT)
         await self.vm.resume()
         self.state = "running"
         if self._agent is not None:
             await self.vm.guard(self._agent.after_resume())
-        return {}
+        return events.describe(self).model_dump(mode="json")
 
     async def handle_migrate(self, params: control.Json) -> control.Json:
+        request = MigrateRequest.model_validate(params)
         if self.state in ("starting", "incoming"):
             await self.agent_ready.wait()  # a VM that just arrived can move on at once
-        if self._migrating or self.state != "running" or self._agent is None:
-            raise PeerError(f"{self.spec.name} is {self.state}, not running")
+        if self._migrating:
+            raise RoamError(f"{self.spec.name} is migrating already", code=ErrorCode.BUSY)
+        if self.state != "running" or self._agent is None:
+            raise RoamError(f"{self.spec.name} is {self.state}, not running",
+                            code=ErrorCode.CONFLICT)
         self._migrating = True
+        started = time.perf_counter()
         try:
-            return asdict(await self.migrate_out(Address.parse(str(params["to"])),
-                                                 policy_from(params),
-                                                 bool(params.get("check_memory", False))))
+            result = await self.migrate_out(Address.parse(request.to),
+                                            policy_from(request.model_dump()),
+                                            request.check_memory)
+        except PeerLost as exc:  # connecting failed: the engine never ran
+            error = LostPeer(str(exc))
+            events.migrated(self, request.to, started, error)
+            raise error from exc
+        except BaseException as exc:
+            events.migrated(self, request.to, started, exc)
+            raise
         finally:
             self._migrating = False
+        events.migrated(self, request.to, started, result)
+        return asdict(result)
 
     # -- migration out -----------------------------------------------------------------
 
@@ -309,7 +342,8 @@ class Instance:
 
         self.state = "migrating"
         hooks = SourceHooks(before_collect=exp.flush_memory, before_suspend=before_suspend,
-                            suspend=suspend, authority=authority, resume=resume)
+                            suspend=suspend, authority=authority, resume=resume,
+                            progress=events.progress(self))
         source = Source(channel, [self.devices[n] for n in self.order], hooks,
                         replace(policy, await_prepared=True), group_name=self.spec.name)
         try:
@@ -329,6 +363,9 @@ class Instance:
         if result.outcome == "completed":
             self.state = "migrated"
             self.finished.set()
+        elif not Prepared.model_validate_json(result.prepared or b"{}").backup:
+            raise Declined(f"the destination declined the VM ({result.decline_reason}); "
+                           "it runs on here")
         return Migrated(
             outcome=result.outcome, bytes_sent=result.bytes_sent,
             total_ms=result.total_seconds * 1000, cycles=result.cycles,

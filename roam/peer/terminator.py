@@ -19,6 +19,7 @@ from roam.migration.destination import Destination, NewDevice
 from roam.migration.errors import Decline, MigrationError
 from roam.migration.wire import DeviceSpec
 from roam.peer.instance import DISK, INITRAMFS, KERNEL, MEMORY, SPEC, STATE, VMSpec
+from roam.peer.models import BACKUP
 from roam.storage.sources import SparseFileSource
 from roam.storage.waiting import WaitingCache
 from roam.vm.package import Package
@@ -69,7 +70,7 @@ async def terminate(channel: Channel, out: Path) -> Backup:
         written.append(vm)
         raise Decline(f"live backup of {vm.name} written to {out}; keep running")
 
-    destination = Destination(channel, make, on_authority)
+    destination = Destination(channel, make, on_authority, prepared_payload=BACKUP)
     try:
         result = await destination.run()
     finally:
