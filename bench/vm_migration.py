@@ -48,7 +48,8 @@ from roam.hypervisor import Nic
 from roam.hypervisor.accel import Accel
 from roam.hypervisor.qemu.cmdline import FileDisk, QemuConfig, qemu_argv
 from roam.hypervisor.qemu.machine import nic_args
-from roam.peer import serve as peer
+from roam.peer.client import PEER_SOCKET, PeerClient
+from roam.peer.models import MigrateRequest, RunRequest
 from roam.vm.package import Package
 from roam.vm.snapshot import SnapshotOptions, take_snapshot
 
@@ -82,7 +83,7 @@ def peers(work: Path) -> Iterator[list[str]]:
                  "--net-pool", f"10.241.{len(dirs)}.0/24"],
                 stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT))
         for path in dirs:
-            while not (Path(path) / peer.PEER_SOCKET).exists():
+            while not (Path(path) / PEER_SOCKET).exists():
                 time.sleep(0.05)
         yield dirs
     finally:
@@ -94,26 +95,27 @@ def peers(work: Path) -> Iterator[list[str]]:
 async def roam_hops(package: Path, workload: str, hops: int, work: Path) -> list[dict[str, Any]]:
     results = []
     with peers(work) as (a, b):
-        await peer.call(a, "run", {"package": str(package), "name": "bench"}, timeout=180)
-        if workload == "busy":
-            await peer.call(a, "exec", {"name": "bench", "argv": BUSY_ARGV, "timeout": 30})
-        here, there = a, b
-        for _ in range(hops):
-            await asyncio.sleep(SETTLE)
-            result = await peer.call(here, "migrate", {
-                "name": "bench", "to": f"unix://{Path(there).parent}/{Path(there).name}.mig"},
-                timeout=peer.MIGRATE_TIMEOUT)
-            info = await peer.call(there, "info", {"name": "bench"})
-            results.append({"downtime_ms": info["downtime_ms"], "total_ms": result["total_ms"],
-                            "bytes": result["bytes_sent"], "cycles": result["cycles"],
-                            "final_dirty": result["final_dirty"]})
-            here, there = there, here
-        if workload == "busy":
-            log = await peer.call(here, "exec", {"name": "bench",
-                                                 "argv": ["cat", "/tmp/busy.log"]})
-            if "FAIL" in log["stdout"] or "ok" not in log["stdout"]:
-                raise RuntimeError(f"in-guest verifier: {log['stdout'][-300:]}")
-        await peer.call(here, "stop", {"name": "bench"})
+        async with PeerClient(a) as first, PeerClient(b) as second:
+            await first.run(RunRequest(name="bench", package=str(package)))
+            if workload == "busy":
+                await first.exec("bench", BUSY_ARGV)
+            ends = [(first, a), (second, b)]  # (client, state directory): source first
+            for _ in range(hops):
+                (here, _), (there, there_dir) = ends
+                await asyncio.sleep(SETTLE)
+                result = await here.migrate("bench", MigrateRequest(
+                    to=f"unix://{Path(there_dir).parent}/{Path(there_dir).name}.mig"))
+                info = await there.vm("bench")
+                results.append({"downtime_ms": info.downtime_ms,
+                                "total_ms": result.total_ms, "bytes": result.bytes_sent,
+                                "cycles": result.cycles, "final_dirty": result.final_dirty})
+                ends.reverse()
+            here = ends[0][0]
+            if workload == "busy":
+                log = await here.exec("bench", ["cat", "/tmp/busy.log"])
+                if "FAIL" in log.stdout or "ok" not in log.stdout:
+                    raise RuntimeError(f"in-guest verifier: {log.stdout[-300:]}")
+            await here.stop("bench")
     return results
 
 

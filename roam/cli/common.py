@@ -11,6 +11,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 import uvloop
 
+from roam.cli.exits import Exit, for_code
+from roam.errors import RoamError
 from roam.migration.channel import Address, TLSFiles
 
 T = TypeVar("T")
@@ -51,10 +53,15 @@ def address(text: str) -> Address:
         raise typer.BadParameter(str(e)) from None
 
 
-def fail(message: object, code: int = 1) -> typer.Exit:
+def fail(message: object, code: int = Exit.FAILED) -> typer.Exit:
     """Print an error the way every roam command does, and give the exit to raise."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
+
+
+def failed(exc: RoamError) -> typer.Exit:
+    """`fail` for a roam error: its code picks the exit code (roam.cli.exits)."""
+    return fail(exc.message, for_code(exc.code))
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

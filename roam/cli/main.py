@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from roam.cli import blueprint, device, fuse, nbd, peer, vm
+from roam.cli import blueprint, device, exits, fuse, nbd, peer, vm
 
 app = typer.Typer(
     name="roam",
     help="Run Linux VMs anywhere and live-migrate them between hosts.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    epilog=exits.TABLE,
 )
 app.add_typer(device.app, name="device")
 app.add_typer(blueprint.app, name="blueprint")
@@ -23,7 +24,7 @@ app.command()(vm.snapshot)
 app.command()(vm.run)
 app.command("exec")(vm.exec_)
 app.command()(vm.ls)
-app.command()(peer.migrate)
+app.command(epilog=exits.TABLE)(peer.migrate)
 app.command()(peer.terminate)
 app.command()(peer.mount)
 

@@ -1,4 +1,8 @@
-"""`roam peer ...` and `roam migrate`: run VMs on a host and move them between hosts."""
+"""`roam peer ...` and `roam migrate`: run VMs on a host and move them between hosts.
+
+Every command that talks to a peer goes through its HTTP API (roam.peer.client) and exits
+with the code its error's code calls for (roam.cli.exits).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,25 @@ import ipaddress
 import json
 import logging
 import signal
+import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
+from roam.cli import exits
 from roam.cli.common import (
     TlsCa,
     TlsCert,
@@ -21,36 +37,65 @@ from roam.cli.common import (
     Verbose,
     address,
     fail,
+    failed,
     run,
     setup_logging,
     tls_files,
 )
+from roam.errors import RoamError
 from roam.migration.channel import Channel, PeerLost, connect, listen
 from roam.migration.errors import MigrationError
 from roam.peer import mounter, registry, terminator
 from roam.peer import serve as peer
+from roam.peer.client import PeerClient
+from roam.peer.models import (
+    GatewayRequest,
+    MigrateRequest,
+    MigrateResult,
+    ProgressEvent,
+    RunRequest,
+)
 from roam.peer.network import PEER_POOL, NetConfig
 from roam.peer.terminator import Backup
-from roam.vm import control
 from roam.vm.package import Package, PackageError
 
 log = logging.getLogger("roam.peer")
 app = typer.Typer(help="Run VMs under a per-host peer and receive migrations.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, epilog=exits.TABLE)
 
 Via = Annotated[str, typer.Option(
     "--via", envvar="ROAM_PEER",
-    help="The peer's state directory or control socket (default: $ROAM_PEER).")]
+    help="The peer's state directory or API socket (default: $ROAM_PEER).")]
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
-def _call(via: str, method: str, params: dict[str, Any], timeout: float = 60.0) -> Any:
+def _with_peer(via: str, action: Callable[[PeerClient], Awaitable[T]]) -> T:
+    """Run `action` with a client of the peer at `via`; its errors become exit codes."""
+    async def main() -> T:
+        async with PeerClient(via) as client:
+            return await action(client)
+
     try:
-        return run(peer.call(via, method, params, timeout))
-    except (control.ControlError, OSError) as exc:
-        raise fail(str(exc)) from None
+        return run(main())
+    except RoamError as exc:
+        raise failed(exc) from None
+
+
+def _request(model: type[M], **fields: Any) -> M:
+    """A request from options; what the API would refuse is a usage error here."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise typer.BadParameter("; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
+            for e in exc.errors())) from None
 
 
 def _print(result: Any) -> None:
+    if isinstance(result, BaseModel):
+        result = result.model_dump(mode="json")
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -59,9 +104,12 @@ def serve(
     listen_on: Annotated[str, typer.Option(
         "--listen", help="tcp://HOST:PORT or unix://PATH for incoming migrations.")],
     state_dir: Annotated[Path, typer.Option(
-        help="This peer's directory: control socket and one subdirectory per VM. Keep it "
-             "short (UNIX socket paths are limited to 107 bytes).")],
+        help="This peer's directory: API socket (peer.sock) and one subdirectory per VM. "
+             "Keep it short (UNIX socket paths are limited to 107 bytes).")],
     tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
+    api_listen: Annotated[str | None, typer.Option(
+        help="Also serve the API on tcp://HOST:PORT, with mutual TLS (needs the --tls "
+             "options: clients must present a certificate signed by --tls-ca).")] = None,
     underlay: Annotated[str | None, typer.Option(
         help="This host's address for the overlay (VXLAN between peers). Needed to run "
              "VMs that keep their connections across migrations, or their gateways.")] = None,
@@ -79,14 +127,19 @@ def serve(
 ) -> None:
     """Serve this host until SIGINT/SIGTERM (which stops its VMs).
 
-    Each VM gets a network namespace with a tap: NAT and its --publish ports on this host,
-    or, started with --gateway, a place on its overlay segment (it keeps its address and
-    connections when it moves). With the --tls options, migrations in and out use mutual
-    TLS: the other peer must present a certificate signed by --tls-ca, and this peer
-    presents --tls-cert."""
+    Its HTTP API (docs/API.md) is on STATE_DIR/peer.sock, e.g. `curl --unix-socket
+    STATE_DIR/peer.sock http://peer/vms`. Each VM gets a network namespace with a tap: NAT
+    and its --publish ports on this host, or, started with --gateway, a place on its
+    overlay segment (it keeps its address and connections when it moves). With the --tls
+    options, migrations in and out use mutual TLS: the other peer must present a
+    certificate signed by --tls-ca, and this peer presents --tls-cert."""
     setup_logging(verbose)
     addr = address(listen_on)
     tls = tls_files(tls_cert, tls_key, tls_ca)
+    api_addr = address(api_listen) if api_listen else None
+    if api_addr is not None and (api_addr.scheme != "tcp" or tls is None):
+        raise typer.BadParameter("--api-listen takes tcp://HOST:PORT and needs the --tls "
+                                 "options (the TCP API always uses mutual TLS)")
     directory = state_dir.absolute()
     try:
         netconf = NetConfig(
@@ -104,7 +157,7 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await peer.Peer(directory, addr, tls, netconf).serve(stop)
+        await peer.Peer(directory, addr, tls, netconf, api_addr).serve(stop)
 
     try:
         run(main())
@@ -133,16 +186,10 @@ def run_vm(
 ) -> None:
     """Resume PACKAGE (or the registry's package) as a VM on the peer; returns once it
     runs."""
-    if (package is None) == (from_ is None):
-        raise typer.BadParameter("give a PACKAGE or --from ADDR")
-    if (gateway is None) != (vni is None):
-        raise typer.BadParameter("--gateway and --vni go together")
-    if from_ is not None:
-        address(from_)
-    _print(_call(via, "run", {"package": str(package.absolute()) if package else None,
-                              "from": from_, "name": name, "publish": publish,
-                              "gateway": gateway, "vni": vni},
-                 timeout=180.0))
+    request = _request(RunRequest, name=name, publish=publish, gateway=gateway, vni=vni,
+                       package=str(package.absolute()) if package else None,
+                       **{"from": from_})
+    _print(_with_peer(via, lambda p: p.run(request)))
 
 
 @app.command("gateway")
@@ -161,41 +208,64 @@ def gateway_cmd(
     Then start the VM on any peer of the overlay with `roam peer run --gateway ADDR --vni
     N`, ADDR being this peer's --underlay address."""
     if remove:
-        _call(via, "gateway", {"name": name, "remove": True})
+        _with_peer(via, lambda p: p.remove_gateway(name))
         return
     if vni is None:
         raise typer.BadParameter("give --vni (or --remove)")
-    _print(_call(via, "gateway", {"name": name, "vni": vni, "publish": publish}))
+    request = _request(GatewayRequest, name=name, vni=vni, publish=publish)
+    _print(_with_peer(via, lambda p: p.add_gateway(request)))
 
 
 @app.command()
 def ls(via: Via) -> None:
-    """The peer's VMs and their states."""
-    _print(_call(via, "ls", {}))
+    """The peer's VMs and their states, and its gateways."""
+    async def both(p: PeerClient) -> dict[str, Any]:
+        return {"vms": [vm.model_dump(mode="json") for vm in await p.vms()],
+                "gateways": [g.model_dump(mode="json") for g in await p.gateways()]}
+
+    _print(_with_peer(via, both))
+
+
+@app.command()
+def info(via: Via) -> None:
+    """The peer itself: version, addresses, capacity, accelerator, CPU model."""
+    _print(_with_peer(via, lambda p: p.peer()))
+
+
+@app.command()
+def events(via: Via) -> None:
+    """Print the peer's events (docs/API.md) as JSON lines until interrupted: a snapshot
+    of every VM, then state changes, migration progress and outcomes."""
+    async def follow(p: PeerClient) -> None:
+        async with p.events() as stream:
+            async for event in stream:
+                typer.echo(event.model_dump_json())
+
+    _with_peer(via, follow)
 
 
 @app.command("exec")
 def exec_(name: str, argv: list[str], via: Via,
           timeout: Annotated[float, typer.Option(help="Seconds.")] = 30.0) -> None:
-    """Run a command in a VM of the peer; prints its output, exits with its code."""
-    result = _call(via, "exec", {"name": name, "argv": argv, "timeout": timeout},
-                   timeout=timeout + 30)
-    typer.echo(result["stdout"], nl=False)
-    typer.echo(result["stderr"], nl=False, err=True)
-    raise typer.Exit(result["exit_code"] if result["exit_code"] is not None else 124)
+    """Run a command in a VM of the peer; prints its output, exits with its code (124 if
+    it timed out)."""
+    result = _with_peer(via, lambda p: p.exec(name, argv, timeout))
+    typer.echo(result.stdout, nl=False)
+    typer.echo(result.stderr, nl=False, err=True)
+    raise typer.Exit(exits.Exit.TIMEOUT if result.exit_code is None else result.exit_code)
 
 
 @app.command()
 def stop(name: str, via: Via) -> None:
     """Stop a VM of the peer, discarding it."""
-    _call(via, "stop", {"name": name})
+    _with_peer(via, lambda p: p.stop(name))
 
 
 @app.command()
 def resume(name: str, via: Via) -> None:
-    """Resume a VM left paused by a migration in doubt (exit code 2 of `roam migrate`).
+    """Resume a VM left paused by a migration in doubt (exit code 4 of `roam migrate`).
     Only once you know that the destination does not run it: else `roam peer stop`."""
-    _call(via, "resume", {"name": name})
+    _with_peer(via, lambda p: p.resume(name))
 
 
 def migrate(
@@ -219,24 +289,43 @@ def migrate(
 ) -> None:
     """Live-migrate VM NAME from the peer at --via to the peer listening at --to.
 
-    Prints the outcome as JSON (bytes, cycles, downtime). Exit 1 if the migration failed
-    and the VM still runs here, 2 if it is in doubt (paused here, authority sent but not
-    acknowledged: settle by hand), 3 if it was handed over but post-copy failed.
+    Prints the outcome as JSON (bytes, cycles, downtime); on a terminal, shows the
+    progress of each dirty cycle meanwhile. Migrating into `roam terminate` or `roam
+    mount --listen` (a live backup) ends "declined" on purpose and exits 0.
     """
-    address(to)
-    params = {"name": name, "to": to, "postcopy": postcopy, "max_cycles": max_cycles,
-              "min_cycles": min_cycles, "max_dirty_blocks": max_dirty_blocks,
-              "cycle_throttle": cycle_throttle, "compression": compress, "verify": verify,
-              "check_memory": check_memory}
-    try:
-        result = run(peer.call(via, "migrate", params, timeout=peer.MIGRATE_TIMEOUT))
-    except control.ControlError as exc:
-        text = str(exc)
-        code = 2 if "in doubt" in text or "not acknowledged" in text else (
-            3 if "post-copy" in text or "streaming the last blocks" in text else 1)
-        raise fail(text, code) from None
-    _print(result)
+    request = _request(MigrateRequest, to=to, postcopy=postcopy, max_cycles=max_cycles,
+                       min_cycles=min_cycles, max_dirty_blocks=max_dirty_blocks,
+                       cycle_throttle=cycle_throttle, compression=compress, verify=verify,
+                       check_memory=check_memory)
+    _print(_with_peer(via, lambda p: _migrate(p, name, request, sys.stderr.isatty())))
 
+
+async def _migrate(client: PeerClient, name: str, request: MigrateRequest,
+                   show: bool) -> MigrateResult:
+    """The migration, with a progress bar from the peer's progress events if `show`."""
+    if not show:
+        return await client.migrate(name, request)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+               TextColumn("dirtying {task.fields[dirty]}/s"), TimeElapsedColumn())
+    async with client.events() as stream:
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(f"{name}: starting", total=None, dirty="-")
+
+            async def follow() -> None:
+                async for event in stream:
+                    if isinstance(event, ProgressEvent) and event.vm == name:
+                        # The first pass counts zero blocks whole: its total is far above
+                        # what goes on the wire, so show no total until the cycles.
+                        bar.update(task, completed=event.bytes_sent,
+                                   total=None if event.phase == "copy" else event.bytes_expected,
+                                   description=f"{name}: {event.phase} {event.cycle}",
+                                   dirty=f"{event.dirty_rate / 2**20:.1f} MiB")
+
+            following = asyncio.create_task(follow())
+            try:
+                return await client.migrate(name, request)
+            finally:
+                following.cancel()
 
 
 def terminate(
@@ -270,7 +359,9 @@ def terminate(
 
     try:
         backup = run(main())
-    except (MigrationError, OSError) as exc:
+    except MigrationError as exc:
+        raise failed(exc) from None
+    except OSError as exc:
         raise fail(str(exc)) from None
     _print(asdict(backup))
 
@@ -376,5 +467,7 @@ def mount(
     try:
         with tempfile.TemporaryDirectory(prefix="roam-mount-") as tmp:
             run(main(cache or Path(tmp)))
-    except (MigrationError, PeerLost, OSError) as exc:
+    except MigrationError as exc:
+        raise failed(exc) from None
+    except (PeerLost, OSError) as exc:
         raise fail(str(exc)) from None

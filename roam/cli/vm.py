@@ -17,7 +17,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from roam.blueprint import Blueprint, BlueprintError
-from roam.cli.common import TlsCa, TlsCert, TlsKey, fail, tls_files
+from roam.cli.common import TlsCa, TlsCert, TlsKey, fail, failed, tls_files
+from roam.cli.exits import Exit
 from roam.hypervisor import HypervisorError, MachineExited
 from roam.hypervisor.device_state import StateError
 from roam.migration.channel import Address
@@ -137,16 +138,17 @@ def exec_(
     timeout: Annotated[float, typer.Option(help="Seconds before the command is killed.")
                        ] = 30.0,
 ) -> None:
-    """Run a command in a running VM; its output and exit code become ours."""
+    """Run a command in a running VM; its output and exit code become ours (124 if it
+    timed out)."""
     try:
         result = asyncio.run(control.call(name, "exec", {"argv": command, "timeout": timeout},
                                           timeout=timeout + 30))
     except control.ControlError as exc:
-        raise fail(exc) from exc
+        raise failed(exc) from exc
     sys.stdout.write(result["stdout"])
     sys.stderr.write(result["stderr"])
     if result["timed_out"]:
-        raise fail(f"timed out after {timeout} s")
+        raise fail(f"timed out after {timeout} s", Exit.TIMEOUT)
     raise typer.Exit(result["exit_code"])
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from roam.blueprint import build, cache_root
+from roam.errors import RoamError
 from roam.network.lab import Lab, lab
-from roam.peer import serve as peer
-from roam.vm import control
+from roam.peer.client import PEER_SOCKET, PeerClient
+from roam.peer.models import GatewayRequest, MigrateRequest, RunRequest
 
 log = logging.getLogger("roam.demo")
 
@@ -86,35 +87,36 @@ async def demo(work: Path, hosts: Lab, pkg: Path) -> dict[str, Any]:
                              stdout=(state[h] / "peer.log").open("w"),
                              stderr=subprocess.STDOUT)
         for h in roles:
-            await wait_socket(state[h] / peer.PEER_SOCKET, peers[h])
-        await peer.call(str(state[GATEWAY]), "gateway", {
-            "name": VM, "vni": VNI, "publish": [f"{addr[GATEWAY]}:{REDIS_PORT}:{REDIS_PORT}"]})
+            await wait_socket(state[h] / PEER_SOCKET, peers[h])
+        async with PeerClient(state[GATEWAY]) as gateway:
+            await gateway.add_gateway(GatewayRequest(name=VM, vni=VNI, publish=[
+                f"{addr[GATEWAY]}:{REDIS_PORT}:{REDIS_PORT}"]))
         print(f"gateway of {VM!r} on host G: {addr[GATEWAY]}:{REDIS_PORT}", flush=True)
-        info = await peer.call(str(state["a"]), "run", {
-            "package": str(pkg), "name": VM, "gateway": addr[GATEWAY], "vni": VNI},
-            timeout=180)
-        print(f"VM {VM!r} runs on host A ({addr['a']}) under {info['accel']}", flush=True)
+        async with PeerClient(state["a"]) as first:
+            info = await first.run(RunRequest(name=VM, package=str(pkg), gateway=addr[GATEWAY],
+                                              vni=VNI))
+        print(f"VM {VM!r} runs on host A ({addr['a']}) under {info.accel}", flush=True)
         acked = work / "acked.txt"
         client = in_ns(hosts.nodes[CLIENT], sys.executable, "-m", "roam.demo.client", "write",
                        "--host", addr[GATEWAY], "--port", str(REDIS_PORT),
                        "--out", str(acked), stdout=subprocess.PIPE)
         await asyncio.sleep(WRITE_SECONDS)
-        hops = []
+        hops: list[dict[str, Any]] = []
         for src, dst in (("a", "b"), ("b", "a")):
             began = time.monotonic()
-            result = await peer.call(str(state[src]), "migrate", {
-                "name": VM, "to": f"tcp://{addr[dst]}:{PEER_PORT}"},
-                timeout=peer.MIGRATE_TIMEOUT)
-            moved = await peer.call(str(state[dst]), "info", {"name": VM})
+            async with PeerClient(state[src]) as here, PeerClient(state[dst]) as there:
+                result = await here.migrate(VM, MigrateRequest(
+                    to=f"tcp://{addr[dst]}:{PEER_PORT}"))
+                moved = await there.vm(VM)
             hops.append({"from": src.upper(), "to": dst.upper(),
-                         "downtime_ms": round(float(moved["downtime_ms"]), 1),
-                         "total_ms": round(result["total_ms"], 1),
-                         "bytes_sent": result["bytes_sent"], "cycles": result["cycles"],
-                         "final_dirty_blocks": result["final_dirty"],
+                         "downtime_ms": round(moved.downtime_ms or 0.0, 1),
+                         "total_ms": round(result.total_ms, 1),
+                         "bytes_sent": result.bytes_sent, "cycles": result.cycles,
+                         "final_dirty_blocks": result.final_dirty,
                          "window": (began, time.monotonic())})
             print(f"hop {src.upper()} -> {dst.upper()}: downtime {hops[-1]['downtime_ms']} ms, "
                   f"total {hops[-1]['total_ms'] / 1000:.1f} s, "
-                  f"{result['bytes_sent'] / 2**20:.0f} MiB sent, {result['cycles']} cycles",
+                  f"{result.bytes_sent / 2**20:.0f} MiB sent, {result.cycles} cycles",
                   flush=True)
             await asyncio.sleep(WRITE_SECONDS)
         client.send_signal(signal.SIGTERM)
@@ -131,7 +133,7 @@ async def demo(work: Path, hosts: Lab, pkg: Path) -> dict[str, Any]:
                       str(acked), stdout=subprocess.PIPE)
         checked, _ = await asyncio.to_thread(check.communicate, timeout=120)
         verified = json.loads(checked.strip().splitlines()[-1])
-        return {"hops": hops, "accel": info["accel"], "acked": verified["acked"],
+        return {"hops": hops, "accel": info.accel, "acked": verified["acked"],
                 "lost": verified["lost"],
                 "longest_gap_ms": max((1000 * (b - a) for a, b in gaps), default=0.0),
                 "connections": written["connections"], "retransmits": written["retransmits"]}
@@ -139,9 +141,10 @@ async def demo(work: Path, hosts: Lab, pkg: Path) -> dict[str, Any]:
         if client is not None and client.poll() is None:
             client.kill()
         for h, process in peers.items():
-            with contextlib.suppress(control.ControlError, OSError):
+            with contextlib.suppress(RoamError):
                 if h != GATEWAY:
-                    await peer.call(str(state[h]), "stop", {"name": VM}, timeout=30)
+                    async with PeerClient(state[h]) as leaving:
+                        await leaving.stop(VM)
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=30)

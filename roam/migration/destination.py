@@ -95,9 +95,10 @@ class DestinationResult:
 class Destination:
     def __init__(self, channel: Channel, make_device: DeviceFactory,
                  on_authority: Callable[[bytes, dict[str, WaitingCache]], Awaitable[None]]
-                 = _accept, *, prepares: bool = False) -> None:
+                 = _accept, *, prepares: bool = False, prepared_payload: bytes = b"") -> None:
         """`prepares`: the application sends PREPARED itself (`prepared()`) once it can
-        take authority at once; otherwise it goes out with READY."""
+        take authority at once; otherwise it goes out with READY, carrying
+        `prepared_payload` (e.g. a terminator saying that it takes a copy and declines)."""
         self.channel = channel
         self.make_device = make_device
         self.on_authority = on_authority
@@ -112,6 +113,7 @@ class Destination:
         self._pending_recv: asyncio.Future[tuple[MsgType, memoryview]] | None = None
         self._start = 0.0
         self._prepares = prepares
+        self._prepared_payload = prepared_payload
         self._prepared_sent = False
 
     async def abort(self, reason: str) -> None:
@@ -242,7 +244,8 @@ class Destination:
             self.channel.send(encode_event(EventKind.READY))
         else:  # one write: a peer gone by now is noticed by the reader, with its reason
             self._prepared_sent = True
-            self.channel.send(encode_event(EventKind.READY), encode_event(EventKind.PREPARED))
+            self.channel.send(encode_event(EventKind.READY),
+                              encode_event(EventKind.PREPARED, self._prepared_payload))
 
     async def _offer_existing(self, spec: DeviceSpec, provider: Provider) -> None:
         """Tell the source what we hold, so it sends "you have this" instead of data."""

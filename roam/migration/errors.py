@@ -11,7 +11,7 @@ from __future__ import annotations
 from roam.errors import ErrorCode, RoamError
 from roam.migration import wire
 
-__all__ = ["Decline", "InDoubt", "IntegrityError", "LostPeer", "MigrationError",
+__all__ = ["Decline", "Declined", "InDoubt", "IntegrityError", "LostPeer", "MigrationError",
            "PostcopyFailed", "RemoteError", "wire_code"]
 
 
@@ -48,6 +48,14 @@ class PostcopyFailed(MigrationError):
     """The destination owns the workload but did not get every block."""
 
     code = ErrorCode.POSTCOPY_FAILED
+
+
+class Declined(MigrationError):
+    """The destination refused authority (it could not take the workload): the source
+    resumed and runs on. Not raised for destinations that decline on purpose (a live
+    backup): the application tells them apart, the engine reports both as "declined"."""
+
+    code = ErrorCode.DECLINED
 
 
 class Decline(Exception):

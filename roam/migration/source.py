@@ -96,6 +96,18 @@ async def _no_payload() -> bytes:
     return b""
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a migration is, reported once per dirty cycle (and at the first pass and the
+    handover) to whoever shows it: `roam migrate` on a terminal, the peer's /events."""
+
+    phase: str  # "copy" (first pass), "cycle" (dirty cycles), "handover" (paused)
+    cycle: int  # dirty cycles done
+    bytes_sent: int  # on the wire so far
+    bytes_expected: int  # sent so far plus what this pass or cycle still has to send
+    dirty_rate: float  # bytes per second the workload dirtied since the last report
+
+
 @dataclass
 class SourceHooks:
     """What the VM layer plugs in. Any hook that raises aborts the migration."""
@@ -106,6 +118,7 @@ class SourceHooks:
     suspend: Callable[[], Awaitable[None]] = _nothing  # pause the workload, save its state
     authority: Callable[[], Awaitable[bytes]] = _no_payload  # payload for the destination
     resume: Callable[[], Awaitable[None]] = _nothing  # undo suspend (abort or decline)
+    progress: Callable[[Progress], None] | None = None  # must not block: called inline
 
 
 @dataclass
@@ -137,6 +150,7 @@ class SourceResult:
     priority_blocks: int = 0
     payload: bytes = b""
     prepared: bytes = b""  # the destination's PREPARED payload
+    decline_reason: str = ""  # what a destination that declined said
 
 
 class Source:
@@ -167,6 +181,7 @@ class Source:
         self._authority_sent = False  # an answer before this is a protocol violation
         self._complete_sent = False  # likewise DONE
         self._compressor: Compressor | None = None
+        self._reported = 0.0  # when progress was last reported
 
     async def run(self) -> SourceResult:
         """Migrate the group. Raises MigrationError (source intact) or InDoubt."""
@@ -220,6 +235,7 @@ class Source:
             blocks = range(len(self._pending[i]))
             order = dev.volatility.order(blocks) if dev.volatility else list(blocks)
             self._queue(i, order)
+        self._report("copy")
         await self._send_pending(reader)
 
         carry: list[list[int]] = [[] for _ in self.devices]
@@ -261,6 +277,7 @@ class Source:
         self.result.cycles += 1
         self.result.dirty_per_cycle.append(total)
         log.debug("cycle %d: %d dirty blocks", self.result.cycles, total)
+        self._report("cycle", dirty)
         return dirty
 
     async def _wait_prepared(self, reader: asyncio.Task[None]) -> bool:
@@ -281,6 +298,7 @@ class Source:
             final = [sorted(set(c) | set(d.tracker.sync())) for c, d in zip(
                 carry, self.devices, strict=True)]
             self.result.final_dirty = sum(map(len, final))
+            self._report("handover", final)
             self._send_dirty(final)
             if not self.policy.postcopy:
                 await self._send_pending(reader)
@@ -340,6 +358,21 @@ class Source:
 
     def _dirty_bytes(self, dirty: list[list[int]]) -> int:
         return sum(len(d) * dev.block_size for d, dev in zip(dirty, self.devices, strict=True))
+
+    def _report(self, phase: str, dirty: list[list[int]] | None = None) -> None:
+        """Tell the progress hook what was sent and what `dirty` (not queued yet) and the
+        queue still hold. Once per cycle: nothing here runs per block."""
+        if self.hooks.progress is None:
+            return
+        now = time.perf_counter()
+        found = self._dirty_bytes(dirty) if dirty else 0
+        queued = sum(p.count(1) * d.block_size for p, d in zip(
+            self._pending, self.devices, strict=True))
+        sent = self.channel.bytes_sent
+        rate = found / (now - self._reported) if self._reported and now > self._reported else 0.0
+        self._reported = now
+        self.hooks.progress(Progress(phase, self.result.cycles, sent, sent + queued + found,
+                                     rate))
 
     # -- sending -----------------------------------------------------------------------
 
@@ -523,6 +556,8 @@ class Source:
             elif msg.kind in (EventKind.AUTHORITY_ACK, EventKind.AUTHORITY_DECLINE):
                 if not self._authority_sent:
                     raise ProtocolError(f"{msg.kind.name} before authority was sent")
+                if msg.kind == EventKind.AUTHORITY_DECLINE:
+                    self.result.decline_reason = msg.payload.decode(errors="replace")
                 if not self._answer.done():
                     self._answer.set_result(msg.kind)
             elif msg.kind == EventKind.DONE:

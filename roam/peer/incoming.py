@@ -12,7 +12,6 @@ and the guest runs; the rest streams in behind it (post-copy).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from roam.migration.errors import Decline
 from roam.migration.wire import DeviceSpec
 from roam.peer.errors import PeerError
 from roam.peer.instance import Instance, stacks
+from roam.peer.models import Prepared
 from roam.peer.network import NetConfig
 from roam.peer.outgoing import memory_digest
 from roam.storage.provider import Provider
@@ -115,7 +115,7 @@ class Incoming:
                 cache = self.destination.devices[dev]
                 (files / names[dev]).write_bytes(bytes(await cache.read_at(0, cache.size())))
         await self.instance.start_machine()
-        self.destination.prepared(json.dumps({"underlay": self.netconf.underlay}).encode())
+        self.destination.prepared(Prepared(underlay=self.netconf.underlay).model_dump_json().encode())
 
     async def _authority(self, payload: bytes, _: dict[str, WaitingCache]) -> None:
         await self.started.wait()

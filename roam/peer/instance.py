@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
@@ -20,11 +21,14 @@ from typing import Any
 from roam import hypervisor
 from roam.errors import ErrorCode
 from roam.hypervisor import Machine, Nic
-from roam.migration.channel import TLSFiles
+from roam.migration.channel import PeerLost, TLSFiles
+from roam.migration.errors import LostPeer
 from roam.migration.source import SourceDevice
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
+from roam.peer import events
 from roam.peer.errors import PeerError
+from roam.peer.models import ExecRequest, MigrateRequest
 from roam.peer.network import NetConfig
 from roam.peer.outgoing import Outgoing, policy_from
 from roam.storage.cow import CopyOnWrite
@@ -55,6 +59,7 @@ class Instance:
         self.devices = {d.name: d for d in devices}
         self.order = [d.name for d in devices]
         self.state = state
+        self.events = events.Hub()  # the peer follows the VM here (roam.peer.events)
         self.finished = asyncio.Event()  # set when this host no longer runs the VM
         self.incoming: asyncio.Task[Any] | None = None
         self.info: dict[str, Any] = {"pid": os.getpid(), "workdir": str(workdir)}
@@ -73,6 +78,7 @@ class Instance:
         check_transition(self.state, new)
         log.info("%s: %s -> %s", self.spec.name, self.state, new)
         self.state = new
+        events.changed(self)  # the peer's VM table and /events learn it at once
 
     def tracker(self, name: str) -> Provider:
         return self.devices[name].tracker
@@ -122,18 +128,15 @@ class Instance:
     # -- control requests --------------------------------------------------------------
 
     async def handle_info(self, _: control.Json) -> control.Json:
-        return {"package": "(received)", **self.info, "name": self.spec.name,
-                "state": str(self.state), "ready": self.agent_ready.is_set(),
-                "publish": [asdict(f) for f in self.spec.forwards()],
-                "overlay": None if self.spec.overlay is None else self.spec.overlay.model_dump()}
+        return events.describe(self).model_dump(mode="json")
 
     async def handle_exec(self, params: control.Json) -> control.Json:
+        request = ExecRequest.model_validate(params)
         if self.state in (VMState.STARTING, VMState.INCOMING, VMState.RUNNING):
             await asyncio.wait_for(self.agent_ready.wait(), AGENT_TIMEOUT)
         if self.state != VMState.RUNNING:
             raise PeerError(f"{self.spec.name} is {self.state}", code=ErrorCode.CONFLICT)
-        result = await self.vm.exec(params["argv"], float(params.get("timeout", 30)))
-        return asdict(result)
+        return asdict(await self.vm.exec(request.argv, request.timeout))
 
     async def handle_stop(self, _: control.Json) -> control.Json:
         if self.migrating:
@@ -150,17 +153,30 @@ class Instance:
                             code=ErrorCode.CONFLICT)
         await self.vm.resume_paused()
         self.set_state(VMState.RUNNING)
-        return {}
+        return events.describe(self).model_dump(mode="json")
 
     async def handle_migrate(self, params: control.Json) -> control.Json:
+        request = MigrateRequest.model_validate(params)
         if self.state in (VMState.STARTING, VMState.INCOMING):
             await self.agent_ready.wait()  # a VM that just arrived can move on at once
-        if self.migrating or self.state != VMState.RUNNING:
+        if self.migrating:
+            raise PeerError(f"{self.spec.name} is migrating already", code=ErrorCode.BUSY)
+        if self.state != VMState.RUNNING:
             raise PeerError(f"{self.spec.name} is {self.state}, not running",
                             code=ErrorCode.CONFLICT)
-        return asdict(await Outgoing(self, policy_from(params),
-                                     bool(params.get("check_memory", False))
-                                     ).run(str(params["to"])))
+        started = time.perf_counter()
+        try:
+            result = await Outgoing(self, policy_from(request.model_dump()),
+                                    request.check_memory).run(request.to)
+        except PeerLost as exc:  # connecting failed: the engine never ran
+            error = LostPeer(str(exc))
+            events.migrated(self, request.to, started, error)
+            raise error from exc
+        except BaseException as exc:
+            events.migrated(self, request.to, started, exc)
+            raise
+        events.migrated(self, request.to, started, result)
+        return asdict(result)
 
     async def close(self) -> None:
         if self._vm is not None:

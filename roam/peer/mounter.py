@@ -23,6 +23,7 @@ from roam.migration.channel import Channel
 from roam.migration.destination import Destination, NewDevice
 from roam.migration.errors import Decline, MigrationError
 from roam.migration.wire import DeviceSpec
+from roam.peer.models import BACKUP
 from roam.storage.sources import SparseFileSource
 from roam.storage.waiting import WaitingCache
 from roam.vm import group
@@ -54,7 +55,7 @@ async def mount(channel: Channel, device: str, cache_dir: Path, stop: asyncio.Ev
             await group.store_state(handover, devices[Device.STATE])
         raise Decline("mounted a copy; the VM runs on at its source")
 
-    destination = Destination(channel, make, on_authority)
+    destination = Destination(channel, make, on_authority, prepared_payload=BACKUP)
     received = asyncio.create_task(destination.run())
     try:
         ready = asyncio.create_task(destination.ready.wait())

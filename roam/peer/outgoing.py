@@ -19,7 +19,6 @@ redirected) and turns the engine's outcome into the VM's next state:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -29,11 +28,13 @@ import blake3
 
 from roam.errors import ErrorCode
 from roam.migration.channel import Address, connect
-from roam.migration.errors import InDoubt, PostcopyFailed
+from roam.migration.errors import Declined, InDoubt, PostcopyFailed
 from roam.migration.source import Policy, Source, SourceHooks, SourceResult
 from roam.migration.wire import Encoding
 from roam.network import overlay
+from roam.peer import events
 from roam.peer.errors import PeerError
+from roam.peer.models import Prepared
 from roam.storage.provider import Provider
 from roam.vm import group
 from roam.vm.group import Authority, Device
@@ -123,7 +124,7 @@ class Outgoing:
         return SourceHooks(before_collect=self.instance.vm.machine.flush_memory,
                            before_suspend=self.instance.vm.before_suspend,
                            suspend=self.suspend, authority=self.authority,
-                           resume=self.resume)
+                           resume=self.resume, progress=events.progress(self.instance))
 
     async def _settle(self, source: Source) -> SourceResult:
         """Run the engine; the VM's state follows from how it ended."""
@@ -143,6 +144,9 @@ class Outgoing:
         if result.outcome == "completed":
             instance.set_state(VMState.MIGRATED)
             instance.finished.set()
+        elif not Prepared.model_validate_json(result.prepared or b"{}").backup:
+            raise Declined(f"the destination declined the VM ({result.decline_reason}); "
+                           "it runs on here")
         return result
 
     async def suspend(self) -> None:
@@ -168,12 +172,12 @@ class Outgoing:
         paused machine holds open: they wait there instead of being lost."""
         instance = self.instance
         assert instance.net is not None and self.source is not None
-        prepared = json.loads(self.source.result.prepared or b"{}")
-        if not prepared.get("underlay"):
+        prepared = Prepared.model_validate_json(self.source.result.prepared or b"{}")
+        if not prepared.underlay:
             raise PeerError("the destination peer is not on the VM's overlay (no --underlay)",
                             code=ErrorCode.BAD_REQUEST)
         self.redirected = True
-        await overlay.redirect(instance.net, instance.spec.config.mac, prepared["underlay"])
+        await overlay.redirect(instance.net, instance.spec.config.mac, prepared.underlay)
 
     async def authority(self) -> bytes:
         instance = self.instance

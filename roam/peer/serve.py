@@ -1,10 +1,12 @@
 """`roam peer serve`: the per-host supervisor of VM workers.
 
 It accepts migration connections on its listen address and hands each one, as a file
-descriptor, to a new worker process that receives the VM; it starts workers for
-`roam peer run`; it answers the local control socket `STATE_DIR/peer.sock` (run, ls,
-info, exec, migrate, stop) by forwarding to the worker that runs the named VM. It holds
-the overlay gateways of this host itself (`gateway`): they outlive the VMs' visits.
+descriptor, to a new worker process that receives the VM; it starts workers for runs; it
+keeps a table of its VMs from the events its workers send (roam.peer.events,
+roam.peer.table); it serves the HTTP API (roam.peer.api) on `STATE_DIR/peer.sock` and,
+with `api_listen`, on TCP with mutual TLS, forwarding requests for a VM to the worker
+that runs it. It holds the overlay gateways of this host itself: they outlive the VMs'
+visits.
 """
 
 from __future__ import annotations
@@ -18,89 +20,124 @@ import shutil
 import signal
 import socket
 import sys
-import time
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+import roam
 from roam import hypervisor
+from roam.errors import ErrorCode, RoamError
 from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer.errors import PeerError
-from roam.peer.network import NetConfig
+from roam.peer import api, host
+from roam.peer.events import Hub
+from roam.peer.models import (
+    Event,
+    EventEnvelope,
+    ExecRequest,
+    ExecResult,
+    GatewayInfo,
+    GatewayRequest,
+    MigrateRequest,
+    MigrateResult,
+    PeerInfo,
+    RunRequest,
+    SnapshotEvent,
+    VMEvent,
+    VMInfo,
+    VMRemovedEvent,
+)
+from roam.peer.network import NetConfig, NetworkConfigError
+from roam.peer.table import VMTable, Worker
 from roam.vm import control
+from roam.vm.package import Package, PackageError
 
 log = logging.getLogger("roam.peer")
 
 PEER_SOCKET = "peer.sock"
 START_TIMEOUT = 120.0
 MIGRATE_TIMEOUT = 3600.0
-LIVE = ("starting", "incoming", "running", "migrating", "paused", "in-doubt", "handed-over")
+STOP_TIMEOUT = 30.0
 
 
-class Worker:
-    def __init__(self, workdir: Path, process: asyncio.subprocess.Process) -> None:
-        self.workdir = workdir
-        self.process = process
+@dataclass
+class Gateway:
+    overlay: OverlaySpec
+    forwards: list[PortForward]
+    net: VmNetwork
 
-    @property
-    def socket(self) -> Path:
-        return self.workdir / control.SOCKET
-
-    async def call(self, method: str, params: control.Json | None = None,
-                   timeout: float = 10.0) -> control.Json:  # noqa: ASYNC109
-        return await control.call_path(self.socket, method, params, timeout,
-                                       self.workdir.name)
-
-    def log_tail(self) -> str:
-        path = self.workdir / "worker.log"
-        lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
-        return "\n".join(lines[-8:])
+    def info(self, name: str) -> GatewayInfo:
+        return GatewayInfo.model_validate({
+            "name": name, **self.overlay.model_dump(), "netns": self.net.netns,
+            "publish": [asdict(f) for f in self.forwards]})
 
 
 class Peer:
+    """The peer: its workers and their VMs, its gateways, and the API over them
+    (it implements roam.peer.api.PeerService)."""
+
     def __init__(self, state_dir: Path, listen: Address, tls: TLSFiles | None = None,
-                 netconf: NetConfig | None = None) -> None:
+                 netconf: NetConfig | None = None, api_listen: Address | None = None) -> None:
+        if api_listen is not None and tls is None:
+            raise ValueError("the TCP API needs the peer's TLS files (mutual TLS)")
         self.state_dir = state_dir
         self.listen = listen
+        self.api_listen = api_listen
         self.netconf = netconf or NetConfig(directory=state_dir / "net",
                                             prefix=NetConfig.default_prefix(state_dir))
-        self.gateways: dict[str, tuple[OverlaySpec, list[PortForward], VmNetwork]] = {}
+        self.gateways_here: dict[str, Gateway] = {}
         self.tls = tls  # migrations in and out use mutual TLS with these files
         self.vms_dir = state_dir / "vms"
-        self.workers: dict[Path, Worker] = {}
+        self.table = VMTable()
+        self.events = Hub()
         self._ids = itertools.count(1)
-        self._reapers: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, stop: asyncio.Event) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)  # the API socket is this peer's whole authority
         shutil.rmtree(self.vms_dir, ignore_errors=True)
         self.vms_dir.mkdir()
         await self._sweep()
         listener = _listening_socket(self.listen)
-        control_server = await control.serve(self.state_dir / PEER_SOCKET, {
-            "run": self._run, "ls": self._ls, "info": self._forward("info"),
-            "exec": self._forward("exec", 600.0), "stop": self._stop,
-            "resume": self._forward("resume", 60.0), "gateway": self._gateway,
-            "migrate": self._forward("migrate", MIGRATE_TIMEOUT)})
+        app = api.create_app(self)
+        servers = [(api.server(app), _listening_socket(Address(
+            "unix", path=str(self.state_dir / PEER_SOCKET)), mode=0o600))]
+        if self.api_listen is not None:
+            assert self.tls is not None
+            servers.append((api.server(app, self.tls.server_context()),
+                            _listening_socket(self.api_listen)))
+        serving = [asyncio.create_task(server.serve(sockets=[sock]))
+                   for server, sock in servers]
         accepting = asyncio.create_task(self._accept(listener))
-        log.info("peer serving %s, control socket %s", self.listen,
-                 self.state_dir / PEER_SOCKET)
+        log.info("peer serving %s, API on %s%s", self.listen, self.state_dir / PEER_SOCKET,
+                 f" and {self.api_listen} (mutual TLS)" if self.api_listen else "")
         try:
             await stop.wait()
         finally:
             accepting.cancel()
-            control_server.close()
             listener.close()
-            for worker in list(self.workers.values()):
+            for worker in list(self.table.workers.values()):
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(signal.SIGTERM)
-            if self._reapers:
-                await asyncio.wait(self._reapers, timeout=30)
-            for name in list(self.gateways):
+            self.events.close()  # ends every /events stream
+            for server, _ in servers:
+                server.should_exit = True
+            await asyncio.wait(serving, timeout=api.GRACE + 5)
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=30)
+            for name in list(self.gateways_here):
                 await self._remove_gateway(name)
+
+    def _task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -115,7 +152,8 @@ class Peer:
             finally:
                 conn.close()
 
-    async def _spawn(self, args: list[str], fd: int | None = None) -> Worker:
+    async def _spawn(self, args: list[str], fd: int | None = None,
+                     name: str | None = None) -> Worker:
         workdir = self.vms_dir / str(next(self._ids))
         workdir.mkdir()
         args = [*args, "--net", self.netconf.model_dump_json()]
@@ -128,16 +166,39 @@ class Peer:
                 "setpriv", "--pdeathsig", "TERM", sys.executable, "-m", "roam.peer.worker",
                 "--workdir", str(workdir), *args, stdin=asyncio.subprocess.DEVNULL,
                 stdout=out, stderr=out, pass_fds=() if fd is None else (fd,))
-        worker = Worker(workdir, process)
-        self.workers[workdir] = worker
-        reaper = asyncio.create_task(self._reap(worker))
-        self._reapers.add(reaper)
-        reaper.add_done_callback(self._reapers.discard)
+        worker = Worker(workdir, process, name)
+        self.table.add(worker)
+        self._task(self._reap(worker, asyncio.create_task(self._follow(worker))))
         return worker
 
-    async def _reap(self, worker: Worker) -> None:
+    async def _follow(self, worker: Worker) -> None:
+        """Take the worker's events from the moment its control socket answers (it
+        exists once the worker has an instance) until the worker ends the stream."""
+        while not worker.exited:
+            try:
+                async for raw in control.stream(worker.socket, "events"):
+                    event = EventEnvelope.model_validate({"event": raw}).event
+                    if isinstance(event, VMEvent):
+                        worker.update(event.vm)
+                    self.events.publish(event)
+                return
+            except control.ControlError as exc:
+                if exc.code != ErrorCode.NOT_FOUND:  # not only "no socket yet"
+                    log.warning("events of worker %s: %s", worker.workdir.name, exc)
+            except (OSError, ValidationError) as exc:
+                log.warning("events of worker %s: %s", worker.workdir.name, exc)
+            await asyncio.sleep(0.05)
+
+    async def _reap(self, worker: Worker, following: asyncio.Task[None]) -> None:
         code = await worker.process.wait()
-        self.workers.pop(worker.workdir, None)
+        worker.notify()
+        # Its last events (stopped, migrated) come before it leaves the table.
+        with contextlib.suppress(TimeoutError, Exception):
+            await asyncio.wait_for(following, 2.0)
+        following.cancel()
+        self.table.remove(worker)
+        if worker.name is not None:
+            self.events.publish(VMRemovedEvent(name=worker.name, exit_code=code))
         # A worker that was killed left its FUSE mount (the kernel keeps a dead daemon's
         # mount until it is unmounted) and its VM's network behind: remove them now.
         await hypervisor.driver().sweep(worker.workdir)
@@ -154,110 +215,159 @@ class Peer:
         if swept:
             log.warning("removed the networks a dead process left for %s", ", ".join(swept))
 
-    async def _infos(self) -> list[tuple[Worker, control.Json]]:
-        found = []
-        for worker in list(self.workers.values()):
-            with contextlib.suppress(control.ControlError, OSError, ValueError):
-                found.append((worker, await worker.call("info", timeout=5.0)))
-        return found
+    # -- the API (roam.peer.api.PeerService) -------------------------------------------
 
-    async def _find(self, name: str) -> Worker:
-        for worker, info in await self._infos():
-            if info.get("name") == name and info.get("state") in LIVE:
-                return worker
-        raise PeerError(f"no VM called {name!r} on this peer")
+    def info(self) -> PeerInfo:
+        return PeerInfo(version=roam.__version__, listen=str(self.listen),
+                        api_listen=None if self.api_listen is None else str(self.api_listen),
+                        underlay=self.netconf.underlay, tls=self.tls is not None,
+                        capacity=host.capacity(), accelerator=host.accelerator(),
+                        cpu_model=host.cpu_model(), vms=len(self.table.vms()))
 
-    # -- control handlers ------------------------------------------------------------
+    def vms(self) -> list[VMInfo]:
+        return self.table.vms()
 
-    async def _run(self, params: control.Json) -> control.Json:
-        name = str(params["name"])
-        control.check_name(name)
-        if any(i.get("name") == name and i.get("state") in LIVE for _, i in await self._infos()):
-            raise PeerError(f"a VM called {name!r} already runs on this peer")
+    def vm(self, name: str) -> VMInfo:
+        worker = self.table.find(name)
+        if worker.info is None:  # a run that has not reported yet
+            return VMInfo(name=name, state="starting")
+        return worker.info
+
+    async def run(self, request: RunRequest) -> VMInfo:
+        name = request.name
+        if self.table.taken(name):
+            raise RoamError(f"a VM called {name!r} already runs on this peer",
+                            code=ErrorCode.CONFLICT)
         args = ["--name", name]
-        for spec in params.get("publish", []):
-            args += ["--publish", str(spec)]
-        if params.get("gateway") is not None:
-            overlay = OverlaySpec(vni=int(params["vni"]), gateway=str(params["gateway"]))
-            self.netconf.segment(overlay)  # this peer must be on the overlay
-            if params.get("publish"):
-                raise PeerError("a VM on an overlay publishes its ports on its gateway "
-                                "(`roam peer gateway --publish`), not with --publish")
+        for spec in request.publish:
+            args += ["--publish", spec]
+        if request.gateway is not None and request.vni is not None:
+            overlay = OverlaySpec(vni=request.vni, gateway=request.gateway)
+            try:
+                self.netconf.segment(overlay)  # this peer must be on the overlay
+            except NetworkConfigError as exc:
+                raise RoamError(str(exc), code=ErrorCode.CONFLICT) from None
             args += ["--overlay", overlay.model_dump_json()]
-        if params.get("from"):  # lazy start from a registry (with our TLS files, if any)
-            registry = Address.parse(str(params["from"]))
-            worker = await self._spawn([*args, "--from", str(registry)])
+        if request.from_ is not None:  # lazy start from a registry (our TLS files, if any)
+            worker = await self._spawn([*args, "--from", request.from_], name=name)
         else:
-            worker = await self._spawn(
-                [*args, "--package", str(Path(params["package"]).resolve())])
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if worker.process.returncode is not None:
-                raise PeerError(f"{name} did not start:\n{worker.log_tail()}")
-            with contextlib.suppress(control.ControlError, OSError, ValueError):
-                info = await worker.call("info", timeout=2.0)
-                if info.get("state") == "running" and info.get("ready"):
-                    return info
-            await asyncio.sleep(0.1)
-        raise PeerError(f"{name} not running after {START_TIMEOUT} s")
+            assert request.package is not None
+            package = Path(request.package)
+            if not package.is_dir():
+                raise RoamError(f"no package directory {package} on this peer's host",
+                                code=ErrorCode.NOT_FOUND)
+            try:
+                Package.load(package)
+            except PackageError as exc:
+                raise RoamError(str(exc), code=ErrorCode.BAD_REQUEST) from None
+            worker = await self._spawn([*args, "--package", str(package.resolve())],
+                                       name=name)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                await worker.wait_for(_started)
+        except TimeoutError:
+            raise RoamError(f"{name} not running after {START_TIMEOUT} s",
+                            code=ErrorCode.TIMEOUT) from None
+        if worker.info is None or worker.exited or worker.info.state != "running":
+            raise RoamError(f"{name} did not start:\n{worker.log_tail()}")
+        return worker.info
 
-    async def _ls(self, _: control.Json) -> control.Json:
-        return {"vms": [info for _, info in await self._infos()],
-                "gateways": [self._gateway_info(name) for name in self.gateways]}
+    async def exec(self, name: str, request: ExecRequest) -> ExecResult:
+        worker = self.table.find_live(name)
+        return ExecResult.model_validate(
+            await worker.call("exec", request.model_dump(), request.timeout + 30))
 
-    def _gateway_info(self, name: str) -> control.Json:
-        overlay, forwards, net = self.gateways[name]
-        return {"name": name, **overlay.model_dump(), "netns": net.netns,
-                "publish": [asdict(f) for f in forwards]}
-
-    async def _gateway(self, params: control.Json) -> control.Json:
-        """Add (or with `remove`, remove) the gateway of overlay VM `name` on this host."""
-        name = str(params["name"])
-        if params.get("remove"):
-            if name not in self.gateways:
-                raise PeerError(f"no gateway for {name!r} on this peer")
-            await self._remove_gateway(name)
-            return {}
-        control.check_name(name)
-        if name in self.gateways:
-            raise PeerError(f"this peer already is the gateway of {name!r}")
-        if self.netconf.underlay is None:
-            raise PeerError("a gateway needs this peer's --underlay address")
-        overlay = OverlaySpec(vni=int(params["vni"]), gateway=self.netconf.underlay)
-        if any(o.vni == overlay.vni for o, _, _ in self.gateways.values()):
-            raise PeerError(f"segment {overlay.vni} already has a gateway here")
-        forwards = [PortForward.parse(str(p)) for p in params.get("publish", [])]
-        net = await self.netconf.gateway(name, overlay, forwards)
-        self.gateways[name] = (overlay, forwards, net)
-        log.info("gateway of %s (segment %d) up; publishing %s", name, overlay.vni,
-                 ", ".join(str(p) for p in params.get("publish", [])) or "nothing")
-        return self._gateway_info(name)
-
-    async def _remove_gateway(self, name: str) -> None:
-        _, _, net = self.gateways.pop(name)
-        await self.netconf.host().down(net)
-
-    async def _stop(self, params: control.Json) -> control.Json:
-        worker = await self._find(str(params["name"]))
+    async def stop(self, name: str) -> None:
+        worker = self.table.find_live(name)
         await worker.call("stop")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(worker.process.wait(), 30)
-        return {}
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await worker.wait_for(lambda w: w.exited)
 
-    def _forward(self, method: str, timeout: float = 10.0) -> control.Handler:
-        async def forward(params: control.Json) -> control.Json:
-            worker = await self._find(str(params["name"]))
-            return await worker.call(method, params, timeout)
-        return forward
+    async def resume(self, name: str) -> VMInfo:
+        worker = self.table.find_live(name)
+        return VMInfo.model_validate(await worker.call("resume", timeout=60.0))
+
+    async def migrate(self, name: str, request: MigrateRequest) -> MigrateResult:
+        worker = self.table.find_live(name)
+        return MigrateResult.model_validate(
+            await worker.call("migrate", request.model_dump(), MIGRATE_TIMEOUT))
+
+    def gateways(self) -> list[GatewayInfo]:
+        return [g.info(name) for name, g in self.gateways_here.items()]
+
+    def gateway(self, name: str) -> GatewayInfo:
+        if name not in self.gateways_here:
+            raise RoamError(f"no gateway for {name!r} on this peer", code=ErrorCode.NOT_FOUND)
+        return self.gateways_here[name].info(name)
+
+    async def add_gateway(self, request: GatewayRequest) -> GatewayInfo:
+        """Make this host the gateway of overlay VM `request.name`."""
+        name = request.name
+        if name in self.gateways_here:
+            raise RoamError(f"this peer already is the gateway of {name!r}",
+                            code=ErrorCode.CONFLICT)
+        if self.netconf.underlay is None:
+            raise RoamError("a gateway needs this peer's --underlay address",
+                            code=ErrorCode.CONFLICT)
+        overlay = OverlaySpec(vni=request.vni, gateway=self.netconf.underlay)
+        if any(g.overlay.vni == overlay.vni for g in self.gateways_here.values()):
+            raise RoamError(f"segment {overlay.vni} already has a gateway here",
+                            code=ErrorCode.CONFLICT)
+        forwards = [PortForward.parse(p) for p in request.publish]
+        try:
+            net = await self.netconf.gateway(name, overlay, forwards)
+        except NetworkConfigError as exc:
+            raise RoamError(str(exc), code=ErrorCode.CONFLICT) from None
+        self.gateways_here[name] = Gateway(overlay, forwards, net)
+        log.info("gateway of %s (segment %d) up; publishing %s", name, overlay.vni,
+                 ", ".join(request.publish) or "nothing")
+        return self.gateways_here[name].info(name)
+
+    async def remove_gateway(self, name: str) -> None:
+        self.gateway(name)  # not found?
+        await self._remove_gateway(name)
+
+    async def _remove_gateway(self, name: str) -> None:
+        gateway = self.gateways_here.pop(name)
+        await self.netconf.host().down(gateway.net)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[AsyncIterator[Event]]:
+        """A snapshot of every VM, then every event from the moment of the snapshot."""
+        async with self.events.subscribe() as changes:
+            snapshot = SnapshotEvent(vms=self.table.vms())
+
+            async def stream() -> AsyncIterator[Event]:
+                yield snapshot
+                async for event in changes:
+                    yield event
+
+            yield stream()
 
 
-def _listening_socket(address: Address) -> socket.socket:
+def _started(worker: Worker) -> bool:
+    """Running with its agent answering, or never going to be."""
+    info = worker.info
+    return worker.exited or (info is not None and (
+        (info.state == "running" and info.ready)
+        or info.state not in ("starting", "incoming", "running")))
+
+
+def _listening_socket(address: Address, mode: int | None = None) -> socket.socket:
     sock: socket.socket
     if address.scheme == "unix":
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(address.path)
+        if mode is None:
+            sock.bind(address.path)
+        else:  # never reachable with looser permissions, not even for a moment
+            umask = os.umask(0o777 & ~mode)
+            try:
+                sock.bind(address.path)
+            finally:
+                os.umask(umask)
     else:
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -266,14 +376,3 @@ def _listening_socket(address: Address) -> socket.socket:
     sock.listen(16)
     sock.setblocking(False)
     return sock
-
-
-def peer_socket(via: str) -> Path:
-    """A peer's control socket from its state directory or the socket's own path."""
-    path = Path(via)
-    return path / PEER_SOCKET if path.is_dir() else path
-
-
-async def call(via: str, method: str, params: dict[str, Any] | None = None,
-               timeout: float = 60.0) -> control.Json:  # noqa: ASYNC109
-    return await control.call_path(peer_socket(via), method, params, timeout, "peer")

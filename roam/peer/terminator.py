@@ -18,6 +18,7 @@ from roam.migration.channel import Channel
 from roam.migration.destination import Destination, NewDevice
 from roam.migration.errors import Decline, MigrationError
 from roam.migration.wire import DeviceSpec
+from roam.peer.models import BACKUP
 from roam.storage.sources import SparseFileSource
 from roam.storage.waiting import WaitingCache
 from roam.vm import group
@@ -67,7 +68,7 @@ async def terminate(channel: Channel, out: Path) -> Backup:
         written.append(vm)
         raise Decline(f"live backup of {vm.name} written to {out}; keep running")
 
-    destination = Destination(channel, make, on_authority)
+    destination = Destination(channel, make, on_authority, prepared_payload=BACKUP)
     try:
         result = await destination.run()
     finally:

@@ -3,7 +3,8 @@
 Started by `roam peer serve`, never by hand: `python -m roam.peer.worker --workdir DIR
 --net NETCONFIG (--package PKG --name NAME [--publish SPEC]... [--overlay SPEC] |
 --incoming-fd FD)`. It serves a control
-socket in DIR (info, exec, migrate, stop) and exits when the VM has left this host or was
+socket in DIR (info, exec, migrate, stop, resume, and the `events` stream the peer
+follows: roam.peer.events) and exits when the VM has left this host or was
 stopped; the exit code says whether that went well.
 """
 
@@ -27,6 +28,7 @@ import uvloop
 from roam.migration.channel import Address, Channel, FrameProtocol, TLSFiles, connect
 from roam.network.leases import state_dir as net_state_dir
 from roam.network.overlay import OverlaySpec
+from roam.peer import events
 from roam.peer.errors import PeerError
 from roam.peer.incoming import Incoming
 from roam.peer.instance import Instance, from_package
@@ -38,16 +40,21 @@ T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
-async def _control(instance: Instance) -> AsyncIterator[None]:
+async def _control(instance: Instance, incoming: Incoming | None = None
+                   ) -> AsyncIterator[None]:
     """The control socket, from the moment the instance exists (info works while it is
-    still arriving or resuming)."""
+    still arriving or resuming), with the `events` stream the peer follows (it is told
+    of what changes without a change of state too: events.watch)."""
     server = await control.serve(instance.workdir / control.SOCKET, {
         "info": instance.handle_info, "exec": instance.handle_exec,
         "migrate": instance.handle_migrate, "stop": instance.handle_stop,
-        "resume": instance.handle_resume})
+        "resume": instance.handle_resume}, {"events": events.stream(instance)})
+    watching = asyncio.create_task(events.watch(instance, incoming))
     try:
         yield
     finally:
+        watching.cancel()
+        instance.events.close()  # the peer's stream ends after the last state
         server.close()
 
 
@@ -120,7 +127,7 @@ async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
         instance = await _first(incoming.setup(), received)
         instance.incoming = received
         instance.tls = tls
-        async with _control(instance), instance.exposure():
+        async with _control(instance, incoming), instance.exposure():
             try:
                 incoming.fill_memory()
                 incoming.prepared = asyncio.create_task(incoming.prepare())

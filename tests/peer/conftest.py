@@ -1,7 +1,8 @@
 """Three peers on one machine (UNIX-socket migration addresses) for the whole module.
 
 The session's snapshot comes from tests/vm (one per session); each test runs its own VM
-from it under its own name. Peers run as `roam peer serve` subprocesses.
+from it under its own name. Peers run as `roam peer serve` subprocesses; tests talk to
+them through their HTTP API (roam.peer.client), as the CLI does.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import itertools
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
-from roam.peer import serve as peer
+from roam.peer.client import PEER_SOCKET, PeerClient
+from roam.peer.models import ExecResult, RunRequest, VMInfo
 from tests.blueprint.boot import short_dir
 from tests.vm.conftest import ROAM, roam, run_dir, snapshot
 
@@ -25,6 +27,7 @@ __all__ = ["run_dir", "snapshot"]
 
 
 _pools = itertools.count()
+T = TypeVar("T")
 
 
 class Peer:
@@ -42,23 +45,38 @@ class Peer:
              "--net-pool", f"10.240.{next(_pools) % 256}.0/24", *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
-        while not (self.dir / peer.PEER_SOCKET).exists():
+        while not (self.dir / PEER_SOCKET).exists():
             assert self.process.poll() is None and time.monotonic() < deadline, "peer down"
             time.sleep(0.05)
 
-    def call(self, method: str, **params: Any) -> Any:
-        return asyncio.run(peer.call(str(self.dir), method, params, timeout=600))
+    def api(self, action: Callable[[PeerClient], Awaitable[T]]) -> T:
+        """One call of the peer's API: `p.api(lambda c: c.vm("web"))`."""
+        async def main() -> T:
+            async with PeerClient(self.dir) as client:
+                return await action(client)
+        return asyncio.run(main())
 
-    def run(self, package: Path, name: str) -> dict[str, Any]:
-        return dict(self.call("run", package=str(package), name=name))
+    def run(self, package: Path, name: str) -> VMInfo:
+        return self.api(lambda c: c.run(RunRequest(name=name, package=str(package))))
+
+    def run_from(self, registry: str, name: str) -> VMInfo:
+        return self.api(lambda c: c.run(RunRequest.model_validate(
+            {"name": name, "from": registry})))
+
+    def exec(self, name: str, argv: list[str], timeout: float = 60) -> ExecResult:
+        return self.api(lambda c: c.exec(name, argv, timeout))
 
     def sh(self, name: str, command: str) -> str:
-        result = self.call("exec", name=name, argv=["sh", "-c", command], timeout=60)
-        assert result["exit_code"] == 0, result
-        return str(result["stdout"])
+        result = self.exec(name, ["sh", "-c", command])
+        assert result.exit_code == 0, result
+        return result.stdout
+
+    def stop(self, name: str) -> None:
+        self.api(lambda c: c.stop(name))
 
     def vms(self) -> dict[str, dict[str, Any]]:
-        return {vm["name"]: vm for vm in self.call("ls")["vms"]}
+        """The VMs as the API's JSON has them."""
+        return {vm.name: vm.model_dump(mode="json") for vm in self.api(lambda c: c.vms())}
 
     def migrate(self, name: str, to: Peer, *options: str,
                 check: bool = True) -> subprocess.CompletedProcess[str]:

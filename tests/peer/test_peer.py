@@ -26,9 +26,9 @@ BUSY = (Path(__file__).parent / "busy_guest.py").read_text()
 
 
 def start_busy(p: Peer, name: str) -> None:
-    result = p.call("exec", name=name, timeout=30, argv=[
-        "sh", "-c", 'nohup python3 -c "$0" > /tmp/busy.log 2>&1 &', BUSY])
-    assert result["exit_code"] == 0, result
+    result = p.exec(name, ["sh", "-c", 'nohup python3 -c "$0" > /tmp/busy.log 2>&1 &',
+                           BUSY], timeout=30)
+    assert result.exit_code == 0, result
     wait_passes(p, name, 1)
 
 
@@ -65,7 +65,7 @@ def test_idle_chain_a_b_c_a(peers: dict[str, Peer], snapshot: Path) -> None:
         assert moved["state"] == "running" and moved["downtime_ms"] > 0
         assert dst.sh("chain", "redis-cli get hop").strip() == src.name
         dst.sh("chain", f"redis-cli set hop {dst.name} >/dev/null")
-    a.call("stop", name="chain")
+    a.stop("chain")
 
 
 def test_busy_guest_postcopy_verifier(peers: dict[str, Peer], snapshot: Path) -> None:
@@ -80,7 +80,7 @@ def test_busy_guest_postcopy_verifier(peers: dict[str, Peer], snapshot: Path) ->
     # against what it had seen on A, and the writer went on from its sequence.
     wait_passes(b, "busy", passes)
     assert int(b.sh("busy", "cat /tmp/busy.log").split()[-1]) > seq_before
-    b.call("stop", name="busy")
+    b.stop("busy")
 
 
 def test_no_postcopy_memory_equal_at_suspend(peers: dict[str, Peer], snapshot: Path) -> None:
@@ -93,7 +93,7 @@ def test_no_postcopy_memory_equal_at_suspend(peers: dict[str, Peer], snapshot: P
     moved = b.vms()["exact"]
     assert moved["memory_checked"] is True and moved["state"] == "running"
     wait_passes(b, "exact", 0)
-    b.call("stop", name="exact")
+    b.stop("exact")
 
 
 def test_destination_killed_before_authority(peers: dict[str, Peer], snapshot: Path) -> None:
@@ -113,7 +113,7 @@ def test_destination_killed_before_authority(peers: dict[str, Peer], snapshot: P
     assert a.vms()["survivor"]["state"] == "running"
     assert a.sh("survivor", "redis-cli get alive").strip() == "yes"
     assert "survivor" not in b.vms()
-    a.call("stop", name="survivor")
+    a.stop("survivor")
     # The killed worker's network on B goes once B's peer has reaped it.
     leftover = ns.path(f"{NetConfig.default_prefix(b.dir)}-survivor")
     deadline = time.monotonic() + 30
@@ -147,8 +147,8 @@ def test_terminate_live_backup_then_run(peers: dict[str, Peer], snapshot: Path,
     assert a.vms()["backed"]["state"] == "running"
     b.run(out, "restored")
     assert b.sh("restored", "redis-cli get saved").strip() == "before"
-    a.call("stop", name="backed")
-    b.call("stop", name="restored")
+    a.stop("backed")
+    b.stop("restored")
 
 
 def test_registry_lazy_start_then_migrate(peers: dict[str, Peer], snapshot: Path) -> None:
@@ -157,14 +157,14 @@ def test_registry_lazy_start_then_migrate(peers: dict[str, Peer], snapshot: Path
     registry = serve_in_background("registry", "serve", str(snapshot), "--listen",
                                    f"unix://{socket}", socket=socket)
     try:
-        info = a.call("run", name="lazy", **{"from": f"unix://{socket}"})
-        assert info["state"] == "running"
+        info = a.run_from(f"unix://{socket}", "lazy")
+        assert info.state == "running"
         assert a.sh("lazy", "redis-cli ping").strip() == "PONG"
         # The rest of the package streams in behind the running VM; then it can move on.
         result = json.loads(a.migrate("lazy", b).stdout)
         assert result["outcome"] == "completed"
         assert b.sh("lazy", "redis-cli ping").strip() == "PONG"
-        b.call("stop", name="lazy")
+        b.stop("lazy")
     finally:
         registry.send_signal(signal.SIGTERM)
         registry.communicate(timeout=30)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from roam.vm import control
+from roam.errors import RoamError
 from tests.blueprint.boot import short_dir
 from tests.peer.conftest import Peer, serve_in_background
 
@@ -53,7 +53,7 @@ def test_migration_over_mutual_tls(tls_peers: dict[str, Peer], snapshot: Path) -
     assert b.vms()["secure"]["state"] == "running"
     assert b.sh("secure", "redis-cli get moved-over").strip() == "tls"
     assert "secure" not in a.vms()
-    b.call("stop", name="secure")
+    b.stop("secure")
 
 
 def test_registry_over_mutual_tls(tls_peers: dict[str, Peer], snapshot: Path) -> None:
@@ -65,13 +65,13 @@ def test_registry_over_mutual_tls(tls_peers: dict[str, Peer], snapshot: Path) ->
         "--tls-cert", str(root / "b.pem"), "--tls-key", str(root / "b.key"),
         "--tls-ca", str(root / "b-ca.pem"), socket=socket)
     try:
-        with pytest.raises(control.ControlError, match="TLS"):
-            rogue.call("run", name="lazy", **{"from": f"unix://{socket}"})
+        with pytest.raises(RoamError, match="TLS"):
+            rogue.run_from(f"unix://{socket}", "lazy")
         assert "lazy" not in rogue.vms()
-        info = a.call("run", name="lazy", **{"from": f"unix://{socket}"})
-        assert info["state"] == "running"
+        info = a.run_from(f"unix://{socket}", "lazy")
+        assert info.state == "running"
         assert a.sh("lazy", "redis-cli ping").strip() == "PONG"
-        a.call("stop", name="lazy")
+        a.stop("lazy")
     finally:
         registry.terminate()
         registry.communicate(timeout=30)

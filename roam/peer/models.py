@@ -1,0 +1,289 @@
+"""The peer API's types: requests, responses and events (docs/API.md).
+
+One set of pydantic models for the HTTP API (its OpenAPI description is generated from
+them), the client, and the peer's line-JSON protocol with its workers. Field names are
+the API: clients (the CLI, a control plane, a dashboard) depend on them, so rename none.
+Requests refuse unknown fields, so a misspelt option is an error instead of a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+from roam.errors import ErrorCode
+from roam.migration.channel import Address
+from roam.network.forward import PortForward
+from roam.network.overlay import OverlaySpec
+
+VMState = Literal["starting", "incoming", "running", "migrating", "paused", "in-doubt",
+                  "handed-over", "migrated", "stopped"]
+"""A VM's state under its peer. `in-doubt` needs an operator (docs/MIGRATION.md);
+`handed-over` means the destination owns the VM although post-copy failed."""
+
+LIVE_STATES: tuple[VMState, ...] = ("starting", "incoming", "running", "migrating", "paused",
+                                    "in-doubt", "handed-over")
+"""States in which the VM still belongs to its worker here (the name is taken)."""
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,39}$")]
+"""A VM's name: its network's names are made from it (roam.network.vmnet)."""
+Vni = Annotated[int, Field(ge=1, le=2**24 - 1)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _address(text: str) -> str:
+    Address.parse(text)  # its ValueError says what is wrong
+    return text
+
+
+def _forward(spec: str) -> str:
+    PortForward.parse(spec)
+    return spec
+
+
+def _ipv4(text: str) -> str:
+    return str(ipaddress.IPv4Address(text))
+
+
+def _absolute(text: str) -> str:
+    if not text.startswith("/") or "\x00" in text:
+        raise ValueError("must be an absolute path")
+    return text
+
+
+AbsolutePath = Annotated[str, AfterValidator(_absolute)]
+IPv4Text = Annotated[str, AfterValidator(_ipv4)]
+AddressText = Annotated[str, AfterValidator(_address)]
+"""tcp://HOST:PORT or unix://PATH."""
+ForwardText = Annotated[str, AfterValidator(_forward)]
+"""[ADDR:]HOSTPORT:GUESTPORT[/udp], as `--publish` takes it."""
+
+
+class PortForwardInfo(BaseModel):
+    """A published port: host address and port forwarded to a guest port."""
+
+    host_addr: str
+    host_port: int
+    guest_port: int
+    protocol: Literal["tcp", "udp"]
+
+
+class VMInfo(BaseModel):
+    """A VM as its peer knows it. Timings are those of its arrival here."""
+
+    name: str
+    state: VMState
+    ready: bool = False  # the guest agent answered: exec works
+    package: str = "(received)"  # the package it was started from on this host, if any
+    pid: int | None = None  # the worker process
+    workdir: str | None = None
+    netns: str | None = None
+    accel: str | None = None
+    memory_mib: int | None = None
+    cpus: int | None = None
+    qemu_pid: int | None = None
+    publish: list[PortForwardInfo] = []
+    overlay: OverlaySpec | None = None
+    resumed_at: float | None = None  # wall clock, on arrival by migration or registry
+    downtime_ms: float | None = None  # QMP stop on the source to QMP cont here
+    load_state_ms: float | None = None
+    cont_ms: float | None = None
+    memory_checked: bool = False  # memory compared with the source's at the pause
+
+
+class RunRequest(_Request):
+    """Start a VM from a package directory on the peer's host, or lazily from a registry."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Name
+    package: Annotated[AbsolutePath | None, Field(
+        description="a package directory on the peer's host (never changed)")] = None
+    from_: Annotated[AddressText | None, Field(
+        alias="from", description="a registry's address, instead of a package")] = None
+    publish: Annotated[list[ForwardText], Field(
+        description="port forwards on the host it runs on")] = []
+    gateway: Annotated[IPv4Text | None, Field(
+        description="the --underlay address of the peer that is its overlay gateway")] = None
+    vni: Vni | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunRequest:
+        if (self.package is None) == (self.from_ is None):
+            raise ValueError("give a package or from (a registry's address)")
+        if (self.gateway is None) != (self.vni is None):
+            raise ValueError("gateway and vni go together")
+        if self.gateway is not None and self.publish:
+            raise ValueError("a VM on an overlay publishes its ports on its gateway "
+                             "(POST /gateways), not with publish")
+        return self
+
+
+class ExecRequest(_Request):
+    argv: list[Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]] = Field(
+        min_length=1)
+    timeout: Annotated[float, Field(gt=0, le=86400,
+                                    description="seconds before it is killed")] = 30.0
+
+
+class ExecResult(BaseModel):
+    exit_code: int | None  # None when the command timed out and was killed
+    stdout: str
+    stderr: str
+    timed_out: bool
+
+
+class MigrateRequest(_Request):
+    """Options of a live migration (`roam migrate --help`)."""
+
+    to: AddressText = Field(description="the destination peer's --listen address")
+    postcopy: bool = True
+    max_cycles: Annotated[int, Field(ge=1, le=100000)] = 20
+    min_cycles: Annotated[int, Field(ge=0, le=100000)] = 1
+    max_dirty_blocks: Annotated[int, Field(ge=0)] = 256
+    cycle_throttle: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    compression: Literal["none", "zstd", "lz4"] = "none"
+    verify: bool = False
+    check_memory: bool = False
+
+
+class MigrateResult(BaseModel):
+    """What the source learnt. `declined` is only a result for destinations that decline
+    on purpose (a live backup); any other decline is a `declined` problem."""
+
+    outcome: Literal["completed", "declined"]
+    bytes_sent: int
+    total_ms: float
+    cycles: int
+    dirty_per_cycle: list[int]
+    final_dirty: int
+    handover_ms: float
+    state_save_ms: float
+    downtime_ms: float
+    priority_blocks: int
+
+
+class GatewayRequest(_Request):
+    name: Name
+    vni: Vni
+    publish: Annotated[list[ForwardText], Field(
+        description="port forwards on this host, to the VM wherever it runs")] = []
+
+
+class GatewayInfo(BaseModel):
+    name: str
+    vni: int
+    gateway: str
+    netns: str
+    publish: list[PortForwardInfo]
+
+
+class Capacity(BaseModel):
+    memory_bytes: int
+    memory_available_bytes: int
+    cpus: int
+
+
+class Accelerator(BaseModel):
+    """What VMs started here can use; a VM keeps the accelerator it was snapshotted under."""
+
+    kvm: bool
+    reason: str
+
+
+class PeerInfo(BaseModel):
+    version: str
+    listen: str  # where migrations come in
+    api_listen: str | None  # the TCP API (mutual TLS), if any
+    underlay: str | None
+    tls: bool
+    capacity: Capacity
+    accelerator: Accelerator
+    cpu_model: str
+    vms: int
+
+
+class Prepared(BaseModel):
+    """A destination's PREPARED payload, as the source's VM layer reads it: a peer names
+    its overlay address; a terminator or mounter says that it takes a copy and will
+    decline authority on purpose (the migration then succeeded: the VM runs on)."""
+
+    underlay: str | None = None
+    backup: bool = False
+
+
+BACKUP = Prepared(backup=True).model_dump_json().encode()
+"""The PREPARED payload of a terminator or mounter: the source's `roam migrate` exits 0."""
+
+
+# -- events (GET /events) ---------------------------------------------------------------
+
+
+class SnapshotEvent(BaseModel):
+    """First on every stream: every VM as it is now. Everything after it is a change."""
+
+    type: Literal["snapshot"] = "snapshot"
+    vms: list[VMInfo]
+
+
+class VMEvent(BaseModel):
+    """A VM changed state (or learnt something: ready, downtime)."""
+
+    type: Literal["vm"] = "vm"
+    vm: VMInfo
+
+
+class VMRemovedEvent(BaseModel):
+    """The VM's worker exited: it is no longer on this peer."""
+
+    type: Literal["vm_removed"] = "vm_removed"
+    name: str
+    exit_code: int
+
+
+class ProgressEvent(BaseModel):
+    """One per dirty cycle of a migration out (roam.migration.source.Progress)."""
+
+    type: Literal["progress"] = "progress"
+    vm: str
+    phase: Literal["copy", "cycle", "handover"]
+    cycle: int
+    bytes_sent: int
+    bytes_expected: int
+    dirty_rate: float  # bytes per second
+
+
+class OutcomeEvent(BaseModel):
+    """How a migration out ended. `code` is set when it failed (or was declined)."""
+
+    type: Literal["outcome"] = "outcome"
+    vm: str
+    to: str
+    outcome: Literal["completed", "declined", "failed"]
+    code: ErrorCode | None = None
+    detail: str | None = None
+    downtime_ms: float | None = None
+    bytes_sent: int | None = None
+    duration_ms: float
+
+
+Event = Annotated[SnapshotEvent | VMEvent | VMRemovedEvent | ProgressEvent | OutcomeEvent,
+                  Field(discriminator="type")]
+
+
+class EventEnvelope(BaseModel):
+    """For parsing one event of any type."""
+
+    event: Event
