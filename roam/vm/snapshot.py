@@ -111,11 +111,14 @@ async def _snapshot(blueprint: Blueprint, out: Path, options: SnapshotOptions) -
                             work / "qemu.log")
                 try:
                     started = time.monotonic()
+                    log.info("booting under %s, waiting for the guest to be ready", accel.name)
                     await vm.start()
                     agent = await vm.guard(GuestClient.connect(work / "agent.sock"))
                     try:
                         await vm.guard(agent.wait_ready(BOOT_TIMEOUT))
                         times.boot_to_ready = time.monotonic() - started
+                        log.info("ready after %.1f s; saving the device state",
+                                 times.boot_to_ready)
                         started = time.monotonic()
                         await vm.guard(agent.before_suspend())
                         # Saved with the host still connected: see runner.connect_agent.
