@@ -11,14 +11,26 @@ from typing import Annotated
 
 import typer
 
-from roam.cli.common import TlsCa, TlsCert, TlsKey, Verbose, address, fail, run, setup_logging
+from roam.cli.common import (
+    Json,
+    TlsCa,
+    TlsCert,
+    TlsKey,
+    Verbose,
+    address,
+    check_directory,
+    check_listen,
+    new_directory,
+    print_json,
+    run,
+    setup_logging,
+)
 from roam.cli.common import tls_files as make_tls
-from roam.migration.channel import Channel, PeerLost, connect, listen
-from roam.migration.destination import Destination, NewDevice
-from roam.migration.errors import MigrationError
-from roam.migration.source import Policy, Source, SourceDevice
-from roam.migration.wire import DeviceSpec, Encoding, ProtocolError
-from roam.storage.provider import DEFAULT_BLOCK_SIZE, StorageError
+from roam.migration.channel import Channel, connect, listen
+from roam.migration.destination import Destination, DestinationResult, NewDevice
+from roam.migration.source import Policy, Source, SourceDevice, SourceResult
+from roam.migration.wire import DeviceSpec, Encoding
+from roam.storage.provider import DEFAULT_BLOCK_SIZE
 from roam.storage.sources import FileSource
 
 app = typer.Typer(help="Serve and receive device groups over the migration protocol.",
@@ -33,12 +45,14 @@ def _named_files(specs: list[str]) -> list[tuple[str, Path]]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise typer.BadParameter(f"expected NAME=PATH, got {spec!r}")
+            raise typer.BadParameter(f"expected NAME=PATH, got {spec!r}", param_hint="FILES")
+        if not Path(path).exists():
+            raise typer.BadParameter(f"{path}: no such file", param_hint="FILES")
         if not Path(path).is_file():
-            raise typer.BadParameter(f"{path}: no such file")
+            raise typer.BadParameter(f"{path} is not a regular file", param_hint="FILES")
         out.append((name, Path(path)))
     if len({n for n, _ in out}) != len(out):
-        raise typer.BadParameter("device names must be unique")
+        raise typer.BadParameter("device names must be unique", param_hint="FILES")
     return out
 
 
@@ -52,21 +66,24 @@ def serve(
     verify: Annotated[bool, typer.Option(
         help="Send every block's hash at the end for a full comparison.")] = True,
     tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
+    json: Json = False,
     verbose: Verbose = False,
 ) -> None:
     """Serve the files as one device group, migrate them to the first receiver, exit 0."""
     setup_logging(verbose)
     devices = _named_files(files)
-    addr = address(listen_on)
+    addr = address(listen_on, "--listen")
     tls = make_tls(tls_cert, tls_key, tls_ca)
     if compress not in COMPRESSIONS:
-        raise typer.BadParameter(f"--compress must be one of {', '.join(COMPRESSIONS)}")
+        raise typer.BadParameter(f"must be one of {', '.join(COMPRESSIONS)}",
+                                 param_hint="--compress")
     policy = Policy(compression=COMPRESSIONS[compress], verify=verify)
+    check_listen(addr)
 
-    async def main() -> None:
+    async def main() -> SourceResult:
         sources = [(name, FileSource(path)) for name, path in devices]
         group = [SourceDevice.stack(name, src, block_size) for name, src in sources]
-        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        outcome: asyncio.Future[SourceResult] = asyncio.get_running_loop().create_future()
         taken = False
 
         async def handler(channel: Channel) -> None:
@@ -80,25 +97,26 @@ def serve(
             except BaseException as e:
                 outcome.set_exception(e)
                 raise
-            log.info("migrated %s in %.2fs: %d blocks, %d bytes sent",
-                     ", ".join(n for n, _ in devices), result.total_seconds,
-                     result.blocks_sent, result.bytes_sent)
-            outcome.set_result(None)
+            outcome.set_result(result)
 
         server = await listen(addr, handler, tls)
         log.info("serving %s on %s%s", ", ".join(n for n, _ in devices), addr,
                  " (TLS)" if tls else "")
         try:
-            await outcome
+            return await outcome
         finally:
             server.close()
             for _, src in sources:
                 await src.close()
 
-    try:
-        run(main())
-    except (MigrationError, ProtocolError, PeerLost, StorageError, OSError) as e:
-        raise fail(str(e)) from None
+    result = run(main())
+    names = [n for n, _ in devices]
+    if json:
+        print_json({"devices": names, "seconds": result.total_seconds,
+                    "blocks_sent": result.blocks_sent, "bytes_sent": result.bytes_sent})
+        return
+    typer.echo(f"migrated {', '.join(names)} in {result.total_seconds:.2f} s: "
+               f"{result.blocks_sent} blocks, {result.bytes_sent} bytes sent")
 
 
 @app.command()
@@ -109,17 +127,19 @@ def receive(
     tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
     tls_server_name: Annotated[str | None, typer.Option(
         help="Name the server certificate must carry (default: the host).")] = None,
+    json: Json = False,
     verbose: Verbose = False,
 ) -> None:
     """Receive a device group into OUT/NAME files, verifying every block.
 
     Files are written as OUT/NAME.partial and renamed only once complete, so an
-    interrupted receive never leaves a half-written file under the final name.
+    interrupted receive never leaves a half-written file under the final name; a failed
+    receive leaves nothing, not even OUT if it made it.
     """
     setup_logging(verbose)
-    addr = address(connect_to)
+    addr = address(connect_to, "--connect")
     tls = make_tls(tls_cert, tls_key, tls_ca)
-    out.mkdir(parents=True, exist_ok=True)
+    check_directory(out, "--out")
     made: list[tuple[Path, FileSource]] = []
 
     async def make(spec: DeviceSpec) -> NewDevice:
@@ -129,7 +149,7 @@ def receive(
         made.append((partial, src))
         return NewDevice(src, fresh=True)
 
-    async def main() -> None:
+    async def main() -> DestinationResult:
         channel = await connect(addr, tls, tls_server_name)
         dest = Destination(channel, make)
         progress = asyncio.create_task(_report_progress(dest))
@@ -142,17 +162,25 @@ def receive(
                 await src.close()
         for partial, _ in made:
             os.replace(partial, partial.with_suffix(""))
-        total = sum(src.size() for _, src in made)
-        log.info("received %d device(s), %d bytes, in %.2fs; %d blocks verified, "
-                 "%d integrity errors repaired", len(made), total, result.total_seconds,
-                 result.verified_blocks, result.integrity_errors)
+        return result
 
-    try:
-        run(main())
-    except (MigrationError, ProtocolError, PeerLost, StorageError, OSError) as e:
-        for partial, _ in made:
-            partial.unlink(missing_ok=True)
-        raise fail(str(e)) from None
+    with new_directory(out):
+        try:
+            result = run(main())
+        except BaseException:
+            for partial, _ in made:
+                partial.unlink(missing_ok=True)
+            raise
+    names = [partial.with_suffix("").name for partial, _ in made]
+    total = sum(src.size() for _, src in made)
+    if json:
+        print_json({"devices": names, "bytes": total, "seconds": result.total_seconds,
+                    "verified_blocks": result.verified_blocks,
+                    "integrity_errors": result.integrity_errors})
+        return
+    typer.echo(f"received {', '.join(names)} into {out}: {total} bytes in "
+               f"{result.total_seconds:.2f} s; {result.verified_blocks} blocks verified, "
+               f"{result.integrity_errors} integrity errors repaired")
 
 
 async def _report_progress(dest: Destination, every: float = 2.0) -> None:

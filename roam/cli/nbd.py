@@ -6,36 +6,61 @@ import asyncio
 import logging
 import signal
 import ssl
-import sys
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
 import typer
 import uvloop
+from rich.console import Console
+from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-from roam.exposure.nbd.copy import copy, open_endpoint
+from roam.cli.common import (
+    CommandError,
+    check_listen,
+    check_new_file,
+    check_socket_path,
+    describe,
+    terminal,
+    tls_context,
+)
+from roam.exposure.nbd import protocol as p
+from roam.exposure.nbd.copy import Endpoint, copy, open_endpoint
 from roam.exposure.nbd.server import Export, NBDServer
-from roam.storage.provider import StorageError
+from roam.migration.channel import Address
 from roam.storage.sources import FileSource
 
 app = typer.Typer(help="Serve devices over NBD and copy to and from NBD exports.",
                   no_args_is_help=True)
 log = logging.getLogger("roam.nbd")
+URI_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
 
 
-def _parse_listen(listen: str) -> tuple[str, int]:
+def _parse_listen(listen: str) -> Address:
     parts = urlsplit(listen)
-    if parts.scheme != "tcp" or parts.port is None:
-        raise typer.BadParameter(f"expected tcp://HOST:PORT, got {listen}")
-    return parts.hostname or "127.0.0.1", parts.port
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "tcp" or port is None:
+        raise typer.BadParameter(f"expected tcp://HOST:PORT, got {listen}",
+                                 param_hint="--listen")
+    return Address("tcp", host=parts.hostname or "127.0.0.1", port=port)
 
 
 def _parse_export(spec: str) -> tuple[str, Path]:
     name, sep, path = spec.partition("=")
     if not sep or not path:
-        raise typer.BadParameter(f"expected NAME=PATH, got {spec}")
+        raise typer.BadParameter(f"expected NAME=PATH, got {spec}", param_hint="--export")
+    _check_file(Path(path), "--export")
     return name, Path(path)
+
+
+def _check_file(path: Path, hint: str) -> None:
+    if not path.exists():
+        raise typer.BadParameter(f"{path}: no such file", param_hint=hint)
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} is not a regular file", param_hint=hint)
 
 
 @app.command()
@@ -50,50 +75,65 @@ def serve(
         help="Another export, NAME=PATH (repeatable).")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: require TLS "
                                                   "(STARTTLS) on TCP.")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="PEM key for --tls-cert.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        help="PEM key for --tls-cert (default: in the --tls-cert file).")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(
+        help="PEM CA: with --tls-cert, clients must also present a certificate it "
+             "signed (mutual TLS).")] = None,
 ) -> None:
     """Serve PATH until SIGTERM or SIGINT, then flush and exit 0."""
     if socket is None and listen is None:
-        raise typer.BadParameter("give --socket and/or --listen")
-    tcp = _parse_listen(listen) if listen else None
+        raise typer.BadParameter("give --socket and/or --listen", param_hint="--socket/--listen")
+    _check_file(path, "PATH")
     exports = [(name, path)] + [_parse_export(e) for e in export or []]
     tls = None
     if tls_cert is not None:
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.load_cert_chain(tls_cert, tls_key)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        uvloop.run(_serve(exports, read_only, socket, tcp, tls))
-    except StorageError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+        tls = tls_context(tls_cert, tls_key, tls_ca, server=True)
+    elif tls_key is not None or tls_ca is not None:
+        raise typer.BadParameter("needs --tls-cert", param_hint="--tls-key/--tls-ca")
+    if socket is not None:
+        check_socket_path(socket, "--socket")
+    tcp = _parse_listen(listen) if listen else None
+    if tcp is not None:
+        check_listen(tcp)
+    uvloop.run(_serve(exports, read_only, socket, tcp, tls))
 
 
 async def _serve(exports: list[tuple[str, Path]], read_only: bool, socket: Path | None,
-                 tcp: tuple[str, int] | None, tls: ssl.SSLContext | None) -> None:
+                 tcp: Address | None, tls: ssl.SSLContext | None) -> None:
     server = NBDServer(tls=tls)
     sources = []
-    for export_name, export_path in exports:
-        source = FileSource(export_path, readonly=read_only)
-        sources.append(source)
-        server.add_export(Export(export_name, source, read_only=read_only))
-        log.info("export %r: %s (%d bytes%s)", export_name, export_path, source.size(),
-                 ", read-only" if read_only else "")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if socket is not None:
-        await server.serve_unix(socket)
-        log.info("serving on unix:%s", socket)
-    if tcp is not None:
-        await server.serve_tcp(*tcp)
-        log.info("serving on tcp://%s:%d%s", *tcp, " (TLS required)" if tls else "")
-    await stop.wait()
-    log.info("stopping: finishing requests and flushing")
-    await server.close()
-    for source in sources:
-        await source.close()
+    try:
+        for export_name, export_path in exports:
+            source = FileSource(export_path, readonly=read_only)
+            sources.append(source)
+            server.add_export(Export(export_name, source, read_only=read_only))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            if socket is not None:
+                await server.serve_unix(socket)
+            if tcp is not None:
+                await server.serve_tcp(tcp.host, tcp.port)
+        except OSError as exc:  # taken between the check and now
+            raise CommandError(f"cannot listen: {exc.strerror}", socket or tcp) from exc
+        # Logged once everything stands, so a failure is the only line a failed start prints.
+        for (export_name, export_path), source in zip(exports, sources, strict=True):
+            log.info("export %r: %s (%d bytes%s)", export_name, export_path, source.size(),
+                     ", read-only" if read_only else "")
+        if socket is not None:
+            log.info("serving on unix:%s", socket)
+        if tcp is not None:
+            log.info("serving on %s%s", tcp, "" if tls is None else " (mutual TLS required)"
+                     if tls.verify_mode == ssl.CERT_REQUIRED else " (TLS required)")
+        await stop.wait()
+        log.info("stopping: finishing requests and flushing")
+    finally:
+        await server.close()
+        for source in sources:
+            await source.close()
 
 
 @app.command("copy")
@@ -103,22 +143,44 @@ def copy_command(
     progress: Annotated[bool | None, typer.Option(
         help="Show progress (default: when stderr is a terminal).")] = None,
 ) -> None:
-    """Copy SRC to DST; URIs are nbd://HOST:PORT/NAME or nbd+unix:///NAME?socket=SOCK."""
-    show = sys.stderr.isatty() if progress is None else progress
+    """Copy SRC to DST; URIs are nbd://HOST:PORT/NAME or nbd+unix:///NAME?socket=SOCK.
+
+    A DST file that did not exist is removed again if the copy fails."""
+    if not src.startswith(URI_SCHEMES):
+        _check_file(Path(src), "SRC")
+    created = None
+    if not dst.startswith(URI_SCHEMES):
+        check_new_file(Path(dst), "DST")
+        created = None if Path(dst).exists() else Path(dst)
+    show = terminal() if progress is None else progress
     try:
         written = uvloop.run(_copy(src, dst, show))
-    except (OSError, ValueError, StorageError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+    except BaseException:
+        if created is not None:
+            created.unlink(missing_ok=True)
+        raise
     typer.echo(f"copied {src} -> {dst} ({written} bytes of data)", err=True)
 
 
-async def _copy(src: str, dst: str, show: bool) -> int:
-    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
-
-    source = await open_endpoint(src)
+async def _open(spec: str, dest_size: int | None = None) -> Endpoint:
+    """The endpoint; an NBD server's refusal or absence is reported with its URI."""
     try:
-        dest = await open_endpoint(dst, dest_size=source.size)
+        return await open_endpoint(spec, dest_size=dest_size)
+    except p.OptionError as exc:
+        reason = {p.REP_ERR_UNKNOWN: "the server has no such export",
+                  p.REP_ERR_TLS_REQD: "the server requires TLS (nbds://)",
+                  p.REP_ERR_POLICY: "the server refused it by policy"}.get(exc.reply, str(exc))
+        raise CommandError(reason, spec) from exc
+    except OSError as exc:
+        if not spec.startswith(URI_SCHEMES):
+            raise
+        raise CommandError(f"cannot connect: {describe(exc)}", spec) from exc
+
+
+async def _copy(src: str, dst: str, show: bool) -> int:
+    source = await _open(src)
+    try:
+        dest = await _open(dst, dest_size=source.size)
     except BaseException:
         await source.finish()
         raise
@@ -126,7 +188,8 @@ async def _copy(src: str, dst: str, show: bool) -> int:
         if not show:
             return await copy(source, dest)
         with Progress(*Progress.get_default_columns(), DownloadColumn(),
-                      TransferSpeedColumn(), transient=True) as bar:
+                      TransferSpeedColumn(), transient=True,
+                      console=Console(stderr=True)) as bar:
             task = bar.add_task("copy", total=source.size)
             return await copy(source, dest, progress=lambda n: bar.advance(task, n))
     finally:

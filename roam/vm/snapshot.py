@@ -113,8 +113,11 @@ async def _snapshot(blueprint: Blueprint, out: Path, options: SnapshotOptions) -
                 vm = VM(machine)
                 try:
                     started = time.monotonic()
+                    log.info("booting under %s, waiting for the guest to be ready", accel.name)
                     await vm.boot(Nic.detached(), BOOT_TIMEOUT)
                     times.boot_to_ready = time.monotonic() - started
+                    log.info("ready after %.1f s; saving the device state",
+                             times.boot_to_ready)
                     started = time.monotonic()
                     times.state_bytes = await vm.suspend(state_device)
                     times.suspend = time.monotonic() - started

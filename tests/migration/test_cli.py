@@ -48,7 +48,7 @@ def test_serve_and_receive_over_unix_socket(tmp_path: Path) -> None:
     assert (out / "mem").read_bytes() == mem.read_bytes()
     assert (out / "disk").read_bytes() == disk.read_bytes()
     assert os.stat(out / "disk").st_blocks * 512 < 1024 * 1024  # holes stayed holes
-    assert "blocks verified" in done.stderr
+    assert "blocks verified" in done.stdout
     assert not list(out.glob("*.partial"))
 
 

@@ -7,6 +7,7 @@ a crash in a VM's daemon must not take the test session down.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -48,8 +49,10 @@ def snapshot(blueprint: Blueprint, tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.mktemp("snapshot") / "pkg"
     started = time.monotonic()
     done = roam("snapshot", "--blueprint", str(blueprint.directory), "--out", str(out),
-                "--memory", "256M")
-    print(f"\n{done.stdout.strip()} ({time.monotonic() - started:.1f} s)")
+                "--memory", "256M", "--json")
+    times = json.loads(done.stdout)
+    print(f"\npackage {out}: ready in {times['boot_to_ready_seconds']:.1f} s, "
+          f"{times['state_bytes']} bytes of state ({time.monotonic() - started:.1f} s)")
     return out
 
 
