@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from roam.cli.common import TlsCa, TlsCert, TlsKey, Verbose, address, fail, run, setup_logging
+from roam.cli.common import TlsCa, TlsCert, TlsKey, Verbose, address, failed, run, setup_logging
 from roam.cli.common import tls_files as make_tls
 from roam.migration.channel import Channel, PeerLost, connect, listen
 from roam.migration.destination import Destination, NewDevice
@@ -98,7 +98,7 @@ def serve(
     try:
         run(main())
     except (MigrationError, ProtocolError, PeerLost, StorageError, OSError) as e:
-        raise fail(str(e)) from None
+        raise failed(e) from None
 
 
 @app.command()
@@ -152,7 +152,7 @@ def receive(
     except (MigrationError, ProtocolError, PeerLost, StorageError, OSError) as e:
         for partial, _ in made:
             partial.unlink(missing_ok=True)
-        raise fail(str(e)) from None
+        raise failed(e) from None
 
 
 async def _report_progress(dest: Destination, every: float = 2.0) -> None:

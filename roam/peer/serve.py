@@ -193,9 +193,8 @@ class Peer:
         code = await worker.process.wait()
         worker.notify()
         # Its last events (stopped, migrated) come before it leaves the table.
-        with contextlib.suppress(TimeoutError, Exception):
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(following, 2.0)
-        following.cancel()
         self.table.remove(worker)
         if worker.name is not None:
             self.events.publish(VMRemovedEvent(name=worker.name, exit_code=code))
