@@ -34,6 +34,7 @@ from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
 from roam.network.vmnet import VmNetwork
 from roam.peer import api, host
+from roam.peer.client import PEER_SOCKET
 from roam.peer.events import Hub
 from roam.peer.models import (
     Event,
@@ -59,7 +60,6 @@ from roam.vm.package import Package, PackageError
 
 log = logging.getLogger("roam.peer")
 
-PEER_SOCKET = "peer.sock"
 START_TIMEOUT = 120.0
 MIGRATE_TIMEOUT = 3600.0
 STOP_TIMEOUT = 30.0
