@@ -126,9 +126,12 @@ def fail(message: object, code: int = Exit.FAILED) -> typer.Exit:
     return typer.Exit(code)
 
 
-def failed(exc: RoamError) -> typer.Exit:
-    """`fail` for a roam error: its code picks the exit code (roam.cli.exits)."""
-    return fail(exc.message, for_code(exc.code))
+def failed(exc: Exception) -> typer.Exit:
+    """`fail` for a caught error: a roam error's code picks the exit code (roam.cli.exits),
+    anything else exits 1."""
+    if isinstance(exc, RoamError):
+        return fail(exc.message, for_code(exc.code))
+    return fail(str(exc) or type(exc).__name__)
 
 
 def _read(path: Path, option: str) -> None:

@@ -8,7 +8,6 @@ no module and change nothing, and all of them together take well under a second.
 from __future__ import annotations
 
 import enum
-import fcntl
 import os
 import platform
 import re
@@ -24,7 +23,7 @@ import typer
 
 from roam.blueprint import cache_root
 from roam.cli.common import print_json
-from roam.hypervisor.accel import KVM_API_VERSION, KVM_DEVICE, KVM_GET_API_VERSION
+from roam.hypervisor.accel import kvm_usable
 
 GIB = 1 << 30
 MEMORY_FAIL, MEMORY_WARN = 1 * GIB, 2 * GIB  # a 512 MiB guest plus its page cache
@@ -82,13 +81,9 @@ def check_fuse() -> Check:
 def kvm_kind() -> str:
     """KVM, PVM (the kvm_pvm module: needs no nested virtualisation, boots only PVM guest
     kernels) or none, with the reason."""
-    try:
-        with open(KVM_DEVICE, "rb", buffering=0) as kvm:
-            api = fcntl.ioctl(kvm, KVM_GET_API_VERSION)
-    except OSError as exc:
-        return f"none ({KVM_DEVICE}: {exc.strerror})"
-    if api != KVM_API_VERSION:
-        return f"none ({KVM_DEVICE} speaks KVM API {api}, not {KVM_API_VERSION})"
+    unusable = kvm_usable()
+    if unusable is not None:
+        return f"none ({unusable})"
     if Path("/sys/module/kvm_pvm").exists():
         return "PVM"
     modules = [m for m in ("kvm_intel", "kvm_amd") if Path(f"/sys/module/{m}").exists()]

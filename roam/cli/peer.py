@@ -7,6 +7,7 @@ with the code its error's code calls for (roam.cli.exits).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -241,7 +242,8 @@ def events(via: Via) -> None:
             async for event in stream:
                 typer.echo(event.model_dump_json())
 
-    _with_peer(via, follow)
+    with contextlib.suppress(KeyboardInterrupt):
+        _with_peer(via, follow)
 
 
 @app.command("exec")
@@ -325,7 +327,9 @@ async def _migrate(client: PeerClient, name: str, request: MigrateRequest,
             try:
                 return await client.migrate(name, request)
             finally:
-                following.cancel()
+                following.cancel()  # before the stream it reads is closed
+                with contextlib.suppress(asyncio.CancelledError):
+                    await following
 
 
 def terminate(
@@ -359,10 +363,8 @@ def terminate(
 
     try:
         backup = run(main())
-    except MigrationError as exc:
+    except (MigrationError, OSError) as exc:
         raise failed(exc) from None
-    except OSError as exc:
-        raise fail(str(exc)) from None
     _print(asdict(backup))
 
 
@@ -467,7 +469,5 @@ def mount(
     try:
         with tempfile.TemporaryDirectory(prefix="roam-mount-") as tmp:
             run(main(cache or Path(tmp)))
-    except MigrationError as exc:
+    except (MigrationError, PeerLost, OSError) as exc:
         raise failed(exc) from None
-    except (PeerLost, OSError) as exc:
-        raise fail(str(exc)) from None

@@ -36,7 +36,7 @@ class Accel:
     reason: str
 
 
-def _kvm_usable() -> str | None:
+def kvm_usable() -> str | None:
     """None if /dev/kvm answers, else why not."""
     try:
         with open(KVM_DEVICE, "rb", buffering=0) as kvm:
@@ -106,7 +106,7 @@ def _choose(kernel: Path, initramfs: Path | None, cache: Path) -> Accel:
         return Accel(requested, "ROAM_ACCEL")
     if requested != "auto":
         raise ValueError(f"ROAM_ACCEL={requested!r}: expected kvm, tcg or auto")
-    unusable = _kvm_usable()
+    unusable = kvm_usable()
     if unusable:
         return Accel("tcg", unusable)
     if _cached_test_boot(kernel, initramfs, cache):

@@ -38,6 +38,7 @@ from roam.peer.models import (
 from roam.peer.problems import Problem, code_for_status
 
 PEER_SOCKET = "peer.sock"
+"""The API's socket in a peer's state directory."""
 TIMEOUT = 60.0
 RUN_TIMEOUT = 180.0
 MIGRATE_TIMEOUT = 3600.0

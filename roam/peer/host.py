@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from roam.hypervisor.accel import KVM_DEVICE, _kvm_usable
+from roam.hypervisor.accel import KVM_DEVICE, kvm_usable
 from roam.peer.models import Accelerator, Capacity
 
 
@@ -20,7 +20,7 @@ def accelerator() -> Accelerator:
     """Whether /dev/kvm answers. A VM still runs under the accelerator its package was
     snapshotted under, and a stock kernel may not boot under KVM even when it answers (a
     PVM host: docs/DESIGN.md), so this says what the host offers, not what a VM gets."""
-    unusable = _kvm_usable()
+    unusable = kvm_usable()
     if unusable is not None:
         return Accelerator(kvm=False, reason=unusable)
     if Path("/sys/module/kvm_pvm").exists():

@@ -35,6 +35,7 @@ from roam.network.forward import PortForward
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
 from roam.peer import api, host
+from roam.peer.client import PEER_SOCKET
 from roam.peer.events import Hub
 from roam.peer.models import (
     Event,
@@ -59,7 +60,6 @@ from roam.vm.package import Package, PackageError
 
 log = logging.getLogger("roam.peer")
 
-PEER_SOCKET = "peer.sock"
 START_TIMEOUT = 120.0
 MIGRATE_TIMEOUT = 3600.0
 STOP_TIMEOUT = 30.0
@@ -193,9 +193,8 @@ class Peer:
         code = await worker.process.wait()
         worker.notify()
         # Its last events (stopped, migrated) come before it leaves the table.
-        with contextlib.suppress(TimeoutError, Exception):
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(following, 2.0)
-        following.cancel()
         self.table.remove(worker)
         if worker.name is not None:
             self.events.publish(VMRemovedEvent(name=worker.name, exit_code=code))

@@ -20,7 +20,7 @@ def test_choice_comes_from_a_test_boot_and_is_remembered(
     first = accel.choose_accel(blueprint.kernel, blueprint.initramfs, tmp_path)
     assert first.name in ("kvm", "tcg")
     assert f"accelerator: {first.name}" in caplog.text
-    if accel._kvm_usable() is not None:
+    if accel.kvm_usable() is not None:
         assert first.name == "tcg"  # no KVM at all: nothing was booted
         return
     entries = list((tmp_path / "accel").glob("*.json"))
