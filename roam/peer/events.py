@@ -110,8 +110,8 @@ def progress(instance: Instance) -> Callable[[Progress], None]:
     return report
 
 
-def migrated(instance: Instance, to: str, started: float,
-             ended: Migrated | BaseException) -> None:
+def migration_ended(instance: Instance, to: str, started: float,
+                    ended: Migrated | BaseException) -> None:
     """Publish how a migration out that started at `started` (perf_counter) ended."""
     duration_ms = (time.perf_counter() - started) * 1000
     if not isinstance(ended, BaseException):

@@ -170,12 +170,12 @@ class Instance:
                                     request.check_memory).run(request.to)
         except PeerLost as exc:  # connecting failed: the engine never ran
             error = LostPeer(str(exc))
-            events.migrated(self, request.to, started, error)
+            events.migration_ended(self, request.to, started, error)
             raise error from exc
         except BaseException as exc:
-            events.migrated(self, request.to, started, exc)
+            events.migration_ended(self, request.to, started, exc)
             raise
-        events.migrated(self, request.to, started, result)
+        events.migration_ended(self, request.to, started, result)
         return asdict(result)
 
     async def close(self) -> None:

@@ -77,8 +77,9 @@ class VMTable:
         self.workers.pop(worker.workdir, None)
 
     def vms(self) -> list[VMInfo]:
-        """Every VM a worker reported (also those leaving: migrated, stopped)."""
-        return [w.info for w in self.workers.values() if w.info is not None]
+        """Every VM whose worker is up and reported (also those leaving: migrated,
+        stopped; a worker that exited is gone even before it is reaped)."""
+        return [w.info for w in self.workers.values() if w.info is not None and not w.exited]
 
     def taken(self, name: str) -> bool:
         return any(w.name == name and w.live for w in self.workers.values())

@@ -87,6 +87,10 @@ def test_events_during_a_migration(peers: dict[str, Peer], snapshot: Path) -> No
 def _slow_migration(src: Peer, dst: Peer, name: str) -> tuple[subprocess.Popen[str], VMInfo]:
     """`roam migrate` that cycles for several seconds after the destination has started
     QEMU and sent PREPARED (its VM then shows QEMU's pid); returns it and that VM."""
+    deadline = time.monotonic() + 30
+    while name in dst.vms():  # the worker of an earlier attempt is still leaving
+        assert time.monotonic() < deadline, dst.vms()[name]
+        time.sleep(0.1)
     migration = src.migrate_background(name, dst, "--max-dirty-blocks", "0",
                                        "--max-cycles", "24", "--cycle-throttle", "0.25")
     deadline = time.monotonic() + 60
