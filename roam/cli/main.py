@@ -38,7 +38,6 @@ from roam.vm.snapshot import SnapshotError
 # closing tag and crash `--help` (it did, for `roam run`).
 app = typer.Typer(
     name="roam",
-    help="Run Linux VMs anywhere and live-migrate them between hosts.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     epilog=exits.TABLE,
@@ -79,15 +78,15 @@ def options(
     log_level: Annotated[LogLevel | None, typer.Option(
         case_sensitive=False, help="Log from this level on (default info).")] = None,
     debug: Annotated[bool, typer.Option(
-        help="Print the traceback of an error, not only its one line.")] = False,
+        "--debug", help="Print the traceback of an error, not only its one line.")] = False,
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print roam's version.")] = False,
 ) -> None:
     """Run Linux VMs anywhere and live-migrate them between hosts.
 
-    The options above go before the command (roam -v migrate ...). Every command has
-    --help; `roam doctor` says what this host lacks. Errors are one line on stderr; exit
-    status 1 is a failure, 2 a usage error.
+    The options below go before the command (roam -v migrate ...). Every command has
+    --help; `roam doctor` says what this host lacks, docs/QUICKSTART.md runs a first VM.
+    An error is one line on stderr; exit status 1 is a failure, 2 a usage error.
     """
     if sum((verbose, quiet, log_level is not None)) > 1:
         raise typer.BadParameter("give one of them", param_hint="-v/-q/--log-level")

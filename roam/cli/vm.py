@@ -61,7 +61,7 @@ def snapshot(
                                                  "build --out).", exists=True,
                                             file_okay=False)],
     out: Annotated[Path, typer.Option(help="The package directory to create (must not "
-                                           "exist; its parent must).")],
+                                           "exist).")],
     memory: Annotated[str, typer.Option(help="Guest memory, e.g. 512M or 1G.")] = "512M",
     cpus: Annotated[int, typer.Option(min=1)] = 1,
     cpu_model: Annotated[str | None, typer.Option(
@@ -75,10 +75,10 @@ def snapshot(
     options = SnapshotOptions(memory_mib=parse_mib(memory), cpus=cpus, cpu_model=cpu_model)
     if out.exists():
         raise typer.BadParameter(f"{out} exists already", param_hint="--out")
-    if not out.parent.is_dir():
-        raise typer.BadParameter(f"directory {out.parent} does not exist", param_hint="--out")
+    check_directory(out.parent, "--out")
     loaded = Blueprint.load(blueprint)
-    with steps(f"snapshot of {blueprint.name}", "roam.vm"):
+    # take_snapshot removes `out` if it fails; this removes the parents made for it.
+    with steps(f"snapshot of {blueprint.name}", "roam.vm"), new_directory(out.parent):
         times = uvloop.run(take_snapshot(loaded, out, options))
     if json:
         print_json({"package": str(out), "boot_to_ready_seconds": times.boot_to_ready,

@@ -100,6 +100,9 @@ CASES = {
         "blueprint build --out {d}/file", 2, "{d}/file is a file, not a directory (--out)"),
     "snapshot over an existing package": Case(
         "snapshot --blueprint {d}/dir --out {d}/dir", 2, "{d}/dir exists already (--out)"),
+    "snapshot of something not a blueprint": Case(
+        "snapshot --blueprint {d}/dir --out {d}/new/pkg", 1, "{d}/dir/blueprint.json: not a "
+        "blueprint"),
     "run with a bad port forward": Case(
         "run {d}/dir --name x --publish 99999:80", 2, "(--publish)"),
     "exec in a VM that does not run": Case(

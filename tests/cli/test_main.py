@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import subprocess
@@ -13,9 +14,22 @@ from pathlib import Path
 import pytest
 import typer
 
+from roam.cli.common import settings
 from roam.cli.main import app, main
 
 ROAM = [sys.executable, "-m", "roam.cli.main"]
+
+
+@pytest.fixture(autouse=True)
+def _session_logging() -> Iterator[None]:
+    """main() sets logging up for its process; give the test session its own back."""
+    root, roam = logging.getLogger(), logging.getLogger("roam")
+    saved = root.level, list(root.handlers), roam.level, dataclasses.replace(settings)
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    roam.setLevel(saved[2])
+    settings.level, settings.debug = saved[3].level, saved[3].debug
 
 
 def _paths(command: object, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
