@@ -10,6 +10,8 @@ APT_PACKAGES=(
   mmdebstrap busybox-static e2fsprogs zstd  # guest blueprint build
   iproute2 redis-tools              # network namespaces, demo client tools
   nftables                          # VM NAT and port forwards (roam.network)
+  etcd-server etcd-client           # the replicated control-plane store and its tests
+  chromium                          # the dashboard's browser tests (Playwright drives it)
 )
 
 missing=()
@@ -53,4 +55,4 @@ if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$stamp" ]; then
 fi
 "${PIP[@]}" check
 "$VENV/bin/python" -c 'import roam, pyfuse3, xxhash, blake3, zstandard, lz4, uvloop, typer, qemu.qmp
-import fastapi, uvicorn, httpx, httpx_sse, numpy'
+import fastapi, uvicorn, httpx, httpx_sse, numpy, prometheus_client, obstore, cryptography'
