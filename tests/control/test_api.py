@@ -62,7 +62,7 @@ class Control:
             assert response.status_code == expect, response.text
         return response.json() if response.content else None
 
-    async def join(self, name: str, price: str, cpus: int = 4) -> int:
+    async def join(self, name: str, price: str, cpus: int = 8) -> int:
         registered = await self.call("POST", "/nodes", {
             "name": name, "peer": f"tcp://10.9.0.{len(name)}:7000", "version": "test",
             "capacity": {"memory_bytes": 8 << 30, "memory_available_bytes": 8 << 30,
@@ -188,7 +188,8 @@ async def test_openapi_describes_the_api(control: Control) -> None:
 # -- fuzzing ----------------------------------------------------------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none() | st.booleans() | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
                                                                 max_size=6),
     max_leaves=20)
