@@ -26,6 +26,7 @@ from roam.cli.common import (
     Json,
     Verbose,
     failed,
+    invalid,
     print_json,
     run,
     setup_logging,
@@ -36,15 +37,22 @@ from roam.control import serve as control_serve
 from roam.control.client import ControlClient
 from roam.control.fleet import Fleet
 from roam.control.models import (
+    ControlEvent,
+    FleetEvent,
+    FleetSnapshot,
     MoveRequest,
+    NodeChanged,
     NodeState,
     NodeView,
+    VMChanged,
     VMPhase,
+    VMRemoved,
     VMSpec,
     VMView,
 )
 from roam.control.sqlite import SqliteStore
 from roam.errors import ErrorCode, RoamError
+from roam.peer.models import OutcomeEvent, ProgressEvent
 from roam.vm.package import Package, PackageError
 
 app = typer.Typer(help="The control plane: a fleet of nodes, its VMs, placement and drains.",
@@ -254,9 +262,7 @@ def vm_create(
             "gateway": gateway, "vni": vni, "cpu_model": cpu_model, "spread": spread,
             "group": group})
     except ValidationError as exc:
-        raise typer.BadParameter("; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
-            for e in exc.errors())) from None
+        raise invalid(exc) from None
 
     async def create(c: ControlClient) -> VMView:
         created = await c.create(spec)
@@ -413,14 +419,42 @@ def node_drain(
 
 
 @app.command()
-def events(control: Control = DEFAULT_URL, token: Token = None, ca: Ca = None) -> None:
-    """Print the fleet's events as JSON lines until interrupted: a snapshot, then every
-    change of a node or VM, the control plane's decisions, and the nodes' peer events
-    (migration progress and outcomes)."""
+def events(control: Control = DEFAULT_URL, token: Token = None, ca: Ca = None,
+           as_json: Json = False) -> None:
+    """Print the fleet's events until interrupted: a snapshot, then every change of a
+    node or VM, the control plane's decisions, and the nodes' peer events (migration
+    progress and outcomes). With --json, one JSON object per line."""
     async def follow(c: ControlClient) -> None:
         async with c.events() as stream:
             async for event in stream:
-                typer.echo(event.model_dump_json(by_alias=True))
+                typer.echo(event.model_dump_json(by_alias=True) if as_json
+                           else _event_line(event))
 
     with contextlib.suppress(KeyboardInterrupt):
         _with(control, token, ca, follow)
+
+
+def _event_line(event: FleetEvent) -> str:
+    when = time.strftime("%H:%M:%S")
+    if isinstance(event, FleetSnapshot):
+        return f"{when} fleet: {len(event.nodes)} nodes, {len(event.vms)} VMs"
+    if isinstance(event, NodeChanged):
+        return f"{when} node {event.node.name}: {event.node.state.value}"
+    if isinstance(event, VMChanged):
+        return f"{when} vm {_vm_line(event.vm)}"
+    if isinstance(event, VMRemoved):
+        return f"{when} vm {event.name} removed"
+    if isinstance(event, ControlEvent):
+        return " ".join(part for part in (
+            when, event.kind.value, event.vm and f"vm={event.vm}",
+            event.node and f"node={event.node}", event.to and f"to={event.to}",
+            event.detail and f"({event.detail})") if part)
+    inner = event.event
+    if isinstance(inner, ProgressEvent):
+        return (f"{when} {event.node}: {inner.vm} {inner.phase} {inner.cycle} "
+                f"{inner.bytes_sent >> 20} of {inner.bytes_expected >> 20} MiB")
+    if isinstance(inner, OutcomeEvent):
+        return (f"{when} {event.node}: {inner.vm} -> {inner.to} {inner.outcome}"
+                + (f", downtime {inner.downtime_ms:.0f} ms" if inner.downtime_ms else "")
+                + (f" ({inner.code}: {inner.detail})" if inner.code else ""))
+    return f"{when} {event.node}: {inner.type}"
