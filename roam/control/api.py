@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -289,7 +289,8 @@ async def _cordon(fleet: Fleet, name: str, cordoned: bool) -> None:
     await fleet.update(Keys.node(name), NodeRecord, set_)
 
 
-async def _update_vm(fleet: Fleet, name: str, change: Any) -> VMView:
+async def _update_vm(fleet: Fleet, name: str,
+                     change: Callable[[VMRecord], VMRecord | None]) -> VMView:
     await fleet.vm(name)  # not found?
     updated = await fleet.update(Keys.vm(name), VMRecord, change)
     assert updated is not None
