@@ -285,18 +285,23 @@ def vm_create(
 
     async def create(c: ControlClient) -> VMView:
         created = await c.create(spec)
-        return await _until_settled(c, name) if wait else created
+        return await _until_settled(c, name, unplaced_fails=True) if wait else created
 
     vm = _with(control, token, ca, create)
     _out(vm, as_json, lambda: _vm_line(vm))
     _exit_for(vm)
 
 
-async def _until_settled(c: ControlClient, name: str) -> VMView:
-    """The VM once it runs (or failed, or stopped), with no move pending."""
+async def _until_settled(c: ControlClient, name: str, unplaced_fails: bool = False
+                         ) -> VMView:
+    """The VM once it runs (or failed, or stopped), with no move pending. With
+    `unplaced_fails`, a VM that no node fits ends the wait (it stays pending)."""
     deadline = time.monotonic() + WAIT
     while True:
         vm = await c.vm(name)
+        if unplaced_fails and vm.status.phase == VMPhase.PENDING and vm.status.detail:
+            raise RoamError(f"{name} stays pending until a node fits it: "
+                            f"{vm.status.detail}", code=ErrorCode.CONFLICT)
         if vm.status.target is None and vm.desired.move is None and vm.status.phase in (
                 VMPhase.RUNNING, VMPhase.FAILED, VMPhase.STOPPED, VMPhase.IN_DOUBT,
                 VMPhase.LOST):
