@@ -19,7 +19,7 @@ Control, under /_roam/ (no authentication: listen on loopback or in a namespace 
 POST /_roam/notice {"deadline_seconds": 30} gives a notice (optionally "action");
 DELETE /_roam/notice withdraws it; POST /_roam/tokens/expire invalidates every AWS
 token; POST /_roam/faults {"delay_seconds", "status", "body", "count"} delays or
-replaces the next metadata answers; GET /_roam/state shows what happened.
+replaces the next metadata answers (of one "route", or all); GET /_roam/state shows what happened.
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ class FaultRequest(BaseModel):
     body: Annotated[str, Field(max_length=1 << 20)] = ""
     """With status: the next `count` metadata requests get this answer instead."""
     count: Annotated[int, Field(ge=0, le=1_000_000)] = 1
+    route: Literal["aws.token", "aws.instance-action", "gcp.preempted", "azure.events",
+                   "azure.start", "azure.name"] | None = None
+    """Only this route (the names of `requests` in /_roam/state); None: all of them."""
 
 
 class _StartRequest(BaseModel):
@@ -117,6 +120,7 @@ class FakeMetadata:
         self._changed = asyncio.Event()
         self.fault = FaultRequest()
         self._faults_left = 0
+        self._closing = False
         self.app = self._app()
 
     # -- control ---------------------------------------------------------------------
@@ -156,6 +160,11 @@ class FakeMetadata:
             "requests": dict(self.requests), "refused": dict(self.refused),
         }
 
+    def release(self) -> None:
+        """Answer every hanging GET now (the server is stopping)."""
+        self._closing = True
+        self._change()
+
     def _change(self) -> None:
         self._generation += 1
         self.incarnation += 1
@@ -164,7 +173,9 @@ class FakeMetadata:
 
     # -- serving ---------------------------------------------------------------------
 
-    async def _fault(self) -> Response | None:
+    async def _fault(self, route: str) -> Response | None:
+        if self.fault.route not in (None, route):
+            return None
         if self.fault.delay_seconds:
             await asyncio.sleep(self.fault.delay_seconds)
         if self._faults_left > 0 and self.fault.status is not None:
@@ -185,7 +196,7 @@ class FakeMetadata:
             if cloud not in self.clouds:
                 return PlainTextResponse("Not Found", status_code=404)
             self.requests[route] += 1
-            return await self._fault() or await handler(request)
+            return await self._fault(route) or await handler(request)
         return serve
 
     def _app(self) -> FastAPI:
@@ -264,9 +275,10 @@ class FakeMetadata:
         if query.get("wait_for_change", "").lower() == "true":
             wait = query.get("timeout_sec", "")
             timeout = float(wait) if wait.isdigit() else GCP_DEFAULT_WAIT
-            if query.get("last_etag") in (None, self._gcp_value()[1]):
+            if query.get("last_etag") in (None, self._gcp_value()[1]) and not self._closing:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._changed.wait()
         value, etag = self._gcp_value()
         return PlainTextResponse(value, media_type="application/text", headers={
             gcp.FLAVOR_HEADER: gcp.FLAVOR, "ETag": etag})
@@ -356,5 +368,6 @@ async def serve(fake: FakeMetadata, host: str = "127.0.0.1", port: int = 0
                 await asyncio.sleep(0.01)
             yield f"http://{url_host}:{bound}"
         finally:
+            fake.release()
             server.should_exit = True
     sock.close()

@@ -69,13 +69,15 @@ class GcpSource:
         return max(0.0, self._config.interval / 5 - elapsed)
 
     async def poll(self) -> list[Notice]:
-        params = {} if self._etag is None else {
-            "wait_for_change": "true", "last_etag": self._etag,
-            "timeout_sec": str(self._config.gcp_wait)}
+        if self._etag is None:  # the value now: a TRUE already there is a notice too
+            params, wait = {}, None
+        else:
+            params = {"wait_for_change": "true", "last_etag": self._etag,
+                      "timeout_sec": str(self._config.gcp_wait)}
+            wait = self._config.gcp_wait + self._config.timeout
         response = await fetch(self._http, "GET", PREEMPTED_PATH, params=params,
                                headers={FLAVOR_HEADER: FLAVOR},
-                               max_body=self._config.max_body,
-                               read_timeout=self._config.gcp_wait + self._config.timeout)
+                               max_body=self._config.max_body, read_timeout=wait)
         preempted, etag = parse_preempted(response)
         self._etag = etag
         turned = preempted and not self._preempted
