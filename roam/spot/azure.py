@@ -98,6 +98,9 @@ def parse_events(response: Response, *, resource: str, now: dt.datetime, skew: f
         document = _Document.model_validate_json(response.body)
     except ValidationError as exc:
         raise invalid("scheduled events", exc) from None
+    if len({event.EventId for event in document.Events}) < len(document.Events):
+        raise BadMetadata("scheduled events: an EventId is repeated (it is documented "
+                          "as globally unique)")
     notices = []
     for event in document.Events:
         action = ACTIONS.get(event.EventType)
