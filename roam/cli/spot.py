@@ -24,10 +24,6 @@ from roam.spot.fake import CLOUDS, FakeMetadata, serve
 app = typer.Typer(help="Spot notices: watch this host's cloud metadata service, or run a "
                   "fake one to try it.", no_args_is_help=True, rich_markup_mode=None)
 
-CloudOption = Annotated[Cloud, typer.Option(
-    case_sensitive=False, help="The cloud whose metadata service to watch.")]
-
-
 def _metadata_url(text: str) -> str:
     parts = urlsplit(text)
     try:
@@ -42,6 +38,14 @@ def _metadata_url(text: str) -> str:
     return text.rstrip("/")
 
 
+CloudOption = Annotated[Cloud, typer.Option(
+    case_sensitive=False, help="The cloud whose metadata service to watch for spot "
+    "notices (none: not a spot machine).")]
+MetadataOption = Annotated[str, typer.Option(
+    callback=_metadata_url, help="Base URL of the cloud's metadata service.")]
+"""Options a command that watches spot notices shares (roam spot watch, a node agent)."""
+
+
 def _line(notice: Notice) -> str:
     return (f"spot notice: {notice.cloud} will {notice.action} this host at "
             f"{notice.deadline.isoformat()} ({notice.remaining().total_seconds():.0f} s "
@@ -51,8 +55,7 @@ def _line(notice: Notice) -> str:
 @app.command("watch")
 def watch_(
     cloud: CloudOption,
-    metadata: Annotated[str, typer.Option(
-        help="Base URL of the metadata service.")] = DEFAULT_METADATA,
+    metadata: MetadataOption = DEFAULT_METADATA,
     interval: Annotated[float, typer.Option(
         min=0.01, help="Seconds between polls (AWS, Azure; AWS advises 5).")] = 5.0,
     resource: Annotated[str | None, typer.Option(
@@ -73,7 +76,7 @@ def watch_(
     object per notice and line.
     """
     setup_logging(verbose)
-    config = WatchConfig(cloud, metadata=_metadata_url(metadata), interval=interval,
+    config = WatchConfig(cloud, metadata=metadata, interval=interval,
                          azure_resource=resource)
     if cloud is Cloud.NONE:
         typer.echo("cloud none: no metadata service to watch", err=True)

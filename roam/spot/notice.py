@@ -63,9 +63,11 @@ def check_deadline(deadline: dt.datetime, now: dt.datetime, *, skew: float,
     past (a stale notice: AWS documents that a failed termination leaves the old time in
     place) or more than `horizon` seconds ahead (no spot notice gives that long)."""
     ahead = (deadline - now).total_seconds()
+    # The messages name the deadline, not how far it is: the same stale notice polled
+    # again is the same problem, logged once.
     if ahead < -skew:
-        raise BadMetadata(f"deadline {deadline.isoformat()} is {-ahead:.0f} s in the past")
+        raise BadMetadata(f"deadline {deadline.isoformat()} is in the past: a stale notice")
     if ahead > horizon:
-        raise BadMetadata(f"deadline {deadline.isoformat()} is {ahead:.0f} s ahead, more "
-                          f"than the {horizon:.0f} s any spot notice gives")
+        raise BadMetadata(f"deadline {deadline.isoformat()} is more than {horizon:.0f} s "
+                          "ahead, which no spot notice gives")
     return deadline

@@ -103,6 +103,10 @@ class Watcher:
 
     def __init__(self, config: WatchConfig, *, http: httpx.AsyncClient | None = None,
                  clock: Callable[[], dt.datetime] = _utcnow) -> None:
+        url = httpx.URL(config.metadata)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"{config.metadata!r}: the metadata service needs an "
+                             "http://HOST[:PORT] URL")
         self.config = config
         self._owned = http is None
         self._http = http or client(config.metadata, config.timeout)
@@ -112,6 +116,7 @@ class Watcher:
         """Every notice yielded so far, in order."""
         self._unavailable = _Problems()
         self._bad = _Problems()
+        self._seen: set[str] = set()  # event ids delivered: each notice once
 
     async def __aenter__(self) -> Watcher:
         return self
@@ -125,6 +130,7 @@ class Watcher:
             await self._http.aclose()
 
     def __aiter__(self) -> AsyncIterator[Notice]:
+        """Poll and yield notices until cancelled. Iterate one watcher in one task."""
         return self._notices()
 
     async def acknowledge(self, notice: Notice) -> None:
@@ -152,7 +158,6 @@ class Watcher:
             log.info("cloud none: no spot notices to watch")
             await asyncio.Event().wait()  # until cancelled
             return
-        seen: set[str] = set()
         backoff = self.config.retry_min
         while True:
             started = time.monotonic()
@@ -170,9 +175,9 @@ class Watcher:
                 self._unavailable.clear()  # a later outage is news again
             backoff = self.config.retry_min
             for notice in found:
-                if notice.event_id in seen:
+                if notice.event_id in self._seen:
                     continue
-                seen.add(notice.event_id)
+                self._seen.add(notice.event_id)
                 NOTICES.labels(notice.cloud.value).inc()
                 self.delivered.append(notice)
                 log.warning("%s: spot notice: %s at %s (%.1f s from now), event %s",

@@ -116,7 +116,8 @@ async def test_control_over_http(fake: Fake, http: httpx.AsyncClient) -> None:
 
 bodies = st.one_of(
     st.fixed_dictionaries({}, optional={
-        "deadline_seconds": st.one_of(st.floats(allow_nan=False), st.integers(),
+        "deadline_seconds": st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                                      st.integers(),
                                       st.text(max_size=5), st.none()),
         "action": st.sampled_from(["terminate", "stop", "hibernate", "x"]),
         "azure_event": st.sampled_from(["Preempt", "Terminate", "Reboot"]),

@@ -8,10 +8,18 @@ import logging
 import socket
 
 import pytest
+from prometheus_client import REGISTRY
 
-from roam.spot import Action, Cloud, WatchConfig, Watcher, WatchState
+from roam.spot import (
+    Action,
+    BadMetadata,
+    Cloud,
+    MetadataUnavailable,
+    WatchConfig,
+    Watcher,
+    WatchState,
+)
 from roam.spot.fake import FaultRequest, NoticeRequest
-from roam.spot.metrics import NOTICES
 from tests.spot.conftest import FAST, ROUTE, Fake, running, until
 
 CLOUDS = [Cloud.AWS, Cloud.GCP, Cloud.AZURE]
@@ -30,7 +38,11 @@ async def test_no_notice_gives_nothing(fake: Fake, cloud: Cloud) -> None:
 
 @pytest.mark.parametrize("cloud", CLOUDS)
 async def test_notice_is_delivered_once_with_its_deadline(fake: Fake, cloud: Cloud) -> None:
-    before = NOTICES.labels(cloud.value)._value.get()
+    def counted() -> float:
+        value = REGISTRY.get_sample_value("roam_spot_notices_total", {"cloud": cloud.value})
+        return value or 0.0
+
+    before = counted()
     async with running(fake.config(cloud)) as run:
         await until(lambda: run.watcher.state is WatchState.WATCHING)
         given = fake.metadata.give_notice(NoticeRequest(deadline_seconds=30))
@@ -50,7 +62,7 @@ async def test_notice_is_delivered_once_with_its_deadline(fake: Fake, cloud: Clo
         assert notice.action is (Action.TERMINATE if cloud is Cloud.AWS else Action.PREEMPT)
         assert notice.deadline == given.deadline
     assert notice.seen < notice.deadline
-    assert NOTICES.labels(cloud.value)._value.get() == before + 1
+    assert counted() == before + 1
     assert run.watcher.delivered == [notice]
 
 
@@ -107,6 +119,20 @@ async def test_azure_events_for_other_vms_are_not_notices(fake: Fake) -> None:
     assert fake.metadata.requests["azure.name"] == 0  # configured: IMDS not asked
 
 
+async def test_azure_acknowledgement_refused_is_a_typed_error(fake: Fake) -> None:
+    async with running(fake.config(Cloud.AZURE)) as run:
+        fake.metadata.give_notice()
+        await until(lambda: len(run.notices) == 1)
+        fake.metadata.set_fault(FaultRequest(status=500, route="azure.start"))
+        with pytest.raises(MetadataUnavailable):
+            await run.watcher.acknowledge(run.notices[0])
+        fake.metadata.set_fault(FaultRequest(status=403, route="azure.start"))
+        with pytest.raises(BadMetadata):
+            await run.watcher.acknowledge(run.notices[0])
+        await run.watcher.acknowledge(run.notices[0])  # the fault used up: taken
+    assert fake.metadata.acknowledged == [run.notices[0].event_id]
+
+
 async def test_acknowledge_is_a_no_op_elsewhere(fake: Fake) -> None:
     async with running(fake.config(Cloud.AWS)) as run:
         fake.metadata.give_notice()
@@ -155,14 +181,29 @@ async def test_server_down_is_retried_with_backoff(caplog: pytest.LogCaptureFixt
     assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("cloud", CLOUDS)
-async def test_garbage_is_logged_once_and_never_a_notice(fake: Fake, cloud: Cloud,
+GARBAGE = [
+    (Cloud.AWS, '{"action": "terminate", "time": 1}'),  # wrong type
+    (Cloud.AWS, '{"action": "terminate", "time": "2017-09-18T08:22:00Z"}'),  # stale
+    (Cloud.AWS, '{"action": "terminate", "time": "2999-09-18T08:22:00Z"}'),  # absurd
+    (Cloud.AWS, '{"action": "reboot", "time": "2017-09-18T08:22:00Z"}'),
+    (Cloud.AWS, "x" * (64 * 1024 + 1)),  # oversize
+    (Cloud.GCP, "TRUE"),  # without Metadata-Flavor: Google, so not from GCE's server
+    (Cloud.AZURE, '{"DocumentIncarnation": 1, "Events": [{"EventId": "1", '
+     '"EventType": "Preempt", "ResourceType": "VirtualMachine", "Resources": '
+     '["roam-node"], "EventStatus": "Scheduled", "NotBefore": "Mon, 19 Sep 2016 '
+     '18:29:47 GMT"}]}'),  # stale
+    (Cloud.AZURE, '{"DocumentIncarnation": "1", "Events": []}'),
+]
+
+
+@pytest.mark.parametrize(("cloud", "body"), GARBAGE)
+async def test_garbage_is_logged_once_and_never_a_notice(fake: Fake, cloud: Cloud, body: str,
                                                         caplog: pytest.LogCaptureFixture
                                                         ) -> None:
     caplog.set_level(logging.DEBUG, "roam.spot")
     fake.metadata.give_notice()  # a notice is there, but what comes back is garbage
-    fake.metadata.set_fault(FaultRequest(status=200, body='{"action": "terminate", '
-                                         '"time": 1}', count=1000, route=ROUTE[cloud]))
+    fake.metadata.set_fault(FaultRequest(status=200, body=body, count=1000,
+                                         route=ROUTE[cloud]))
     async with running(fake.config(cloud)) as run:
         await until(lambda: fake.metadata.requests[ROUTE[cloud]] >= 4)
         assert run.watcher.state is WatchState.BAD_METADATA
