@@ -7,10 +7,16 @@ what each cloud sends and how roam asks.
 """
 
 from roam.spot.config import DEFAULT_METADATA, WatchConfig
-from roam.spot.errors import BadMetadata, MetadataError, MetadataUnavailable, TokenRejected
+from roam.spot.errors import (
+    BadConfig,
+    BadMetadata,
+    MetadataError,
+    MetadataUnavailable,
+    TokenRejected,
+)
 from roam.spot.notice import Action, Cloud, Notice
 from roam.spot.watcher import Watcher, WatchState, watch
 
-__all__ = ["DEFAULT_METADATA", "Action", "BadMetadata", "Cloud", "MetadataError",
+__all__ = ["DEFAULT_METADATA", "Action", "BadConfig", "BadMetadata", "Cloud", "MetadataError",
            "MetadataUnavailable", "Notice", "TokenRejected", "WatchConfig", "WatchState",
            "Watcher", "watch"]

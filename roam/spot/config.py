@@ -8,16 +8,19 @@ times.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+from roam.spot.errors import BadConfig
 from roam.spot.notice import Cloud
 
 __all__ = ["AZURE_API_VERSION", "AZURE_COMPUTE_API_VERSION", "DEFAULT_METADATA",
-           "WatchConfig"]
+           "MAX_TOKEN_TTL", "WatchConfig"]
 
 DEFAULT_METADATA = "http://169.254.169.254"
 """All three clouds answer here (metadata.google.internal resolves to it on GCP); the
 address is used, not the name, so that watching needs no DNS."""
 
+MAX_TOKEN_TTL = 21600  # AWS's documented maximum (six hours)
 AZURE_API_VERSION = "2020-07-01"
 AZURE_COMPUTE_API_VERSION = "2021-02-01"
 
@@ -55,6 +58,25 @@ class WatchConfig:
     AWS's hibernate notice begins at once)."""
     horizon: float = 3600.0
     """A deadline further ahead than this is absurd for a spot notice: refused."""
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.metadata)
+        if parts.scheme not in ("http", "https") or not parts.hostname or \
+                parts.path not in ("", "/") or parts.query:
+            raise BadConfig(f"{self.metadata!r}: the metadata service needs an "
+                            "http://HOST[:PORT] URL")
+        if not 1 <= self.token_ttl <= MAX_TOKEN_TTL:
+            raise BadConfig(f"an AWS token lives 1 to {MAX_TOKEN_TTL} s, not "
+                            f"{self.token_ttl}")
+        times = {"interval": self.interval, "timeout": self.timeout,
+                 "gcp_wait": self.gcp_wait, "gcp_notice": self.gcp_notice,
+                 "retry_min": self.retry_min, "retry_max": self.retry_max,
+                 "max_body": self.max_body, "horizon": self.horizon}
+        for name, value in times.items():
+            if not value > 0:
+                raise BadConfig(f"{name} must be positive, not {value}")
+        if self.skew < 0:
+            raise BadConfig(f"skew must not be negative, not {self.skew}")
 
     @property
     def token_renew_after(self) -> float:

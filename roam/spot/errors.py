@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from roam.errors import ErrorCode, RoamError
 
-__all__ = ["BadMetadata", "MetadataError", "MetadataUnavailable", "TokenRejected"]
+__all__ = ["BadConfig", "BadMetadata", "MetadataError", "MetadataUnavailable",
+           "TokenRejected"]
+
+
+class BadConfig(RoamError):
+    """A WatchConfig that cannot work (a URL that is not http://HOST[:PORT], a token TTL
+    outside AWS's range, a time that is not positive)."""
+
+    code = ErrorCode.BAD_REQUEST
 
 
 class MetadataError(RoamError):

@@ -45,6 +45,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from roam.spot import aws, azure, gcp
+from roam.spot.config import MAX_TOKEN_TTL
 from roam.spot.notice import Cloud
 
 __all__ = ["FakeMetadata", "FakeNotice", "FaultRequest", "NoticeRequest", "serve"]
@@ -245,7 +246,7 @@ class FakeMetadata:
         if "x-forwarded-for" in request.headers:
             return self._refuse("aws.token", 403, "Forbidden")
         ttl = request.headers.get(aws.TTL_HEADER, "")
-        if not ttl.isdigit() or not 1 <= int(ttl) <= aws.MAX_TTL:
+        if not ttl.isdigit() or not 1 <= int(ttl) <= MAX_TOKEN_TTL:
             return self._refuse("aws.token", 400, "Missing or Invalid Parameters")
         token = secrets.token_urlsafe(42)
         self.tokens[token] = time.monotonic() + int(ttl)

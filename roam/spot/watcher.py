@@ -103,10 +103,6 @@ class Watcher:
 
     def __init__(self, config: WatchConfig, *, http: httpx.AsyncClient | None = None,
                  clock: Callable[[], dt.datetime] = _utcnow) -> None:
-        url = httpx.URL(config.metadata)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"{config.metadata!r}: the metadata service needs an "
-                             "http://HOST[:PORT] URL")
         self.config = config
         self._owned = http is None
         self._http = http or client(config.metadata, config.timeout)

@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from roam.spot import (
     Action,
+    BadConfig,
     BadMetadata,
     Cloud,
     MetadataUnavailable,
@@ -228,3 +229,12 @@ async def test_cloud_none_watches_nothing_until_cancelled() -> None:
             async with asyncio.timeout(0.1):
                 async for _ in watcher:
                     raise AssertionError("cloud none gave a notice")
+
+
+@pytest.mark.parametrize("changes", [
+    {"metadata": "ftp://169.254.169.254"}, {"metadata": "http://169.254.169.254/latest"},
+    {"metadata": "169.254.169.254"}, {"token_ttl": 0}, {"token_ttl": 21601},
+    {"interval": 0.0}, {"timeout": -1.0}, {"skew": -1.0}])
+def test_config_that_cannot_work_is_refused(changes: dict[str, object]) -> None:
+    with pytest.raises(BadConfig):
+        WatchConfig(Cloud.AWS, **changes)  # type: ignore[arg-type]
