@@ -53,9 +53,11 @@ class WatchConfig:
     (well inside the shortest notice, GCP's and Azure's 30 s)."""
     max_body: int = 64 * 1024
     """A response larger than this is refused unread (a real notice is < 1 KiB)."""
-    skew: float = 5.0
-    """A deadline this many seconds in the past is still accepted (clocks differ, and
-    AWS's hibernate notice begins at once)."""
+    skew: float = 15.0
+    """A deadline this many seconds in the past is still a notice: AWS's hibernate
+    notice begins at once, so its time may have passed by the next poll (5 s), and
+    clocks differ. Older ones are stale (AWS leaves the time of a failed termination in
+    place)."""
     horizon: float = 3600.0
     """A deadline further ahead than this is absurd for a spot notice: refused."""
 

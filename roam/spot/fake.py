@@ -59,9 +59,9 @@ class NoticeRequest(BaseModel):
 
     deadline_seconds: Annotated[float, Field(gt=0, le=86400)] = 30.0
     action: Literal["terminate", "stop", "hibernate"] = "terminate"
-    """AWS's action; Azure's event is Preempt unless this is terminate and
-    `azure_event` says Terminate."""
+    """AWS's instance-action."""
     azure_event: Literal["Preempt", "Terminate"] = "Preempt"
+    """Azure's EventType (GCP says only TRUE)."""
 
 
 class FaultRequest(BaseModel):
