@@ -17,6 +17,7 @@ BELOW: dict[str, set[str]] = {
     "guest": {"errors"},
     "blueprint": {"errors", "guest"},
     "network": {"errors"},
+    "spot": {"errors"},
     "exposure": {"errors", "storage"},
     "migration": {"errors", "storage"},
     "hypervisor": {"errors", "storage", "exposure", "guest"},
