@@ -25,7 +25,7 @@ BELOW: dict[str, set[str]] = {
     "peer": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
              "hypervisor", "vm"},
     "control": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
-                "hypervisor", "vm", "peer"},
+                "hypervisor", "vm", "peer", "spot"},
 }
 """Each part and what it may import; cli and demo sit on top and may import anything."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from roam.cli import control as control_cli
@@ -30,6 +31,7 @@ from roam.cli.common import (
     tls_files,
 )
 from roam.cli.peer import NetPool, NetPrefix, OverlayPeers, Underlay, net_config
+from roam.cli.spot import CloudOption, MetadataOption
 from roam.control.agent import NodeAgent
 from roam.control.metrics import serve_registry
 from roam.control.models import Registration
@@ -38,6 +40,7 @@ from roam.errors import RoamError
 from roam.peer import api as peer_api
 from roam.peer import serve as peer_serve
 from roam.peer.network import PEER_POOL
+from roam.spot import DEFAULT_METADATA, Cloud, WatchConfig
 
 app = typer.Typer(help="This host as a node of a control plane's fleet.",
                   no_args_is_help=True)
@@ -73,6 +76,8 @@ def join(
              "nodes of one model.")] = None,
     metrics_listen: Annotated[str | None, typer.Option(
         help="HOST:PORT to serve this node's Prometheus /metrics on.")] = None,
+    cloud: CloudOption = Cloud.NONE,
+    metadata: MetadataOption = DEFAULT_METADATA,
     tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
     underlay: Underlay = None,
     overlay_peers: OverlayPeers = "",
@@ -81,7 +86,12 @@ def join(
     verbose: Verbose = False,
 ) -> None:
     """Run this host's peer and serve the control plane's fleet until SIGINT/SIGTERM
-    (which stops its VMs: drain the node first to keep them)."""
+    (which stops its VMs: drain the node first to keep them).
+
+    With --cloud, the node watches its cloud's metadata service for spot notices and
+    reports each to the control plane, which moves every VM off before the deadline
+    (docs/SPOT.md). A node that cannot reach the control plane for a lease TTL pauses
+    its VMs until it can again (docs/CONTROL.md)."""
     setup_logging(verbose)
     addr = address(listen_on, "--listen")
     tls = tls_files(tls_cert, tls_key, tls_ca)
@@ -110,7 +120,8 @@ def join(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         peer = peer_serve.Peer(directory, addr, tls, netconf)
-        agent = NodeAgent(controller, directory, node_name, labels, cpu_model)
+        agent = NodeAgent(controller, directory, node_name, labels, cpu_model,
+                          WatchConfig(cloud, metadata=metadata))
         failure: list[RoamError] = []
 
         async def serve_fleet() -> None:
@@ -126,7 +137,7 @@ def join(
             acting = tasks.create_task(serve_fleet())
             metrics = None
             if metrics_at is not None:
-                metrics = peer_api.server(serve_registry(agent.registry))
+                metrics = peer_api.server(serve_registry(agent.registry, REGISTRY))
                 tasks.create_task(metrics.serve(sockets=[listen_socket(*metrics_at)]))
             await stop.wait()
             acting.cancel()

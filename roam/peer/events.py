@@ -119,6 +119,7 @@ def migration_ended(instance: Instance, to: str, started: float,
             "completed" if ended.outcome == "completed" else "declined")
         event = OutcomeEvent(vm=instance.spec.name, to=to, outcome=outcome,
                              downtime_ms=ended.downtime_ms, bytes_sent=ended.bytes_sent,
+                             cycles=ended.cycles, final_dirty=ended.final_dirty,
                              duration_ms=duration_ms)
     else:
         code = ended.code if isinstance(ended, RoamError) else ErrorCode.INTERNAL

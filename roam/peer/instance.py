@@ -66,6 +66,7 @@ class Instance:
         self._vm: VM | None = None
         self.tls: TLSFiles | None = None  # the peer's files: outgoing migrations use them
         self.migrating = False
+        self.fenced = False  # paused by its node's agent (handle_pause), not a migration
         self.agent_ready = asyncio.Event()
 
     @property
@@ -146,13 +147,28 @@ class Instance:
         return {}
 
     async def handle_resume(self, _: control.Json) -> control.Json:
-        """Settle an in-doubt migration in favour of this host: only once the operator
-        knows that the destination does not run the VM."""
-        if self.state != VMState.IN_DOUBT:
-            raise PeerError(f"{self.spec.name} is {self.state}, not in doubt",
-                            code=ErrorCode.CONFLICT)
+        """Settle an in-doubt migration in favour of this host (only once the operator
+        knows that the destination does not run the VM), or run a VM its node paused."""
+        if self.state != VMState.IN_DOUBT and not (self.state == VMState.PAUSED
+                                                   and self.fenced):
+            raise PeerError(f"{self.spec.name} is {self.state}, neither in doubt nor "
+                            "paused by its node", code=ErrorCode.CONFLICT)
         await self.vm.resume_paused()
+        self.fenced = False
         self.set_state(VMState.RUNNING)
+        return events.describe(self).model_dump(mode="json")
+
+    async def handle_pause(self, _: control.Json) -> control.Json:
+        """Pause a running VM until `resume`: its node's agent fences it when it can no
+        longer renew its lease, since the control plane may then run it elsewhere
+        (roam.control.fence)."""
+        if self.migrating or self.state != VMState.RUNNING:
+            raise PeerError(f"{self.spec.name} is {self.state}"
+                            f"{' and migrating' if self.migrating else ''}, not running",
+                            code=ErrorCode.CONFLICT)
+        await self.vm.machine.pause()
+        self.fenced = True
+        self.set_state(VMState.PAUSED)
         return events.describe(self).model_dump(mode="json")
 
     async def handle_migrate(self, params: control.Json) -> control.Json:

@@ -276,6 +276,8 @@ class OutcomeEvent(BaseModel):
     detail: str | None = None
     downtime_ms: float | None = None
     bytes_sent: int | None = None
+    cycles: int | None = None  # pre-copy passes, when it completed
+    final_dirty: int | None = None  # blocks still dirty at the pause
     duration_ms: float
 
 

@@ -48,7 +48,8 @@ async def _control(instance: Instance, incoming: Incoming | None = None
     server = await control.serve(instance.workdir / control.SOCKET, {
         "info": instance.handle_info, "exec": instance.handle_exec,
         "migrate": instance.handle_migrate, "stop": instance.handle_stop,
-        "resume": instance.handle_resume}, {"events": events.stream(instance)})
+        "resume": instance.handle_resume, "pause": instance.handle_pause},
+        {"events": events.stream(instance)})
     watching = asyncio.create_task(events.watch(instance, incoming))
     try:
         yield
