@@ -78,6 +78,7 @@ WEIGHT = 0.3
 """Weight of the newest migration in the measured throughput (a moving average)."""
 MARGIN_BUCKETS = (-30.0, -5.0, 0.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
 MAX_FAILURES = 3
+NodeName = Annotated[str, Path(description="the node's name", max_length=40)]
 
 
 class Measured(BaseModel):
@@ -160,16 +161,15 @@ async def notice(fleet: Fleet, node: str) -> NoticeRecord:
 
 def add_routes(api: APIRouter, fleet: Fleet, metrics: EvacuationMetrics) -> None:
     """POST and GET /nodes/{name}/notice."""
-    node_name = Annotated[str, Path(description="the node's name", max_length=40)]
 
     @api.post("/nodes/{name}/notice", status_code=202,
               summary="A spot notice: cordon the node and move every VM off it before "
                       "the deadline (its agent sends the cloud's; operators may too)")
-    async def give_notice(name: node_name, request: NoticeRequest) -> NoticeRecord:
+    async def give_notice(name: NodeName, request: NoticeRequest) -> NoticeRecord:
         return await receive(fleet, metrics, name, request)
 
     @api.get("/nodes/{name}/notice", summary="The node's last notice and its evacuation")
-    async def get_notice(name: node_name) -> NoticeRecord:
+    async def get_notice(name: NodeName) -> NoticeRecord:
         return await notice(fleet, name)
 
 
@@ -224,8 +224,9 @@ class Evacuation:
                 said += self._observe(record, name, leaving,
                                       None if found is None else found.value, now)
         rate = await throughput(self.fleet)
-        said += self._plan(record, view, now, rate)
-        starting = self._starts(record, view)
+        planned, stuck = self._plan(record, view, now, rate)
+        said += planned
+        starting = self._starts(record, view, stuck)
         if all(v.state.final for v in record.vms.values()):
             record.finished = now
             said.append((ControlKind.EVACUATION_FINISHED, {
@@ -281,16 +282,18 @@ class Evacuation:
                                        "deadline": record.deadline, "detail": why})]
 
     def _plan(self, record: NoticeRecord, view: View, now: float, rate: float
-              ) -> list[tuple[ControlKind, dict[str, object]]]:
-        """Estimates, and will_be_lost for every VM that cannot make it."""
+              ) -> tuple[list[tuple[ControlKind, dict[str, object]]], set[str]]:
+        """Estimates, and will_be_lost for every VM that cannot make it. In priority
+        order, each VM that has somewhere to go is estimated after those before it that
+        make it; one that would not make it goes last, so it delays none of them.
+        Also the VMs that have nowhere to go now (not to be started)."""
         said: list[tuple[ControlKind, dict[str, object]]] = []
+        stuck: set[str] = set()
         clock = now
         for name in order(record):
             leaving = record.vms[name]
             if leaving.state.final:
                 continue
-            clock += OVERHEAD + leaving.memory_mib / rate
-            leaving.estimate = round(clock, 3)
             vm = view.vms.get(name)
             why = None
             if leaving.state == Leaving.WAITING and vm is not None:
@@ -298,10 +301,16 @@ class Evacuation:
                     scheduler.place(vm.value, view, exclude=[record.node])
                 except scheduler.Unschedulable as exc:
                     why = f"nowhere to go ({exc.message})"
-            if why is None and clock > record.deadline:
-                why = (f"it would resume about {clock - now:.0f} s from now "
-                       f"({leaving.memory_mib} MiB at {rate:.0f} MiB/s after the VMs "
-                       f"before it), {record.deadline - now:.0f} s before the deadline")
+                    stuck.add(name)
+            if why is None:
+                finish = clock + OVERHEAD + leaving.memory_mib / rate
+                leaving.estimate = round(finish, 3)
+                if finish <= record.deadline or leaving.state == Leaving.MOVING:
+                    clock = finish
+                else:
+                    why = (f"it would resume about {finish - now:.0f} s from now "
+                           f"({leaving.memory_mib} MiB at {rate:.0f} MiB/s after the VMs "
+                           f"before it), {record.deadline - now:.0f} s before the deadline")
             if why is not None and not leaving.warned:
                 leaving.warned = True
                 leaving.detail = why
@@ -309,13 +318,14 @@ class Evacuation:
                     "vm": name, "node": record.node, "deadline": record.deadline,
                     "detail": f"{why}; it has no checkpoint store to hibernate to "
                               "(checkpoints are planned), so it will be lost"}))
-        return said
+        return said, stuck
 
-    def _starts(self, record: NoticeRecord, view: View) -> list[str]:
+    def _starts(self, record: NoticeRecord, view: View, stuck: set[str]) -> list[str]:
         """The VMs whose moves start now: those that can make it first, by priority,
-        then the others; at most max_parallel moving."""
+        then the others that have somewhere to go; at most max_parallel moving."""
         moving = sum(1 for v in record.vms.values() if v.state == Leaving.MOVING)
-        waiting = [n for n in order(record) if record.vms[n].state == Leaving.WAITING]
+        waiting = [n for n in order(record)
+                   if record.vms[n].state == Leaving.WAITING and n not in stuck]
         ranked = [n for n in waiting if not record.vms[n].warned] + \
                  [n for n in waiting if record.vms[n].warned]
         starting: list[str] = []
