@@ -7,10 +7,12 @@ POST /nodes/{name}/notice. The API cordons the node and stores a `NoticeRecord` 
 `Evacuation.step` at every pass, which
 
 - orders the VMs still to move by priority (highest first, then name) and estimates
-  when each would resume elsewhere if moved in that order: every migration shares the
-  node's one link, so the estimate is cumulative, `OVERHEAD` seconds plus memory over the
-  measured migration throughput (`measure`, from the outcomes nodes relay; `DEFAULT_MIB_S`
-  until one is measured). Memory is the VM's whole size, which over-estimates a guest
+  when each would resume elsewhere if moved in that order: the migrations share the
+  node's link and CPUs, so memory adds up (the memory of the VMs before it and its own,
+  over the measured throughput: `measure`, from the outcomes nodes relay, memory moved
+  per second beyond `OVERHEAD`; `DEFAULT_MIB_S` until one is measured), while the fixed
+  `OVERHEAD` of connecting and starting the destination is paid once per round of
+  `max_parallel` moves. Memory is the VM's whole size, which over-estimates a guest
   that touched little of it;
 - says at once, with a `will_be_lost` event, which VMs cannot make it: no node has room
   for them, or their estimate ends after the deadline. Such a VM would be hibernated to
@@ -177,10 +179,15 @@ def add_routes(api: APIRouter, fleet: Fleet, metrics: EvacuationMetrics) -> None
 
 
 async def measure(fleet: Fleet, outcome: OutcomeEvent) -> None:
-    """Fold a completed migration's throughput into the moving average."""
-    if outcome.outcome != "completed" or not outcome.bytes_sent or outcome.duration_ms <= 0:
+    """Fold a completed migration's throughput (its VM's memory per second beyond
+    OVERHEAD) into the moving average."""
+    if outcome.outcome != "completed":
         return
-    sample = outcome.bytes_sent / 2**20 / (outcome.duration_ms / 1000)
+    vm = await fleet.get(Keys.vm(outcome.vm), VMRecord)
+    if vm is None:
+        return
+    seconds = max(outcome.duration_ms / 1000 - OVERHEAD, 0.5)
+    sample = vm.value.spec.memory_mib / seconds
     key = MEASURED
     if await fleet.create(key, Measured(mib_per_s=sample, samples=1)):
         return
@@ -289,7 +296,8 @@ class Evacuation:
         Also the VMs that have nowhere to go now (not to be started)."""
         said: list[tuple[ControlKind, dict[str, object]]] = []
         stuck: set[str] = set()
-        clock = now
+        memory = 0  # of the VMs that move before this one, and this one
+        rounds = 0  # of max_parallel moves
         for name in order(record):
             leaving = record.vms[name]
             if leaving.state.final:
@@ -303,10 +311,12 @@ class Evacuation:
                     why = f"nowhere to go ({exc.message})"
                     stuck.add(name)
             if why is None:
-                finish = clock + OVERHEAD + leaving.memory_mib / rate
+                finish = now + OVERHEAD * (rounds // record.max_parallel + 1) \
+                    + (memory + leaving.memory_mib) / rate
                 leaving.estimate = round(finish, 3)
                 if finish <= record.deadline or leaving.state == Leaving.MOVING:
-                    clock = finish
+                    memory += leaving.memory_mib
+                    rounds += 1
                 else:
                     why = (f"it would resume about {finish - now:.0f} s from now "
                            f"({leaving.memory_mib} MiB at {rate:.0f} MiB/s after the VMs "
