@@ -1,12 +1,13 @@
 """Each cloud's form of notice reaches the control plane through a node's real watcher.
 
 One network namespace holds `roam control serve`, three `roam node join` (no VMs), one
-per cloud, each with `--cloud` and `--metadata` pointing at its own `roam spot
-fake-metadata`. A notice given at each fake (as the cloud would give it) must become a
-notice record of that cloud and action with the cloud's deadline; with nothing to move
-the evacuation is over at once, and the Azure node acknowledges the event right away
-(StartRequests). Each node's /metrics counts its watcher's notice, the control plane's
-its notices. A fourth node gets its notice from `roam control node notice`.
+per cloud, each with `--cloud` and `--metadata` pointing at its own fake metadata
+service (roam.spot.fake, served by the test on loopback there, as `roam spot
+fake-metadata` serves it). A notice given at each fake (as the cloud would give it) must
+become a notice record of that cloud and action with the cloud's deadline; with nothing
+to move the evacuation is over at once, and the Azure node acknowledges the event right
+away (StartRequests). Each node's /metrics counts its watcher's notice, the control
+plane's its notices. Then `roam control node notice` gives one by hand.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from roam.control.client import ControlClient
 from roam.errors import RoamError
 from roam.network import ns
 from roam.network.lab import Lab, lab
+from roam.spot.fake import FakeMetadata, NoticeRequest, serve
 from tests.blueprint.boot import short_dir
 
 CLOUDS = {"aws": 8201, "gcp": 8202, "azure": 8203}  # node name: its fake's port
@@ -90,38 +92,36 @@ async def until(check: Callable[[], Awaitable[Any]], what: str, within: float = 
 async def scenario(p: Processes, token: str) -> dict[str, Any]:
     url = f"http://127.0.0.1:{CONTROL_PORT}"
     env = {**os.environ, "ROAM_TOKEN": token, "ROAM_CONTROL_URL": url}
-    async with ControlClient(url, token) as control, httpx.AsyncClient(timeout=10) as http:
+    fakes = {cloud: FakeMetadata() for cloud in CLOUDS}
+    async with ControlClient(url, token) as control, httpx.AsyncClient(timeout=10) as http, \
+            contextlib.AsyncExitStack() as serving:
+        for cloud, port in CLOUDS.items():
+            await serving.enter_async_context(serve(fakes[cloud], port=port))
         await until(lambda: control.health(), "the control plane")
         for index, (cloud, port) in enumerate(CLOUDS.items()):
-            p.roam(f"metadata-{cloud}", "spot", "fake-metadata", "--listen",
-                   f"127.0.0.1:{port}")
             p.roam(cloud, "node", "join", "--name", cloud, "--state-dir",
                    str(p.work / cloud), "--listen", f"tcp://127.0.0.1:{7100 + index}",
                    "--cloud", cloud, "--metadata", f"http://127.0.0.1:{port}",
                    "--metrics-listen", f"127.0.0.1:{9300 + index}", env=env)
-        p.roam("none", "node", "join", "--name", "none", "--state-dir", str(p.work / "none"),
-               "--listen", "tcp://127.0.0.1:7199", env=env)
-        await until(lambda: _count(control, 4), "four nodes")
+        await until(lambda: _count(control, 3), "three nodes")
         await asyncio.sleep(1.0)  # the watchers have had their first look
         given = {}
-        for cloud, port in CLOUDS.items():
-            fake = await http.post(f"http://127.0.0.1:{port}/_roam/notice",
-                                   json={"deadline_seconds": 30})
-            given[cloud] = (fake.json(), dt.datetime.now(dt.UTC).timestamp())
+        for cloud, fake in fakes.items():
+            notice = fake.give_notice(NoticeRequest(deadline_seconds=30))
+            given[cloud] = (notice, dt.datetime.now(dt.UTC).timestamp())
         records = {cloud: await until(functools.partial(_finished, control, cloud),
                                       f"{cloud}'s notice", 30)
                    for cloud in CLOUDS}
-        states = {cloud: (await http.get(f"http://127.0.0.1:{port}/_roam/state")).json()
-                  for cloud, port in CLOUDS.items()}
+        acknowledged = {cloud: list(fake.acknowledged) for cloud, fake in fakes.items()}
         node_metrics = {cloud: (await http.get(f"http://127.0.0.1:{9300 + i}/metrics")).text
                         for i, cloud in enumerate(CLOUDS)}
         cli = await asyncio.to_thread(subprocess.run, [
-            sys.executable, "-m", "roam.cli.main", "control", "node", "notice", "none",
-            "--deadline", "30s", "--json"], capture_output=True, text=True, env=env)
+            sys.executable, "-m", "roam.cli.main", "control", "node", "notice", "gcp",
+            "--deadline", "20s", "--json"], capture_output=True, text=True, env=env)
         bad = await asyncio.to_thread(subprocess.run, [
-            sys.executable, "-m", "roam.cli.main", "control", "node", "notice", "none",
+            sys.executable, "-m", "roam.cli.main", "control", "node", "notice", "gcp",
             "--deadline", "0s"], capture_output=True, text=True, env=env)
-        return {"given": given, "records": records, "states": states,
+        return {"given": given, "records": records, "acknowledged": acknowledged,
                 "node_metrics": node_metrics, "metrics": await control.metrics(),
                 "cli": cli, "bad": bad, "nodes": {n.name: n.state.value
                                                   for n in await control.nodes()}}
@@ -147,24 +147,24 @@ def test_each_clouds_notice_reaches_the_control_plane(processes: Processes) -> N
     found = ns.call_in(processes.ns, lambda: asyncio.run(scenario(processes, token)))
 
     for cloud, record in found["records"].items():
-        fake, seen = found["given"][cloud]
+        notice, seen = found["given"][cloud]
         assert record.cloud == cloud and record.vms == {}
         if cloud == "gcp":  # GCP says only TRUE: the deadline is 30 s after it was seen
             assert abs(record.deadline - (seen + 30)) < 10
             assert record.action == "preempt"
         else:
-            deadline = dt.datetime.fromisoformat(fake["notice"]["deadline"]).timestamp()
-            assert record.deadline == deadline
+            assert record.deadline == notice.deadline.timestamp()
             assert record.action == ("terminate" if cloud == "aws" else "preempt")
         assert f'roam_spot_notices_total{{cloud="{cloud}"}} 1.0' in \
             found["node_metrics"][cloud]
         assert f'roam_notices_total{{cloud="{cloud}"}} 1.0' in found["metrics"]
     # Nothing to move: Azure's event is acknowledged at once.
-    assert found["states"]["azure"]["acknowledged"] == [
-        found["given"]["azure"][0]["notice"]["event_id"]]
+    assert found["acknowledged"] == {"aws": [], "gcp": [],
+                                     "azure": [found["given"]["azure"][0].event_id]}
     assert found["nodes"]["aws"] == "cordoned"
 
     assert found["cli"].returncode == 0, found["cli"].stderr
-    by_api = json.loads(found["cli"].stdout)
+    by_api = json.loads(found["cli"].stdout)  # replaces gcp's finished notice
     assert by_api["cloud"] == "none" and by_api["finished"] is not None
+    assert 19 < by_api["deadline"] - by_api["received"] <= 20
     assert found["bad"].returncode == 2 and "--deadline" in found["bad"].stderr
