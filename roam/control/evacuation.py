@@ -113,17 +113,19 @@ async def event(fleet: Fleet, kind: ControlKind, **fields: object) -> None:
 
 async def receive(fleet: Fleet, metrics: EvacuationMetrics, node: str,
                   request: NoticeRequest) -> NoticeRecord:
-    """Cordon `node` and record its notice (the same notice again changes nothing; a
-    second one keeps the earlier deadline)."""
+    """Cordon `node` and record its notice (the same notice again changes nothing; of
+    two notices the earlier deadline stands, and an evacuation under way goes on)."""
     await fleet.node(node)
     now = time.time()
     deadline = request.deadline if request.deadline is not None else \
         now + (request.deadline_seconds or 0.0)
     existing = await fleet.get(notice_key(node), NoticeRecord)
+    under_way: dict[str, VMEvacuation] = {}
     if existing is not None and existing.value.finished is None:
         same = bool(request.event_id) and existing.value.event_id == request.event_id
         if same or existing.value.deadline <= deadline:
             return existing.value
+        under_way = existing.value.vms
 
     def cordon(record: NodeRecord) -> NodeRecord | None:
         if record.cordoned:
@@ -132,8 +134,8 @@ async def receive(fleet: Fleet, metrics: EvacuationMetrics, node: str,
         return record
     await fleet.update(Keys.node(node), NodeRecord, cordon)
     view = await fleet.view()
-    vms = {name: VMEvacuation(priority=vm.value.spec.priority,
-                              memory_mib=vm.value.spec.memory_mib)
+    vms = {name: under_way.get(name) or VMEvacuation(priority=vm.value.spec.priority,
+                                                     memory_mib=vm.value.spec.memory_mib)
            for name, vm in view.vms.items()
            if vm.value.status.node == node and not vm.value.desired.deleted}
     record = NoticeRecord(node=node, cloud=request.cloud, action=request.action,

@@ -131,6 +131,9 @@ async def test_a_notice_moves_every_vm_highest_priority_first(tmp_path: Path) ->
         "deadline_seconds": 30, "cloud": "aws", "event_id": "terminate-1"}, expect=202)
     assert again["deadline"] == record["deadline"]
     assert len(await control.events("notice")) == 1
+    later = await control.call("POST", "/nodes/src/notice", {  # a later deadline: ignored
+        "deadline_seconds": 90, "event_id": "other"}, expect=202)
+    assert later["deadline"] == record["deadline"]
     assert (await control.call("GET", "/nodes/src"))["state"] == "cordoned"
 
     evacuated = []
