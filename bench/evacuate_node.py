@@ -4,8 +4,9 @@ The fleet of `make demo` (roam.demo.fleet: control plane, spot nodes A, B, C wat
 fake metadata service in their namespaces, gateway G) with N VMs of 1 GiB on A, each
 holding 512 MiB of random data in one process (bench/evacuation.py's holder), idle
 otherwise (a node holds as many one-CPU VMs as it has CPUs: the scheduler does not
-overcommit, so on a 2-core machine N stops at 2). A's metadata service then gives a spot notice (GCP's form by default: its
-hanging GET sees it at once, so the figures are the evacuation's, not a poll interval's);
+overcommit, so on a 2-core machine N stops at 2). A's metadata service then gives a spot
+notice (GCP's form by default: its hanging GET sees it at once, so the figures are the
+evacuation's, not a poll interval's);
 the control plane moves every VM off A, `max_parallel` 2 at once. Reported per N:
 
 - evacuation: from the notice given at the metadata service to the last VM's resume
