@@ -87,6 +87,7 @@ class FleetDemo:
         self.control: ControlClient | None = None
         self._following: asyncio.Task[None] | None = None
         self._ports: dict[str, int] = {}
+        self._token = ""
 
     # -- processes ---------------------------------------------------------------------
 
@@ -110,7 +111,6 @@ class FleetDemo:
         state = self.work / role
         state.mkdir(exist_ok=True)
         everyone = ",".join(self.addr[r] for r in (*NODES, GATEWAY))
-        assert self.control is not None
         self.spawn(role, role, "node", "join", "--control", self.url, "--name", role,
                    "--state-dir", str(state), "--listen",
                    f"tcp://{self.addr[role]}:{PEER_PORT}", "--underlay", self.addr[role],
