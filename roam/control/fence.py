@@ -5,7 +5,9 @@ control plane that is down from one that counts the node lost, and after 2 TTL m
 may start its VMs elsewhere (roam.control.lost). So it pauses every VM that runs here
 (the peer's POST /vms/{name}/pause: the guest stops, its memory and connections stay)
 and keeps them paused until a heartbeat succeeds again; then it asks the control plane
-about each: one still placed on this node, wanted running, is resumed; any other is
+about each: one still placed on this node, or arriving here (a migration whose handover
+completed while the control plane could not be reached: the authority is here, the
+control plane settles it once it sees it run), wanted running, is resumed; any other is
 stopped, since it may run elsewhere now. A VM in the middle of a migration is left to
 it: the migration's own authority transfer decides where it runs.
 """
@@ -74,8 +76,8 @@ class Fence:
                                 exc.message)
                     return  # ask again after the next heartbeat
                 vm = None
-            ours = vm is not None and vm.status.node == self.node and vm.desired.running \
-                and not vm.desired.deleted and vm.status.target is None
+            ours = vm is not None and vm.desired.running and not vm.desired.deleted \
+                and self.node in (vm.status.node, vm.status.target)
             with contextlib.suppress(RoamError):
                 if ours:
                     await self.peer.resume(name)
