@@ -25,7 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 import roam
-from roam.control import auth, nodes
+from roam.control import auth, dashboard, nodes
 from roam.control.election import Election
 from roam.control.fleet import Fleet, vm_view
 from roam.control.metrics import CONTENT_TYPE, FleetMetrics
@@ -245,6 +245,7 @@ def create_app(plane: Plane) -> FastAPI:
         return Response(plane.metrics.render(await fleet.view()), media_type=CONTENT_TYPE)
 
     app.include_router(api)
+    dashboard.mount(app, fleet)  # the page at /, on the same server (docs/DASHBOARD.md)
     return app
 
 
