@@ -7,7 +7,10 @@ const pending = new Map(); // section id -> HTML held back while the user works 
 const confirmDialog = document.getElementById("confirm");
 
 function busy(element) {
-  return confirmDialog.open || element.contains(document.activeElement);
+  // hold a section back while the user picks in one of its fields or confirms
+  const active = document.activeElement;
+  return confirmDialog.open ||
+    (element.contains(active) && ["SELECT", "INPUT"].includes(active.tagName));
 }
 
 function swap(id, html) {
@@ -80,6 +83,7 @@ document.addEventListener("submit", async (event) => {
   const select = form.querySelector("select");
   const where = select && select.value ? select.value : "wherever the scheduler places it";
   const confirmed = await ask(form.dataset.confirm.replace("{to}", where));
+  document.activeElement.blur();
   flush();
   if (!confirmed) return;
   const answer = await fetch(form.action, {
