@@ -15,8 +15,10 @@ from markupsafe import Markup, escape
 
 from roam.control.dashboard.board import Evacuation, Finished
 
-WIDTH, HEIGHT = 560, 220
-LEFT, RIGHT, TOP, BOTTOM = 56, 16, 14, 34
+WIDTH, HEIGHT = 400, 230
+LEFT, RIGHT, TOP, BOTTOM = 44, 12, 26, 30
+LABELLED = 12
+"""Marks up to this many carry their value as text too (more would crowd the plot)."""
 
 
 def ticks(high: float, count: int = 4) -> list[float]:
@@ -38,7 +40,7 @@ def clock(at: float) -> str:
 
 
 def _frame(body: list[str], label: str, y_ticks: list[float], y_of: float,
-           x_labels: Sequence[tuple[float, str]], unit: str) -> Markup:
+           x_labels: Sequence[tuple[float, str, str]], unit: str) -> Markup:
     """Axes, grid and labels around `body`; y_of is pixels per unit of y."""
     bottom = HEIGHT - BOTTOM
     parts = [f'<svg class="plot" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
@@ -48,11 +50,11 @@ def _frame(body: list[str], label: str, y_ticks: list[float], y_of: float,
         parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" '
                      f'y2="{y:.1f}"/><text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" '
                      f'text-anchor="end">{_number(tick)}</text>')
-    parts.append(f'<text class="unit" x="{LEFT - 6}" y="{TOP - 2}" text-anchor="end">'
+    parts.append(f'<text class="unit" x="{LEFT - 6}" y="{TOP - 12}" text-anchor="end">'
                  f'{escape(unit)}</text>')
-    for x, text in x_labels:
+    for x, text, anchor in x_labels:
         parts.append(f'<text class="tick" x="{x:.1f}" y="{bottom + 16}" '
-                     f'text-anchor="middle">{escape(text)}</text>')
+                     f'text-anchor="{anchor}">{escape(text)}</text>')
     parts.append(f'<line class="axis" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{bottom}" '
                  f'y2="{bottom}"/>')
     parts.extend(body)
@@ -87,7 +89,11 @@ def downtime(history: Sequence[Finished]) -> Markup:
         body.append(f'<circle class="dot" cx="{px:.1f}" cy="{py:.1f}" r="4.5"><title>'
                     f'{escape(f.vm)} {escape(f.source)} → {escape(f.target)} at {clock(f.at)}: '
                     f'{f.outcome.downtime_ms:.0f} ms</title></circle>')
-    labels = [(x(first), clock(first))] + ([(x(last), clock(last))] if len(done) > 1 else [])
+        if len(points) <= LABELLED:
+            body.append(f'<text class="value" x="{px:.1f}" y="{py - 9:.1f}" '
+                        f'text-anchor="middle">{f.outcome.downtime_ms:.0f}</text>')
+    labels = ([(x(first), clock(first), "middle")] if len(done) == 1 else
+              [(LEFT, clock(first), "start"), (WIDTH - RIGHT, clock(last), "end")])
     return _frame(body, "downtime per migration over time", y_ticks, y_of, labels, "ms")
 
 
@@ -107,7 +113,11 @@ def throughput(history: Sequence[Finished], bars: int = 16) -> Markup:
         body.append(f'<rect class="bar" x="{left:.1f}" y="{HEIGHT - BOTTOM - height:.1f}" '
                     f'width="{slot * 0.6:.1f}" height="{height:.1f}" rx="2"><title>'
                     f'{escape(f.vm)} at {clock(f.at)}: {rate:.1f} MiB/s</title></rect>')
-        labels.append((left + slot * 0.3, f.vm))
+        labels.append((left + slot * 0.3, f.vm, "middle"))
+        if len(done) <= LABELLED:
+            body.append(f'<text class="value" x="{left + slot * 0.3:.1f}" '
+                        f'y="{HEIGHT - BOTTOM - height - 5:.1f}" text-anchor="middle">'
+                        f'{_number(rate)}</text>')
     return _frame(body, "throughput per migration", y_ticks, y_of, labels, "MiB/s")
 
 
@@ -120,7 +130,7 @@ def evacuation(drain: Evacuation) -> Markup:
     ends = [a.ended for a in drain.arrivals]
     horizon = max([*ends, drain.finished or 0]) - drain.started
     x_ticks = ticks(max(horizon, 1.0) * 1.05, 5)
-    inner = WIDTH - LEFT - RIGHT
+    inner = WIDTH - LEFT - RIGHT - 14  # room for the last tick's label
     per_second = inner / x_ticks[-1]
     row = min(28.0, (HEIGHT - BOTTOM - TOP) / len(drain.arrivals))
     body = []
@@ -137,6 +147,13 @@ def evacuation(drain: Evacuation) -> Markup:
                     f'{"arrived" if arrival.ok else "failed"} {end:.1f} s after the drain '
                     'began</title></rect>')
     labels = [(LEFT + t * per_second, f"{_number(t)} s") for t in x_ticks]
+    if drain.finished is not None:
+        fx = LEFT + (drain.finished - drain.started) * per_second
+        body.append(f'<line class="finish" x1="{fx:.1f}" x2="{fx:.1f}" y1="{TOP - 8}" '
+                    f'y2="{HEIGHT - BOTTOM}"/><text class="unit" x="{fx:.1f}" y="{TOP - 12}" '
+                    'text-anchor="middle">drained</text>')
+    body.append(f'<text class="unit" x="{WIDTH - RIGHT}" y="{HEIGHT - 2}" text-anchor="end">'
+                'since the drain began</text>')
     parts = [f'<svg class="plot" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
              f'aria-label="evacuation of {escape(drain.node)}">']
     for t in x_ticks:
@@ -146,6 +163,8 @@ def evacuation(drain: Evacuation) -> Markup:
     for lx, text in labels:
         parts.append(f'<text class="tick" x="{lx:.1f}" y="{HEIGHT - BOTTOM + 16}" '
                      f'text-anchor="middle">{escape(text)}</text>')
+    parts.append(f'<line class="axis" x1="{LEFT}" x2="{LEFT + inner}" y1="{HEIGHT - BOTTOM}" '
+                 f'y2="{HEIGHT - BOTTOM}"/>')
     parts.extend(body)
     parts.append("</svg>")
     return Markup("".join(parts))
