@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import ssl
 import time
@@ -81,17 +82,35 @@ Ca = Annotated[Path | None, typer.Option(
 Wait = Annotated[bool, typer.Option(help="Wait until the work is done.")]
 
 
-def client(control: str, token: str | None, ca: Path | None) -> ControlClient:
-    """A client with the options every client command shares (also `roam node join`)."""
+def client(control: str, token: str | None, ca: Path | None,
+           cert: Path | None = None, key: Path | None = None) -> ControlClient:
+    """A client with the options every client command shares (also `roam node join`).
+    A control plane that requires client certificates gets `cert` and `key`, by default
+    $ROAM_CONTROL_CERT and $ROAM_CONTROL_KEY."""
+    cert = cert or _env_path("ROAM_CONTROL_CERT")
+    key = key or _env_path("ROAM_CONTROL_KEY")
     tls = None
-    if ca is not None:
-        if not ca.is_file():
-            raise typer.BadParameter(f"{ca}: no such file", param_hint="--ca")
-        tls = ssl.create_default_context(cafile=str(ca))
+    if ca is not None or cert is not None:
+        for path, option in ((ca, "--ca"), (cert, "ROAM_CONTROL_CERT"),
+                             (key, "ROAM_CONTROL_KEY")):
+            if path is not None and not path.is_file():
+                raise typer.BadParameter(f"{path}: no such file", param_hint=option)
+        tls = ssl.create_default_context(cafile=None if ca is None else str(ca))
+        if cert is not None:
+            try:
+                tls.load_cert_chain(cert, key)
+            except ssl.SSLError as exc:
+                raise typer.BadParameter(f"{cert}: no PEM certificate and key ({exc.reason})",
+                                         param_hint="ROAM_CONTROL_CERT") from None
     try:
         return ControlClient(control, token, tls)
     except RoamError as exc:
         raise typer.BadParameter(exc.message, param_hint="--control") from None
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def _with(control: str, token: str | None, ca: Path | None,
@@ -266,18 +285,23 @@ def vm_create(
 
     async def create(c: ControlClient) -> VMView:
         created = await c.create(spec)
-        return await _until_settled(c, name) if wait else created
+        return await _until_settled(c, name, unplaced_fails=True) if wait else created
 
     vm = _with(control, token, ca, create)
     _out(vm, as_json, lambda: _vm_line(vm))
     _exit_for(vm)
 
 
-async def _until_settled(c: ControlClient, name: str) -> VMView:
-    """The VM once it runs (or failed, or stopped), with no move pending."""
+async def _until_settled(c: ControlClient, name: str, unplaced_fails: bool = False
+                         ) -> VMView:
+    """The VM once it runs (or failed, or stopped), with no move pending. With
+    `unplaced_fails`, a VM that no node fits ends the wait (it stays pending)."""
     deadline = time.monotonic() + WAIT
     while True:
         vm = await c.vm(name)
+        if unplaced_fails and vm.status.phase == VMPhase.PENDING and vm.status.detail:
+            raise RoamError(f"{name} stays pending until a node fits it: "
+                            f"{vm.status.detail}", code=ErrorCode.CONFLICT)
         if vm.status.target is None and vm.desired.move is None and vm.status.phase in (
                 VMPhase.RUNNING, VMPhase.FAILED, VMPhase.STOPPED, VMPhase.IN_DOUBT,
                 VMPhase.LOST):

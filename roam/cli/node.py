@@ -102,7 +102,7 @@ def join(
         if not host or not port.isdigit():
             raise typer.BadParameter("HOST:PORT", param_hint="--metrics-listen")
         metrics_at = (host, int(port))
-    controller = control_cli.client(control, token, ca)
+    controller = control_cli.client(control, token, ca, tls_cert, tls_key)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -90,6 +90,20 @@ def test_https_with_the_ca_and_typed_one_line_errors(served: Served) -> None:
     assert json.loads(listed.stdout) == []
 
 
+def test_a_vm_no_node_fits_stays_pending_and_says_why(served: Served) -> None:
+    ca = ("--ca", str(served.ca))
+    created = roam("control", "vm", "create", "lonely", "--package", "/nowhere", "--memory",
+                   "1G", *ca, env=served.env())
+    assert created.returncode == 1
+    assert created.stderr == ("error: lonely stays pending until a node fits it: no node "
+                              "fits lonely (no nodes)\n")
+    got = json.loads(roam("control", "vm", "get", "lonely", *ca, "--json",
+                          env=served.env()).stdout)
+    assert got["status"]["phase"] == "pending" and got["spec"]["memory_mib"] == 1024
+    deleted = roam("control", "vm", "delete", "lonely", *ca, "--json", env=served.env())
+    assert json.loads(deleted.stdout)["desired"]["deleted"] is True
+
+
 def test_bad_options_are_usage_errors_and_send_nothing(served: Served) -> None:
     ca = ("--ca", str(served.ca))
     bad = roam("control", "vm", "create", "x", "--package", "/p", "--memory", "lots", *ca,
@@ -102,7 +116,38 @@ def test_bad_options_are_usage_errors_and_send_nothing(served: Served) -> None:
                  "--listen", "tcp://127.0.0.1:1", "--label", "price=free")
     assert label.returncode == 2 and "price" in label.stderr
     listed = roam("control", "vm", "ls", *ca, "--json", env=served.env())
-    assert json.loads(listed.stdout) == []
+    assert "x" not in [vm["name"] for vm in json.loads(listed.stdout)]
+
+
+def test_mutual_tls_needs_a_client_certificate(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem"))
+    ca.issue_cert("operator").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "client.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    port = free_port()
+    process = subprocess.Popen([*ROAM, "control", "serve", "--data", str(tmp_path / "d"),
+                                "--listen", f"127.0.0.1:{port}", "--tls-cert",
+                                str(tmp_path / "server.pem"), "--tls-ca",
+                                str(tmp_path / "ca.pem")], stderr=subprocess.PIPE, text=True)
+    env = {"ROAM_CONTROL_URL": f"https://127.0.0.1:{port}"}
+    ca_option = ("--ca", str(tmp_path / "ca.pem"))
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # up once it refuses a client without a certificate
+            refused = roam("control", "status", *ca_option, env=env)
+            if "no control plane answers" not in refused.stderr \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+        accepted = roam("control", "status", *ca_option, "--json", env={
+            **env, "ROAM_CONTROL_CERT": str(tmp_path / "client.pem")})
+        assert accepted.returncode == 0, accepted.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
 
 
 def test_one_control_plane_per_data_directory(served: Served) -> None:
