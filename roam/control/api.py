@@ -1,7 +1,8 @@
 """The control plane's HTTP API (docs/CONTROL.md): FastAPI over the fleet's store.
 
 Every route but /healthz, /openapi.json and /problems needs a token
-(`Authorization: Bearer TOKEN`). Errors are problem documents with a stable code, as the
+(`Authorization: Bearer TOKEN`); the dashboard's (roam.control.dashboard) take its
+session cookie instead. Errors are problem documents with a stable code, as the
 peer's API answers them (roam.peer.problems): a request that does not parse is
 `bad_request` (422) and changes nothing; an unknown VM or node is `not_found`; a request
 the current state refuses is `conflict` (or `busy` while the VM moves); a missing or
