@@ -14,20 +14,28 @@ a thread that entered it), where the control plane listens: nothing leaves the l
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from roam.control import auth
+from roam.control.client import ControlClient
+from roam.control.fleet import Fleet as ControlFleet
+from roam.control.models import NodeView, VMPhase, VMSpec
+from roam.control.sqlite import SqliteStore
+from roam.errors import RoamError
 from roam.network import ns
 from roam.network.lab import lab
 from tests.blueprint.boot import short_dir
-from tests.control.test_fleet import CONTROL, PEER_PORT, Fleet
+from tests.control.test_fleet import CONTROL, PEER_PORT, PORT, Fleet
 from tests.vm.conftest import run_dir, snapshot
 
 __all__ = ["run_dir", "snapshot"]
@@ -37,10 +45,13 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WAIT_MS = 120_000
+T = TypeVar("T")
 
 
 class TwoNodes(Fleet):
-    """test_fleet's processes, with two nodes and no overlay."""
+    """test_fleet's processes, with two nodes and no overlay; the test's own reads and
+    writes go to the API with its client, from P's namespace (the CLI is not under test
+    here, and a process per request is slow on a busy machine)."""
 
     def join(self, role: str, *labels: str, extra: tuple[str, ...] = ()) -> None:
         state = self.work / role
@@ -53,6 +64,34 @@ class TwoNodes(Fleet):
             stdout=(self.work / f"{role}.log").open("w"), stderr=subprocess.STDOUT,
             env={**os.environ, "ROAM_TOKEN": self.token})
 
+    def api(self, use: Callable[[ControlClient], Awaitable[T]]) -> T:
+        async def call() -> T:
+            async with ControlClient(self.url, self.token) as client:
+                return await use(client)
+        return ns.call_in(self.hosts.nodes[CONTROL], lambda: asyncio.run(call()))
+
+    def until(self, use: Callable[[ControlClient], Awaitable[bool]], what: str) -> None:
+        async def ready(client: ControlClient) -> bool:
+            deadline = time.monotonic() + WAIT_MS / 1000
+            while time.monotonic() < deadline:
+                try:
+                    if await use(client):
+                        return True
+                except RoamError:
+                    pass  # not serving yet (NOT_FOUND), or not yet as asked
+                await asyncio.sleep(0.2)
+            return False
+        if not self.api(ready):
+            pytest.fail(f"waited {WAIT_MS / 1000:.0f} s for {what}")
+
+
+async def _token(data: Path) -> str:
+    store = await SqliteStore.open(data)
+    try:
+        return await auth.create(ControlFleet(store), "browser test")
+    finally:
+        await store.close()
+
 
 @pytest.fixture
 def fleet(snapshot: Path) -> Iterator[TwoNodes]:
@@ -63,21 +102,32 @@ def fleet(snapshot: Path) -> Iterator[TwoNodes]:
     with short_dir() as work, lab(CONTROL, *NODES, net="198.18.9") as hosts:
         the_fleet = TwoNodes(work, hosts)
         try:
-            done = subprocess.run([sys.executable, "-m", "roam.cli.main", "control", "token",
-                                   "create", "--data", str(the_fleet.data), "--name", "web"],
-                                  capture_output=True, text=True, check=True)
-            the_fleet.token = done.stdout.strip()
-            the_fleet.start_control()
+            the_fleet.token = asyncio.run(_token(the_fleet.data))
+            log = (work / "control.log").open("w")
+            the_fleet.control = the_fleet._in(
+                CONTROL, sys.executable, "-m", "roam.cli.main", "control", "serve", "--data",
+                str(the_fleet.data), "--listen", f"{hosts.addrs[CONTROL]}:{PORT}",
+                "--node-ttl", "4", stdout=log, stderr=subprocess.STDOUT)
             for role, (price, cloud, region) in NODES.items():
                 the_fleet.join(role, f"price={price}", "lifecycle=spot", f"cloud={cloud}",
                                f"region={region}")
-            the_fleet.wait(lambda: len(the_fleet.nodes_by_name()) == 2, "two nodes")
-            created = the_fleet.roam("vm", "create", "web", "--package", str(snapshot),
-                                     "--publish", "16379:6379")
-            assert created["status"]["node"] == "a"
+            the_fleet.until(lambda c: _count(c.nodes(), 2), "two nodes")
+            spec = VMSpec(name="web", package=str(snapshot), memory_mib=256,
+                          publish=["16379:6379"])
+            the_fleet.api(lambda c: c.create(spec))
+            the_fleet.until(lambda c: _on(c, "web", "a"), "web running on a")
             yield the_fleet
         finally:
             the_fleet.close()
+
+
+async def _count(nodes: Awaitable[list[NodeView]], count: int) -> bool:
+    return len(await nodes) == count
+
+
+async def _on(client: ControlClient, vm: str, node: str) -> bool:
+    status = (await client.vm(vm)).status
+    return status.phase == VMPhase.RUNNING and status.node == node
 
 
 RECORD_PROGRESS = """() => {
@@ -174,5 +224,5 @@ def test_a_migration_and_a_drain_from_the_page(fleet: TwoNodes, tmp_path: Path) 
           f"screenshots in {tmp_path}")
     assert any(0 < value for value in seen["progress"])
     assert not seen["errors"], seen["errors"]
-    vms = fleet.vms()
-    assert vms["web"]["status"]["node"] == "a" and vms["web"]["status"]["epoch"] == 3
+    status = fleet.api(lambda c: c.vm("web")).status
+    assert status.node == "a" and status.epoch == 3  # placed, moved to b and back
