@@ -2,12 +2,14 @@
 without a session, a bad token gets no cookie, the cookie is HttpOnly and SameSite=Strict
 (and Secure over TLS), an action without the form's csrf field or from another site is
 refused and changes nothing (fuzzed with hypothesis), a good one is the API's request;
-the board folds the event log into migrations, history and evacuations, and the plots
-draw one mark per migration.
+the stream sends the sections that changed and ends once the token is revoked; the
+board folds the event log into migrations, history and evacuations, and the plots draw
+one mark per migration.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -15,12 +17,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from httpx_sse import aconnect_sse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from roam.control import auth
 from roam.control.dashboard import plots, session
 from roam.control.dashboard.board import Board
-from roam.control.models import ControlKind, Keys, RelayedEvent, VMPhase, VMRecord
+from roam.control.dashboard.routes import SECTIONS
+from roam.control.models import ControlKind, Keys, NodeRecord, RelayedEvent, VMPhase, VMRecord
+from roam.control.serve import listen_socket
+from roam.peer import api as peer_api
 from roam.peer.models import OutcomeEvent, ProgressEvent
 from tests.control.test_api import Control
 
@@ -154,6 +161,18 @@ async def test_an_action_is_the_apis_request(
     assert (await control.fleet.store.get(Keys.drain("b"))) is not None
 
 
+async def test_logging_out_ends_the_session(
+        control: Control, browser: httpx.AsyncClient) -> None:
+    csrf = await log_in(control, browser)
+    answer = await browser.post("/logout", content="csrf=wrong", headers=FORM)
+    assert answer.status_code == 401  # a forged logout is refused too
+    answer = await browser.post("/logout", content=f"csrf={csrf}", headers=FORM)
+    assert answer.status_code == 303 and answer.headers["location"] == "/login"
+    assert 'Max-Age=0' in answer.headers["set-cookie"]
+    page = await browser.get("/")
+    assert page.status_code == 303 and page.headers["location"] == "/login"
+
+
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.binary(max_size=300), path=st.sampled_from(
@@ -213,3 +232,42 @@ def test_ticks_are_round_and_cover_the_range() -> None:
 def test_ticks_cover_any_value(high: float) -> None:
     found = plots.ticks(high)
     assert found[0] == 0 and found[-1] >= high * (1 - 1e-9) and len(found) <= 6
+
+
+async def test_the_stream_sends_sections_as_they_change_and_ends_when_the_token_goes(
+        control: Control) -> None:
+    await running_on_a(control)
+    sock = listen_socket("127.0.0.1", 0)
+    server = peer_api.server(control.http._transport.app)  # type: ignore[attr-defined]
+    async with asyncio.TaskGroup() as tasks:
+        serving = tasks.create_task(server.serve(sockets=[sock]))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                answer = await client.post("/login", content=f"token={control.token}",
+                                           headers=FORM)
+                assert answer.status_code == 303
+                async with aconnect_sse(client, "GET", "/ui/stream") as source:
+                    events = source.aiter_sse()
+                    first = {(await anext(events)).event for _ in SECTIONS}
+                    assert first == set(SECTIONS)  # the whole page at once
+
+                    def cordon(record: NodeRecord) -> NodeRecord:
+                        record.cordoned = True
+                        return record
+                    await control.fleet.update(Keys.node("b"), NodeRecord, cordon)
+                    sent = {}
+                    while "vms" not in sent:  # b takes no VM: no longer a destination
+                        event = await anext(events)
+                        sent[event.event] = event.data
+                    assert set(sent) == {"summary", "nodes", "vms"}  # what changed, only
+                    assert 'data-state="cordoned"' in sent["nodes"]
+                    assert '<option value="b">' not in sent["vms"]
+                    await control.store.delete(Keys.token(auth.digest(control.token)))
+                    await control.fleet.update(Keys.node("a"), NodeRecord, cordon)
+                    rest = [event async for event in events]
+                    assert rest == []  # ended, with nothing of the change sent
+                assert (await client.get("/ui/stream")).status_code == 401
+        finally:
+            server.should_exit = True
+            await serving

@@ -125,7 +125,10 @@ def mount(app: FastAPI, fleet: Fleet) -> None:
                 async for change in changes:
                     await board.apply(fleet, change.key, change.kind,
                                       None if change.record is None else change.record.value)
-                    for event in changed():
+                    news = changed()
+                    if news and not await session.valid(fleet, token):
+                        return  # revoked: the browser's reconnection is refused
+                    for event in news:
                         yield event
         except Compacted:
             return  # the browser connects again and gets a new board

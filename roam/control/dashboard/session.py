@@ -49,13 +49,16 @@ def csrf(token: str) -> str:
 async def session(fleet: Fleet, request: Request) -> str | None:
     """The valid API token of the request's cookie, if any."""
     token = request.cookies.get(COOKIE)
-    if not token:
-        return None
+    return token if token and await valid(fleet, token) else None
+
+
+async def valid(fleet: Fleet, token: str) -> bool:
+    """Whether `token` is (still) a token of the store."""
     try:
         await auth.check(fleet, token)
     except auth.Unauthorized:
-        return None
-    return token
+        return False
+    return True
 
 
 def log_in(response: Response, request: Request, token: str) -> None:
