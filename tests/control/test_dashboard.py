@@ -84,6 +84,15 @@ async def test_nothing_is_served_without_a_session(
     assert page.status_code == 303 and page.headers["location"] == "/login"
     login = await browser.get("/login")
     assert login.status_code == 200 and 'name="token"' in login.text
+    framed(login)
+
+
+def framed(page: httpx.Response) -> None:
+    """The page may load only this server's assets, and never in a frame."""
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["cache-control"] == "no-store"
 
 
 async def test_a_bad_token_gets_no_cookie_and_a_good_one_a_strict_httponly_cookie(
@@ -117,6 +126,7 @@ async def test_the_page_shows_both_nodes_and_the_vm(
     assert 'data-node="a"' in page and 'data-node="b"' in page
     assert 'data-vm="web"' in page and 'data-phase="running"' in page
     assert "$0.01/h" in page
+    framed(await browser.get("/"))
 
 
 async def test_actions_from_elsewhere_are_refused_and_change_nothing(

@@ -26,7 +26,6 @@ from roam.control.models import (
     VMRecord,
     VMView,
 )
-from roam.control.store import WatchKind
 from roam.peer.models import OutcomeEvent, ProgressEvent
 
 HISTORY = 200
@@ -111,12 +110,13 @@ class Board:
             board._log(record.value)
         return board, logged.revision
 
-    async def apply(self, fleet: Fleet, key: str, kind: WatchKind, value: bytes | None
-                    ) -> None:
-        """Fold one change of the store's watch into the board."""
+    async def apply(self, fleet: Fleet, key: str, value: bytes | None) -> bool:
+        """Fold one change of the store's watch (`value` None: the key was deleted) into
+        the board; whether it may have changed what the board shows."""
         if key.startswith(Keys.EVENTS):
-            if value is not None:
-                self._log(value)
+            if value is None:
+                return False  # an old event pruned: the board keeps what it folded
+            self._log(value)
         elif key.startswith(Keys.VMS):
             name = key.removeprefix(Keys.VMS)
             if value is None:
@@ -128,6 +128,9 @@ class Board:
             # a node's view mixes its record, its lease and its drain: read them again
             view = await fleet.view()
             self.nodes = {n: view.node_view(n) for n in sorted(view.nodes)}
+        else:
+            return False  # tokens, the leader: nothing shown
+        return True
 
     # -- folding -----------------------------------------------------------------------
 

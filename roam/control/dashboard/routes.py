@@ -33,6 +33,18 @@ from roam.control.store import Compacted
 
 SECTIONS = ("summary", "nodes", "vms", "migrations", "plots")
 """The page's live sections, each a template `_NAME.html` and an element id."""
+HEADERS = {
+    # scripts and styles from this server only (style attributes set the bars' widths);
+    # never in a frame (a framed page could be clicked through); forms post only here
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' "
+                               "'unsafe-inline'; img-src 'self' data:; frame-ancestors "
+                               "'none'; form-action 'self'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+"""Headers of every page: what the browser may load and do with it."""
 
 
 def _size(value: float) -> str:
@@ -71,13 +83,13 @@ def mount(app: FastAPI, fleet: Fleet) -> None:
             return RedirectResponse("/login", status_code=303)
         board, _ = await Board.load(fleet)
         return HTMLResponse(render("board.html", sections=sections(board, token),
-                                   csrf=session.csrf(token)))
+                                   csrf=session.csrf(token)), headers=HEADERS)
 
     @ui.get("/login")
     async def login_form(request: Request) -> Response:
         if await session.session(fleet, request) is not None:
             return RedirectResponse("/", status_code=303)
-        return HTMLResponse(render("login.html", error=None))
+        return HTMLResponse(render("login.html", error=None), headers=HEADERS)
 
     @ui.post("/login")
     async def login(request: Request) -> Response:
@@ -86,7 +98,8 @@ def mount(app: FastAPI, fleet: Fleet) -> None:
         try:
             await auth.check(fleet, token)
         except auth.Unauthorized as e:
-            return HTMLResponse(render("login.html", error=str(e)), status_code=401)
+            return HTMLResponse(render("login.html", error=str(e)), status_code=401,
+                                headers=HEADERS)
         response = RedirectResponse("/", status_code=303)
         session.log_in(response, request, token)
         return response
@@ -123,8 +136,9 @@ def mount(app: FastAPI, fleet: Fleet) -> None:
         try:
             async with fleet.store.watch("/", revision) as changes:
                 async for change in changes:
-                    await board.apply(fleet, change.key, change.kind,
-                                      None if change.record is None else change.record.value)
+                    if not await board.apply(fleet, change.key, None if change.record
+                                             is None else change.record.value):
+                        continue
                     news = changed()
                     if news and not await session.valid(fleet, token):
                         return  # revoked: the browser's reconnection is refused
