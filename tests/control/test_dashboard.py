@@ -169,6 +169,15 @@ async def test_an_action_is_the_apis_request(
                                      headers={**FORM})  # a plain form: back to the page
     assert answer.status_code == 303 and answer.headers["location"] == "/"
     assert (await control.fleet.store.get(Keys.drain("b"))) is not None
+    answer = await browser.post("/ui/nodes/b/uncordon", content=f"csrf={csrf}",
+                                headers=headers)
+    assert answer.status_code == 200 and answer.json()["detail"] == "uncordon b: requested"
+    assert (await control.fleet.store.get(Keys.drain("b"))) is None
+    answer = await browser.post("/ui/vms/web/stop", content=f"csrf={csrf}", headers=headers)
+    assert answer.status_code == 202
+    assert not (await control.fleet.vm("web")).value.desired.running
+    answer = await browser.post("/ui/vms/nope/start", content=f"csrf={csrf}", headers=headers)
+    assert answer.status_code == 404 and answer.json()["code"] == "not_found"
 
 
 async def test_logging_out_ends_the_session(
