@@ -191,15 +191,16 @@ def scenario(fleet: TwoNodes, out: Path) -> dict[str, Any]:
             confirm(page, out / "3-confirm.png")
             flight = page.locator('.flight[data-flight="web"]')
             expect(flight.locator(".progress")).to_be_visible()
+            page.screenshot(path=out / "4-started.png", full_page=True)
             page.wait_for_function("() => window.progressSeen.some(v => v > 0)")
-            page.screenshot(path=out / "4-migrating.png", full_page=True)
+            page.screenshot(path=out / "5-progress.png", full_page=True)
             expect(vm.locator(".vm-node")).to_have_text("b")
             expect(vm.locator("[data-phase]")).to_have_text("running")
             downtime = page.locator('tr[data-history="web"] .downtime').first
             expect(downtime).to_contain_text(" ms")
             expect(page.locator('svg[aria-label="downtime per migration over time"] '
                                 'circle')).to_have_count(1)
-            page.screenshot(path=out / "5-migrated.png", full_page=True)
+            page.screenshot(path=out / "6-migrated.png", full_page=True)
             progress = page.evaluate("() => window.progressSeen")
 
             page.locator('tr[data-node="b"] button', has_text="Drain").click()
@@ -210,7 +211,7 @@ def scenario(fleet: TwoNodes, out: Path) -> dict[str, Any]:
             expect(evacuation.locator("rect.bar")).to_have_count(1)
             expect(page.locator('svg[aria-label="downtime per migration over time"] '
                                 'circle')).to_have_count(2)
-            page.screenshot(path=out / "6-drained.png", full_page=True)
+            page.screenshot(path=out / "7-drained.png", full_page=True)
             return {"progress": progress, "downtime": downtime.inner_text(),
                     "errors": errors}
         finally:
