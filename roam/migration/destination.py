@@ -126,6 +126,12 @@ class Destination:
         self._prepared_payload = prepared_payload
         self._prepared_sent = False
 
+    @property
+    def authority_arrived(self) -> bool:
+        """AUTHORITY has come: from now on the migration ends by accepting or declining it
+        (on_authority decides), never by abort()."""
+        return self._authority_task is not None
+
     async def abort(self, reason: str) -> None:
         """Give up before authority (the application cannot take the workload): the source
         hears why and keeps running it; run() then ends with MigrationError."""

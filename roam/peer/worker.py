@@ -156,13 +156,15 @@ async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
 
 def _or_failed(received: asyncio.Task[object], incoming: Incoming) -> asyncio.Task[object]:
     """`received`, or a failure to prepare the VM here, whichever comes first: a source
-    that waits for PREPARED learns why it will not come, and keeps its VM."""
+    that waits for PREPARED learns why it will not come, and keeps its VM. Once authority
+    has arrived, the failure is the authority handler's to answer (it declines)."""
     async def watch() -> object:
         assert incoming.prepared is not None
         await asyncio.wait([received, incoming.prepared], return_when=asyncio.FIRST_COMPLETED)
         if received.done():
             return received.result()
-        if not incoming.prepared.cancelled() and incoming.prepared.exception() is not None:
+        if (not incoming.prepared.cancelled() and incoming.prepared.exception() is not None
+                and not incoming.destination.authority_arrived):
             error = incoming.prepared.exception()
             await incoming.destination.abort(f"the destination cannot start the VM: {error}")
             raise PeerError(f"cannot start the incoming VM: {error}") from error
