@@ -124,6 +124,10 @@ def serve(
         help="IPv4 range for the links between this host and its VMs' namespaces (one "
              "/30 per VM); peers sharing a network namespace need different ones.")]
         = PEER_POOL,
+    package: Annotated[list[Path] | None, typer.Option(
+        help="A package directory this peer holds (repeatable): a VM made from it "
+             "migrating here gets only what differs from its files. Packages the peer "
+             "runs VMs from are held too.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Serve this host until SIGINT/SIGTERM (which stops its VMs).
@@ -152,13 +156,19 @@ def serve(
         ipaddress.IPv4Network(net_pool)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    held = [p.absolute() for p in package or []]
+    for given in held:
+        try:
+            Package.load(given)
+        except PackageError as exc:
+            raise typer.BadParameter(f"--package: {exc}") from None
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await peer.Peer(directory, addr, tls, netconf, api_addr).serve(stop)
+        await peer.Peer(directory, addr, tls, netconf, api_addr, held).serve(stop)
 
     try:
         run(main())
