@@ -145,7 +145,11 @@ class Peer:
     def _hold(self, directory: Path) -> None:
         """Record a held package and index it in the background (VMs arriving before
         that is done index it themselves: the cache keeps whichever finishes)."""
-        ident = self.held.hold(directory)
+        try:
+            ident = self.held.hold(directory)
+        except (OSError, PackageError) as exc:  # changed since it was checked: not held
+            log.warning("cannot hold the package in %s: %s", directory, exc)
+            return
         log.info("holding package %s (%s)", ident, directory)
         self._task(self.held.warm(directory))
 

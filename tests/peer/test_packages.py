@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import subprocess
 from pathlib import Path
 
 import blake3
@@ -20,6 +21,7 @@ from roam.peer.packages import HeldPackages, PackageIndex, package_id
 from roam.storage.sources import FileSource, MemorySource
 from roam.vm.package import Package, PackageConfig
 from tests.migration.conftest import MakePair, socket_pair
+from tests.vm.conftest import ROAM
 
 __all__ = ["socket_pair"]  # the fixture, for this module
 
@@ -168,3 +170,13 @@ async def test_held_packages_offer_by_id_while_the_directory_holds_it(tmp_path: 
     assert await again.offer(ident, "disk", DISK) is None
     package.directory.rename(tmp_path / "moved")  # gone from where it was recorded
     assert await again.offer(ident, "disk", DISK) is None
+
+
+def test_serve_refuses_a_package_that_is_not_one(tmp_path: Path) -> None:
+    """`roam peer serve --package DIR`: a usage error in one line, nothing started."""
+    done = subprocess.run([*ROAM, "peer", "serve", "--listen", f"unix://{tmp_path}/p.mig",
+                           "--state-dir", str(tmp_path / "state"), "--package",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert "--package" in done.stderr and "not a package" in done.stderr
+    assert not (tmp_path / "state").exists()
