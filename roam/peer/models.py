@@ -173,6 +173,9 @@ class MigrateResult(BaseModel):
     state_save_ms: float
     downtime_ms: float
     priority_blocks: int
+    first_pass_ms: float = 0.0
+    first_pass_payload_bytes: int = 0
+    have_bytes: int = 0
 
 
 class GatewayRequest(_Request):
