@@ -34,7 +34,7 @@ from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer import api, host
+from roam.peer import api, host, statedir
 from roam.peer.client import PEER_SOCKET
 from roam.peer.events import Hub
 from roam.peer.models import (
@@ -99,11 +99,18 @@ class Peer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, stop: asyncio.Event) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.state_dir.chmod(0o700)  # the API socket is this peer's whole authority
-        shutil.rmtree(self.vms_dir, ignore_errors=True)
-        self.vms_dir.mkdir()
-        await self._sweep()
+        """Serve until `stop` is set; StateDirBusy at once if another peer serves the
+        state directory. What a killed peer left there is removed first."""
+        with statedir.claim(self.state_dir):
+            await statedir.clean(self.vms_dir)
+            self.vms_dir.mkdir()
+            await self._sweep()
+            await self._serve(stop)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        sockets = [self.state_dir / PEER_SOCKET]
+        if self.listen.scheme == "unix":
+            sockets.append(Path(self.listen.path))
         listener = _listening_socket(self.listen)
         app = api.create_app(self)
         servers = [(api.server(app), _listening_socket(Address(
@@ -129,6 +136,9 @@ class Peer:
             for server, _ in servers:
                 server.should_exit = True
             await asyncio.wait(serving, timeout=api.GRACE + 5)
+            for path in sockets:  # no stale sockets: a client finds no peer, not a dead one
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=30)
             for name in list(self.gateways_here):
