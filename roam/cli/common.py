@@ -10,17 +10,19 @@ want another status, call `fail`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
 import logging
 import os
+import signal
 import socket
 import ssl
 import stat
 import sys
 import traceback
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -32,7 +34,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from roam.cli.exits import Exit, for_code
 from roam.errors import ErrorCode, RoamError
-from roam.migration.channel import Address, TLSFiles
+from roam.migration.channel import Address, Handler, TLSFiles, listen
 
 T = TypeVar("T")
 
@@ -307,3 +309,44 @@ def steps(title: str, logger: str) -> Iterator[None]:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT and SIGTERM set: every long-running command ends cleanly on
+    either, whatever it is waiting for."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """What `awaitable` gives, or None if `stop` is set first (it is then cancelled)."""
+    task = asyncio.ensure_future(awaitable)
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+@contextlib.asynccontextmanager
+async def serving(addr: Address, handler: Handler, tls: TLSFiles | None = None
+                  ) -> AsyncIterator[asyncio.Server]:
+    """A migration-protocol listener for the life of the block; a UNIX socket is removed
+    after it, so that nothing stale is left to connect to."""
+    server = await listen(addr, handler, tls)
+    try:
+        yield server
+    finally:
+        server.close()
+        if addr.scheme == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(addr.path)

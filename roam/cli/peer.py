@@ -11,7 +11,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -32,6 +31,7 @@ from rich.progress import (
 
 from roam.cli import exits
 from roam.cli.common import (
+    CommandError,
     TlsCa,
     TlsCert,
     TlsKey,
@@ -40,8 +40,11 @@ from roam.cli.common import (
     fail,
     failed,
     run,
+    serving,
     setup_logging,
+    stop_on_signals,
     tls_files,
+    unless_stopped,
 )
 from roam.errors import RoamError
 from roam.migration.channel import Channel, PeerLost, connect, listen
@@ -154,10 +157,7 @@ def serve(
         raise typer.BadParameter(str(exc)) from None
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await peer.Peer(directory, addr, tls, netconf, api_addr).serve(stop)
 
     try:
@@ -343,28 +343,39 @@ def terminate(
     setup_logging(verbose)
     addr = address(listen_on)
 
-    async def main() -> Backup:
+    async def main() -> Backup | None:
+        stop = stop_on_signals()
         done: asyncio.Future[Backup] = asyncio.get_running_loop().create_future()
+        taking: list[asyncio.Task[Any]] = []
 
         async def handler(channel: Channel) -> None:
-            if done.done():
-                return
+            if taking:
+                return  # one migration per terminator
+            task = asyncio.current_task()
+            assert task is not None
+            taking.append(task)
             try:
-                done.set_result(await terminator.terminate(channel, out))
+                backup = await terminator.terminate(channel, out)
             except Exception as exc:
                 if not done.done():
                     done.set_exception(exc)
+            else:
+                if not done.done():
+                    done.set_result(backup)
 
-        server = await listen(addr, handler)
-        try:
-            return await done
-        finally:
-            server.close()
+        async with serving(addr, handler):
+            backup = await unless_stopped(done, stop)
+            for task in taking:  # stopped halfway: the source keeps its VM
+                task.cancel()
+            await asyncio.gather(*taking, return_exceptions=True)
+            return backup
 
     try:
         backup = run(main())
     except (MigrationError, OSError) as exc:
         raise failed(exc) from None
+    if backup is None:
+        raise CommandError("stopped by a signal before a backup was written", out)
     _print(asdict(backup))
 
 
@@ -401,10 +412,7 @@ def registry_serve(
             log.info("served %s: %d MiB in %.1f s, %d blocks on demand", package,
                      result.bytes_sent >> 20, result.total_seconds, result.priority_blocks)
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         server = await listen(addr, handler, tls)
         log.info("serving %s on %s%s", package, addr, " (mutual TLS)" if tls else "")
         try:
@@ -439,20 +447,19 @@ def mount(
         raise typer.BadParameter("give one of --from/--listen and one of --file/--nbd")
 
     async def main(cache_dir: Path) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         if from_ is not None:
             channel: Channel = await connect(address(from_))
             await mounter.mount(channel, device, cache_dir, stop, fuse_dir=file, nbd_socket=nbd)
             return
         assert listen_on is not None
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        taken = asyncio.Event()
 
         async def handler(incoming: Channel) -> None:
-            if done.done():
+            if taken.is_set():
                 return
+            taken.set()
             try:
                 await mounter.mount(incoming, device, cache_dir, stop, fuse_dir=file,
                                     nbd_socket=nbd)
@@ -460,11 +467,12 @@ def mount(
             except Exception as exc:
                 done.set_exception(exc)
 
-        server = await listen(address(listen_on), handler)
-        try:
-            await done
-        finally:
-            server.close()
+        async with serving(address(listen_on), handler):
+            await unless_stopped(taken.wait(), stop)
+            if not taken.is_set():
+                log.info("stopped before a migration arrived")
+                return
+        await done  # the mount ends on `stop` by itself
 
     try:
         with tempfile.TemporaryDirectory(prefix="roam-mount-") as tmp:
