@@ -47,7 +47,7 @@ from roam.cli.common import (
     unless_stopped,
 )
 from roam.errors import RoamError
-from roam.migration.channel import Channel, PeerLost, connect, listen
+from roam.migration.channel import Channel, PeerLost, connect
 from roam.migration.errors import MigrationError
 from roam.peer import mounter, registry, terminator
 from roam.peer import serve as peer
@@ -336,12 +336,18 @@ def terminate(
     listen_on: Annotated[str, typer.Option(
         "--listen", help="tcp://HOST:PORT or unix://PATH to take the migration on.")],
     out: Annotated[Path, typer.Option(help="Package directory to write.")],
+    tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
     verbose: Verbose = False,
 ) -> None:
     """Take one live migration into a package directory without starting the VM (a live
-    backup): `roam migrate NAME --to` this address; the VM runs on at its source."""
+    backup): `roam migrate NAME --to` this address; the VM runs on at its source.
+
+    With the --tls options the source peer must present a certificate signed by
+    --tls-ca (peers started with --tls-* do), and this side presents --tls-cert.
+    SIGINT or SIGTERM before the backup is written ends it (exit 1; the VM runs on)."""
     setup_logging(verbose)
     addr = address(listen_on)
+    tls = tls_files(tls_cert, tls_key, tls_ca)
 
     async def main() -> Backup | None:
         stop = stop_on_signals()
@@ -363,7 +369,7 @@ def terminate(
                 if not done.done():
                     done.set_result(backup)
 
-        async with serving(addr, handler):
+        async with serving(addr, handler, tls):
             backup = await unless_stopped(done, stop)
             for task in taking:  # stopped halfway: the source keeps its VM
                 task.cancel()
@@ -413,12 +419,9 @@ def registry_serve(
                      result.bytes_sent >> 20, result.total_seconds, result.priority_blocks)
 
         stop = stop_on_signals()
-        server = await listen(addr, handler, tls)
-        log.info("serving %s on %s%s", package, addr, " (mutual TLS)" if tls else "")
-        try:
+        async with serving(addr, handler, tls):
+            log.info("serving %s on %s%s", package, addr, " (mutual TLS)" if tls else "")
             await stop.wait()
-        finally:
-            server.close()
 
     try:
         run(main())
@@ -439,17 +442,24 @@ def mount(
         help="UNIX socket on which the device is an NBD export named DEVICE.")] = None,
     cache: Annotated[Path | None, typer.Option(
         help="Directory for the blocks received (default: a temporary one).")] = None,
+    tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
     verbose: Verbose = False,
 ) -> None:
-    """Mount a device of a remote package or VM locally, without a VM, until SIGINT."""
+    """Mount a device of a remote package or VM locally, without a VM, until SIGINT or
+    SIGTERM.
+
+    With the --tls options, mutual TLS: the registry (--from) or the source peer
+    (--listen) must present a certificate signed by --tls-ca, and this side presents
+    --tls-cert."""
     setup_logging(verbose)
     if (from_ is None) == (listen_on is None) or (file is None) == (nbd is None):
         raise typer.BadParameter("give one of --from/--listen and one of --file/--nbd")
+    tls = tls_files(tls_cert, tls_key, tls_ca)
 
     async def main(cache_dir: Path) -> None:
         stop = stop_on_signals()
         if from_ is not None:
-            channel: Channel = await connect(address(from_))
+            channel: Channel = await connect(address(from_), tls)
             await mounter.mount(channel, device, cache_dir, stop, fuse_dir=file, nbd_socket=nbd)
             return
         assert listen_on is not None
@@ -467,7 +477,7 @@ def mount(
             except Exception as exc:
                 done.set_exception(exc)
 
-        async with serving(address(listen_on), handler):
+        async with serving(address(listen_on), handler, tls):
             await unless_stopped(taken.wait(), stop)
             if not taken.is_set():
                 log.info("stopped before a migration arrived")

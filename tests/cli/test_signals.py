@@ -33,7 +33,7 @@ def test_mount_listen_ends_on_a_signal_before_a_migration(sig: signal.Signals,
     process = _started(["mount", "memory", "--listen", f"unix://{sock}", "--file",
                         str(tmp_path / "fuse")], sock)
     process.send_signal(sig)
-    out, err = process.communicate(timeout=20)
+    _, err = process.communicate(timeout=20)
     assert process.returncode == 0, err
     assert "stopped before a migration arrived" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fuse"]  # socket gone
