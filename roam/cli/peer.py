@@ -49,7 +49,7 @@ from roam.cli.common import (
 from roam.errors import RoamError
 from roam.migration.channel import Channel, PeerLost, connect
 from roam.migration.errors import MigrationError
-from roam.peer import mounter, registry, terminator
+from roam.peer import mounter, registry, systemd, terminator
 from roam.peer import serve as peer
 from roam.peer.client import PeerClient
 from roam.peer.models import (
@@ -164,6 +164,28 @@ def serve(
         run(main())
     except OSError as exc:
         raise fail(str(exc)) from None
+
+
+@app.command(context_settings={"allow_extra_args": True,
+                                "ignore_unknown_options": True})
+def unit(
+    ctx: typer.Context,
+    listen_on: Annotated[str, typer.Option(
+        "--listen", help="The peer's --listen address.")] = "tcp://127.0.0.1:7200",
+    state_dir: Annotated[Path, typer.Option(
+        help="The peer's --state-dir (systemd creates /var/lib/roam, mode 0700).")]
+        = Path("/var/lib/roam/peer"),
+) -> None:
+    """Print a systemd unit that runs `roam peer serve` with these options and any
+    others given after them (`roam peer unit --listen tcp://10.0.0.5:7200 --
+    --underlay 10.0.0.5 > /etc/systemd/system/roam-peer.service`).
+
+    Type=notify: the peer tells systemd when it serves (READY=1) and when it stops
+    (STOPPING=1). SIGTERM stops its VMs; a peer that died is restarted and cleans up
+    after itself. Check it with `systemd-analyze verify FILE`."""
+    address(listen_on, "--listen")
+    typer.echo(systemd.unit(["--listen", listen_on, "--state-dir", str(state_dir.absolute()),
+                             *ctx.args]), nl=False)
 
 
 @app.command("run")

@@ -34,7 +34,7 @@ from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer import api, host, statedir
+from roam.peer import api, host, statedir, systemd
 from roam.peer.client import PEER_SOCKET
 from roam.peer.events import Hub
 from roam.peer.models import (
@@ -124,9 +124,11 @@ class Peer:
         accepting = asyncio.create_task(self._accept(listener))
         log.info("peer serving %s, API on %s%s", self.listen, self.state_dir / PEER_SOCKET,
                  f" and {self.api_listen} (mutual TLS)" if self.api_listen else "")
+        systemd.notify(f"READY=1\nSTATUS=serving {self.listen}")
         try:
             await stop.wait()
         finally:
+            systemd.notify("STOPPING=1")
             accepting.cancel()
             listener.close()
             for worker in list(self.table.workers.values()):
