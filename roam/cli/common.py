@@ -32,6 +32,7 @@ import uvloop
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from roam import logs
 from roam.cli.exits import Exit, for_code
 from roam.errors import ErrorCode, RoamError
 from roam.migration.channel import Address, Handler, TLSFiles, listen
@@ -48,7 +49,6 @@ Verbose = Annotated[bool, typer.Option(
 Json = Annotated[bool, typer.Option(
     "--json", help="Print the result as JSON on stdout instead of a summary.")]
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
@@ -71,29 +71,10 @@ class Settings:
 settings = Settings()
 
 
-class _Stderr(logging.Handler):
-    """Writes to whatever sys.stderr is at the time of the record, so that a progress
-    display, which redirects stderr while it runs, shows log lines above itself."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")
-            sys.stderr.flush()
-        except Exception:
-            self.handleError(record)
-
-
 def configure_logging(level: int) -> None:
-    """The one logging setup: roam's loggers at `level`, everything else at WARNING unless
-    `level` is DEBUG, one format, to stderr. Called again, it only changes the level."""
+    """The one logging setup (roam.logs), remembered for commands that start others."""
     settings.level = level
-    root = logging.getLogger()
-    if not any(isinstance(h, _Stderr) for h in root.handlers):
-        handler = _Stderr()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(handler)
-    root.setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
-    logging.getLogger("roam").setLevel(level)
+    logs.configure(level)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from roam import errors
+
 MAGIC = b"ROAM"
 VERSION = 1
 MAX_BODY = 64 * 1024 * 1024
@@ -24,8 +26,10 @@ CONTENT_HASH_LEN = 32  # blake3
 HEADER = struct.Struct("!BBHI")
 
 
-class ProtocolError(Exception):
+class ProtocolError(errors.RoamError):
     """The peer sent something this protocol does not allow."""
+
+    code = errors.ErrorCode.BAD_REQUEST
 
 
 class MsgType(enum.IntEnum):

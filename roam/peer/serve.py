@@ -53,7 +53,7 @@ from roam.peer.models import (
     VMInfo,
     VMRemovedEvent,
 )
-from roam.peer.network import NetConfig, NetworkConfigError
+from roam.peer.network import NetConfig
 from roam.peer.table import VMTable, Worker
 from roam.vm import control
 from roam.vm.package import Package, PackageError
@@ -168,7 +168,8 @@ class Peer:
                      name: str | None = None) -> Worker:
         workdir = self.vms_dir / str(next(self._ids))
         workdir.mkdir()
-        args = [*args, "--net", self.netconf.model_dump_json()]
+        level = logging.getLevelName(logging.getLogger("roam").getEffectiveLevel())
+        args = [*args, "--net", self.netconf.model_dump_json(), "--log-level", level]
         if self.tls:
             args = [*args, "--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key),
                     "--tls-ca", str(self.tls.ca)]
@@ -254,10 +255,7 @@ class Peer:
             args += ["--publish", spec]
         if request.gateway is not None and request.vni is not None:
             overlay = OverlaySpec(vni=request.vni, gateway=request.gateway)
-            try:
-                self.netconf.segment(overlay)  # this peer must be on the overlay
-            except NetworkConfigError as exc:
-                raise RoamError(str(exc), code=ErrorCode.CONFLICT) from None
+            self.netconf.segment(overlay)  # this peer must be on the overlay (conflict)
             args += ["--overlay", overlay.model_dump_json()]
         if request.from_ is not None:  # lazy start from a registry (our TLS files, if any)
             worker = await self._spawn([*args, "--from", request.from_], name=name)
@@ -326,10 +324,7 @@ class Peer:
             raise RoamError(f"segment {overlay.vni} already has a gateway here",
                             code=ErrorCode.CONFLICT)
         forwards = [PortForward.parse(p) for p in request.publish]
-        try:
-            net = await self.netconf.gateway(name, overlay, forwards)
-        except NetworkConfigError as exc:
-            raise RoamError(str(exc), code=ErrorCode.CONFLICT) from None
+        net = await self.netconf.gateway(name, overlay, forwards)  # NetworkConfigError
         self.gateways_here[name] = Gateway(overlay, forwards, net)
         log.info("gateway of %s (segment %d) up; publishing %s", name, overlay.vni,
                  ", ".join(request.publish) or "nothing")
