@@ -19,7 +19,7 @@ import typer
 # one error line needs to tell usage errors (and `roam GROUP` alone) from the rest.
 from typer._click import exceptions as usage
 
-from roam.cli import blueprint, device, doctor, exits, fuse, nbd, peer, vm
+from roam.cli import blueprint, device, doctor, exits, fuse, logs, nbd, peer, vm
 from roam.cli.common import configure_logging, describe, report, settings
 from roam.errors import RoamError
 
@@ -94,6 +94,7 @@ app.command(epilog=exits.TABLE)(peer.migrate)
 app.command()(peer.terminate)
 app.command()(peer.mount)
 app.command("doctor")(doctor.doctor)
+app.command("logs")(logs.logs)
 
 
 def _hint(exc: usage.BadParameter) -> str | None:

@@ -28,10 +28,12 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Table
 
-from roam.cli import exits
+from roam.cli import exits, listing
 from roam.cli.common import (
     CommandError,
+    Json,
     TlsCa,
     TlsCert,
     TlsKey,
@@ -240,13 +242,28 @@ def gateway_cmd(
 
 
 @app.command()
-def ls(via: Via) -> None:
-    """The peer's VMs and their states, and its gateways."""
+def ls(via: Via, json: Json = False) -> None:
+    """The peer's VMs (state, uptime, memory, CPUs, dirty rate during a migration out,
+    accelerator, ports, worker pid) and its gateways; --json: {"vms": [...],
+    "gateways": [...]}, the API's objects with `uptime_s`."""
     async def both(p: PeerClient) -> dict[str, Any]:
-        return {"vms": [vm.model_dump(mode="json") for vm in await p.vms()],
+        return {"vms": listing.with_uptime([vm.model_dump(mode="json")
+                                            for vm in await p.vms()]),
                 "gateways": [g.model_dump(mode="json") for g in await p.gateways()]}
 
-    _print(_with_peer(via, both))
+    found = _with_peer(via, both)
+    if json:
+        _print(found)
+        return
+    console = Console()
+    console.print(listing.table(found["vms"], states=True))
+    if found["gateways"]:
+        gateways = Table("GATEWAY OF", "SEGMENT", "NETNS", "PUBLISH")
+        for g in found["gateways"]:
+            gateways.add_row(g["name"], str(g["vni"]), g["netns"], ", ".join(
+                f"{p['host_addr']}:{p['host_port']}->{p['guest_port']}/{p['protocol']}"
+                for p in g["publish"]))
+        console.print(gateways)
 
 
 @app.command()

@@ -44,9 +44,12 @@ from roam.peer.models import (
     ExecResult,
     GatewayInfo,
     GatewayRequest,
+    LogChunk,
+    LogName,
     MigrateRequest,
     MigrateResult,
     PeerInfo,
+    ProgressEvent,
     RunRequest,
     SnapshotEvent,
     VMEvent,
@@ -193,6 +196,9 @@ class Peer:
                     event = EventEnvelope.model_validate({"event": raw}).event
                     if isinstance(event, VMEvent):
                         worker.update(event.vm)
+                    elif isinstance(event, ProgressEvent) and worker.info is not None:
+                        worker.info = worker.info.model_copy(
+                            update={"dirty_rate": event.dirty_rate})
                     self.events.publish(event)
                 return
             except control.ControlError as exc:
@@ -301,6 +307,20 @@ class Peer:
         worker = self.table.find_live(name)
         return MigrateResult.model_validate(
             await worker.call("migrate", request.model_dump(), MIGRATE_TIMEOUT))
+
+    def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk:
+        """Up to `limit` bytes of the VM's `log` from `offset` (its worker's directory)."""
+        path = self.table.find(name).workdir / f"{log}.log"
+        try:
+            with path.open("rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                file.seek(min(offset, size))
+                data = file.read(limit)
+        except FileNotFoundError:  # not written yet (QEMU not started)
+            size, data = 0, b""
+        start = min(offset, size)
+        return LogChunk(vm=name, log=log, offset=start, next_offset=start + len(data),
+                        size=size, text=data.decode(errors="replace"))
 
     def gateways(self) -> list[GatewayInfo]:
         return [g.info(name) for name, g in self.gateways_here.items()]
