@@ -51,3 +51,18 @@ def test_terminate_ends_on_a_signal_before_a_migration(sig: signal.Signals,
     assert err.splitlines() == [
         f"error: stopped by a signal before a backup was written ({tmp_path / 'backup'})"]
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_device_serve_ends_on_a_signal_before_a_receiver(sig: signal.Signals,
+                                                         tmp_path: Path) -> None:
+    sock = tmp_path / "d.sock"
+    (tmp_path / "disk.img").write_bytes(bytes(65536))
+    process = _started(["device", "serve", "--listen", f"unix://{sock}",
+                        f"disk={tmp_path / 'disk.img'}"], sock)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=20)
+    assert process.returncode == 1
+    assert err.splitlines()[-1] == (
+        f"error: stopped by a signal before the devices were sent (unix://{sock})")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img"]
