@@ -327,18 +327,26 @@ def migrate(
         help="The destination compares its whole memory with the source's before it "
              "resumes, declining if they differ (adds a full read to the downtime; use "
              "with --no-postcopy).")] = False,
+    json: Json = False,
 ) -> None:
     """Live-migrate VM NAME from the peer at --via to the peer listening at --to.
 
-    Prints the outcome as JSON (bytes, cycles, downtime); on a terminal, shows the
-    progress of each dirty cycle meanwhile. Migrating into `roam terminate` or `roam
-    mount --listen` (a live backup) ends "declined" on purpose and exits 0.
+    Prints the outcome (downtime, bytes, cycles, time; --json: the API's result object);
+    on a terminal, shows the progress of each dirty cycle meanwhile. Migrating into `roam
+    terminate` or `roam mount --listen` (a live backup) ends "declined" on purpose and
+    exits 0.
     """
     request = _request(MigrateRequest, to=to, postcopy=postcopy, max_cycles=max_cycles,
                        min_cycles=min_cycles, max_dirty_blocks=max_dirty_blocks,
                        cycle_throttle=cycle_throttle, compression=compress, verify=verify,
                        check_memory=check_memory)
-    _print(_with_peer(via, lambda p: _migrate(p, name, request, sys.stderr.isatty())))
+    result = _with_peer(via, lambda p: _migrate(p, name, request, sys.stderr.isatty()))
+    if json:
+        _print(result)
+        return
+    typer.echo(f"{name}: {result.outcome} in {result.total_ms / 1000:.1f} s, downtime "
+               f"{result.downtime_ms:.1f} ms, {result.bytes_sent / 2**20:.1f} MiB sent, "
+               f"{result.cycles} dirty cycles")
 
 
 async def _migrate(client: PeerClient, name: str, request: MigrateRequest,
@@ -376,6 +384,7 @@ def terminate(
         "--listen", help="tcp://HOST:PORT or unix://PATH to take the migration on.")],
     out: Annotated[Path, typer.Option(help="Package directory to write.")],
     tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
+    json: Json = False,
     verbose: Verbose = False,
 ) -> None:
     """Take one live migration into a package directory without starting the VM (a live
@@ -421,7 +430,11 @@ def terminate(
         raise failed(exc) from None
     if backup is None:
         raise CommandError("stopped by a signal before a backup was written", out)
-    _print(asdict(backup))
+    if json:
+        _print(asdict(backup))
+        return
+    typer.echo(f"live backup of {backup.name} in {backup.directory}: "
+               f"{backup.bytes_received / 2**20:.1f} MiB received in {backup.seconds:.1f} s")
 
 
 registry_app = typer.Typer(help="Serve packages for lazy starts.", no_args_is_help=True)

@@ -92,8 +92,8 @@ class Peer:
     def migrate(self, name: str, to: Peer, *options: str,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
         """`roam migrate` (the CLI), as a user runs it."""
-        return roam("migrate", name, "--to", to.address, "--via", str(self.dir), *options,
-                    check=check)
+        return roam("migrate", name, "--to", to.address, "--via", str(self.dir), "--json",
+                    *options, check=check)
 
     def migrate_background(self, name: str, to: Peer, *options: str
                            ) -> subprocess.Popen[str]:
