@@ -212,6 +212,19 @@ def check_socket_path(path: Path, option: str) -> None:
         raise typer.BadParameter(f"{path} exists and is not a socket", param_hint=option)
 
 
+def require_root(command: str, why: str, *, fuse: bool = True) -> None:
+    """Fail now, before anything starts, unless this process is root (and, with `fuse`,
+    can open /dev/fuse): `command` would otherwise fail halfway, or look started."""
+    if os.geteuid() != 0:
+        raise CommandError(f"{command} needs root: {why}", f"running as uid {os.geteuid()}")
+    if fuse:
+        try:
+            os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+        except OSError as exc:
+            raise CommandError(f"{command} needs FUSE: {os.strerror(exc.errno or 0)}",
+                               "/dev/fuse") from None
+
+
 def check_new_file(path: Path, option: str) -> None:
     """Fail now unless `path` can be created as a file: its directory exists, and it is
     not a directory itself."""

@@ -41,6 +41,7 @@ from roam.cli.common import (
     address,
     fail,
     failed,
+    require_root,
     run,
     serving,
     setup_logging,
@@ -140,6 +141,7 @@ def serve(
     options, migrations in and out use mutual TLS: the other peer must present a
     certificate signed by --tls-ca, and this peer presents --tls-cert."""
     setup_logging(verbose)
+    require_root("roam peer serve", "its VMs get network namespaces and FUSE mounts")
     addr = address(listen_on)
     tls = tls_files(tls_cert, tls_key, tls_ca)
     api_addr = address(api_listen) if api_listen else None
@@ -507,6 +509,8 @@ def mount(
     if (from_ is None) == (listen_on is None) or (file is None) == (nbd is None):
         raise typer.BadParameter("give one of --from/--listen and one of --file/--nbd")
     tls = tls_files(tls_cert, tls_key, tls_ca)
+    if file is not None:
+        require_root("roam mount --file", "the device is served on a FUSE mount")
 
     async def main(cache_dir: Path) -> None:
         stop = stop_on_signals()

@@ -28,6 +28,7 @@ from roam.cli.common import (
     fail,
     new_directory,
     print_json,
+    require_root,
     setup_logging,
     steps,
     terminal,
@@ -71,6 +72,7 @@ def snapshot(
 ) -> None:
     """Boot a blueprint, wait for its workload, and save the running VM as a package."""
     setup_logging(verbose)
+    require_root("roam snapshot", "the VM's memory is served on a FUSE mount")
     options = SnapshotOptions(memory_mib=parse_mib(memory), cpus=cpus, cpu_model=cpu_model)
     if out.exists():
         raise typer.BadParameter(f"{out} exists already", param_hint="--out")
@@ -109,6 +111,7 @@ def run(
     registry that requires mutual TLS.
     """
     setup_logging(verbose)
+    require_root("roam run", "the VM gets a network namespace and a FUSE mount")
     try:
         forwards = [PortForward.parse(p) for p in publish or []]
     except ValueError as exc:
