@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
 import signal
 from collections.abc import Iterator
@@ -84,7 +85,9 @@ async def clean(vms_dir: Path) -> None:
 def _users(vms_dir: Path) -> dict[int, str]:
     """Processes whose command line names a path in `vms_dir` (workers, their QEMUs),
     with their command name."""
-    prefix = f"{vms_dir}/".encode()
+    # The path starts an argument or an option's value (`--workdir DIR`, QEMU's
+    # `mem-path=DIR/...`): another state directory that merely ends like ours is not ours.
+    ours = re.compile(rb"(?:^|[=,])" + re.escape(f"{vms_dir}/".encode()))
     found: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -93,7 +96,7 @@ def _users(vms_dir: Path) -> dict[int, str]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:  # gone meanwhile, or a kernel thread
             continue
-        if any(prefix in arg for arg in argv):
+        if any(ours.search(arg) for arg in argv):
             found[int(entry.name)] = os.path.basename(argv[0].decode(errors="replace"))
     return found
 

@@ -106,13 +106,19 @@ def test_clean_kills_what_runs_from_a_dead_peers_vms(tmp_path: Path,
     (vms / "1").mkdir(parents=True)
     survivor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)",
                                  f"mem-path={vms}/1/fuse/memory"])
-    cmdline = Path(f"/proc/{survivor.pid}/cmdline")
-    while b"mem-path" not in cmdline.read_bytes():  # until it has exec'd
-        time.sleep(0.01)
+    # Another state directory whose path ends like ours: not ours.
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)",
+                                  f"--workdir=/elsewhere{vms}/1"])
+    for process, arg in ((survivor, b"mem-path"), (bystander, b"--workdir")):
+        while arg not in Path(f"/proc/{process.pid}/cmdline").read_bytes():  # exec'd?
+            time.sleep(0.01)
     try:
         asyncio.run(statedir.clean(vms))
         assert survivor.wait(timeout=10) == -signal.SIGKILL
+        assert bystander.poll() is None
     finally:
         survivor.kill()
+        bystander.kill()
+        bystander.wait()
     assert not vms.exists()
     assert f"(pid {survivor.pid})" in caplog.text
