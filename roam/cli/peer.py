@@ -39,7 +39,6 @@ from roam.cli.common import (
     TlsKey,
     Verbose,
     address,
-    fail,
     failed,
     require_root,
     run,
@@ -50,7 +49,7 @@ from roam.cli.common import (
     unless_stopped,
 )
 from roam.errors import RoamError
-from roam.migration.channel import Channel, PeerLost, connect
+from roam.migration.channel import Channel, connect
 from roam.migration.errors import MigrationError
 from roam.peer import mounter, registry, systemd, terminator
 from roam.peer import serve as peer
@@ -64,7 +63,7 @@ from roam.peer.models import (
 )
 from roam.peer.network import PEER_POOL, NetConfig
 from roam.peer.terminator import Backup
-from roam.vm.package import Package, PackageError
+from roam.vm.package import Package
 
 log = logging.getLogger("roam.peer")
 app = typer.Typer(help="Run VMs under a per-host peer and receive migrations.",
@@ -164,10 +163,7 @@ def serve(
         stop = stop_on_signals()
         await peer.Peer(directory, addr, tls, netconf, api_addr).serve(stop)
 
-    try:
-        run(main())
-    except OSError as exc:
-        raise fail(str(exc)) from None
+    run(main())  # errors: one line each (roam.cli.main)
 
 
 @app.command(context_settings={"allow_extra_args": True,
@@ -426,10 +422,7 @@ def terminate(
             await asyncio.gather(*taking, return_exceptions=True)
             return backup
 
-    try:
-        backup = run(main())
-    except (MigrationError, OSError) as exc:
-        raise failed(exc) from None
+    backup = run(main())
     if backup is None:
         raise CommandError("stopped by a signal before a backup was written", out)
     if json:
@@ -457,10 +450,7 @@ def registry_serve(
     setup_logging(verbose)
     addr = address(listen_on)
     tls = tls_files(tls_cert, tls_key, tls_ca)
-    try:
-        Package.load(package)
-    except PackageError as exc:
-        raise fail(str(exc)) from None
+    Package.load(package)  # a PackageError is the one error line, before serving
 
     async def main() -> None:
         async def handler(channel: Channel) -> None:
@@ -477,10 +467,7 @@ def registry_serve(
             log.info("serving %s on %s%s", package, addr, " (mutual TLS)" if tls else "")
             await stop.wait()
 
-    try:
-        run(main())
-    except OSError as exc:
-        raise fail(str(exc)) from None
+    run(main())  # errors: one line each (roam.cli.main)
 
 
 def mount(
@@ -540,8 +527,5 @@ def mount(
                 return
         await done  # the mount ends on `stop` by itself
 
-    try:
-        with tempfile.TemporaryDirectory(prefix="roam-mount-") as tmp:
-            run(main(cache or Path(tmp)))
-    except (MigrationError, PeerLost, OSError) as exc:
-        raise failed(exc) from None
+    with tempfile.TemporaryDirectory(prefix="roam-mount-") as tmp:
+        run(main(cache or Path(tmp)))
