@@ -1,11 +1,14 @@
 """Migration throughput vs raw loopback TCP, measured in the same run.
 
-A device of random (incompressible) data moves over loopback TCP between two processes
-with every 64 KiB block hashed (xxh3_128) and verified, then again while a writer keeps
-changing it. Prints throughput and the ratio to raw TCP (sendall of 4 MiB buffers into
-a receiver that discards them), measured right before each run.
+A device of random (incompressible) data moves over loopback TCP between two processes,
+every run of blocks hashed (xxh3_128) and verified; then into a destination whose memory
+is faulted in during the migration; then while a writer keeps changing it; then to a
+destination that holds the same content already (it hashes its copy with blake3 when the
+group arrives and offers it by HAVE: only names go over the wire). Prints throughput and
+the ratio to raw TCP (sendall of 4 MiB buffers into a receiver that discards them),
+measured right before each run.
 
-    .venv/bin/python bench/migrate_throughput.py [--size-mib 1024] [--runs 3]
+    .venv/bin/python -m bench.migrate_throughput [--size-mib 1024] [--runs 3] [--block-kib 4]
 """
 
 from __future__ import annotations
@@ -64,14 +67,20 @@ def raw_tcp(size: int) -> float:
     return elapsed
 
 
-def _receiver(port: int, size: int, populate: bool, out: Connection) -> None:
+def _receiver(port: int, size: int, populate: bool, holds: bool, out: Connection) -> None:
     async def serve() -> None:
         finished = asyncio.Event()
         # With `populate`, the destination's memory is faulted in before the migration
         # starts, as on a host that provisions ahead; otherwise page faults are timed too.
         ready = MemorySource(size, populate=True) if populate else None
+        if holds:  # a copy of the content (a package it holds), offered by HAVE
+            assert ready is not None
+            await ready.write_at(0, await _random_source(size).read_at(0, size))
 
         async def make(spec: DeviceSpec) -> NewDevice:
+            if holds:
+                assert ready is not None  # hashed when the group arrives (no index)
+                return NewDevice(ready, fresh=False, existing=True)
             return NewDevice(ready or MemorySource(spec.size))
 
         async def handler(ch: Channel) -> None:
@@ -87,14 +96,15 @@ def _receiver(port: int, size: int, populate: bool, out: Connection) -> None:
     uvloop.run(serve())
 
 
-def roam_migration(size: int, writer_mib_s: float,
-                   populate: bool) -> tuple[float, dict[str, float]]:
+def roam_migration(size: int, writer_mib_s: float, populate: bool,
+                   block_size: int = 64 * 1024, holds: bool = False
+                   ) -> tuple[float, dict[str, float]]:
     port = _free_port()
     parent, child = mp.Pipe()
-    proc = mp.Process(target=_receiver, args=(port, size, populate, child))
+    proc = mp.Process(target=_receiver, args=(port, size, populate, holds, child))
     proc.start()
     assert parent.recv() == "listening"
-    dev = SourceDevice.stack("disk", _random_source(size))
+    dev = SourceDevice.stack("disk", _random_source(size), block_size)
 
     async def migrate() -> dict[str, float]:
         stop = asyncio.Event()
@@ -158,22 +168,25 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--writer-mib-s", type=float, default=20.0)
     parser.add_argument("--runs", type=int, default=3, help="report the median of N runs")
+    parser.add_argument("--block-kib", type=int, default=64,
+                        help="tracking block size (guest memory uses 4)")
     args = parser.parse_args()
     size = args.size_mib * 1024 * 1024
     gb = size / 1e9
     _random_source(size)
     cases = [
-        ("idle device", 0.0, True),
-        ("idle, cold destination", 0.0, False),
-        (f"writer {args.writer_mib_s:g} MiB/s", args.writer_mib_s, True),
+        ("idle device", 0.0, True, False),
+        ("idle, cold destination", 0.0, False, False),
+        (f"writer {args.writer_mib_s:g} MiB/s", args.writer_mib_s, True, False),
+        ("destination holds it", 0.0, True, True),
     ]
-    print(f"{args.size_mib} MiB of random data over loopback TCP, xxh3_128 per 64 KiB block, "
+    print(f"{args.size_mib} MiB of random data over loopback TCP, {args.block_kib} KiB blocks, "
           f"median of {args.runs} runs (raw TCP measured before each run)")
-    for name, writer, populate in cases:
+    for name, writer, populate, holds in cases:
         runs = []
         for _ in range(args.runs):
             raw = raw_tcp(size)
-            took, info = roam_migration(size, writer, populate)
+            took, info = roam_migration(size, writer, populate, args.block_kib * 1024, holds)
             runs.append((raw / took, gb / took, gb / raw, info))
         runs.sort(key=lambda r: r[0])
         ratio, roam_gbs, raw_gbs, info = runs[len(runs) // 2]

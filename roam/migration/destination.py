@@ -14,9 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import blake3
+import numpy as np
 
 from roam.migration.blocks import block_hash, decompress
 from roam.migration.channel import POSTCOPY_QUEUE, Channel, PeerLost
+from roam.migration.content import CHUNK, ContentDigests, digest_provider
 from roam.migration.errors import (
     Decline,
     IntegrityError,
@@ -27,6 +29,7 @@ from roam.migration.errors import (
 )
 from roam.migration.wire import (
     ALL_CAPS,
+    MAX_UNIT,
     VERSION,
     Blocks,
     DeviceSpec,
@@ -49,6 +52,7 @@ from roam.migration.wire import (
     encode_hello,
     encode_range,
 )
+from roam.storage.bitmap import block_runs, runs
 from roam.storage.combinator import WriteCombinator
 from roam.storage.provider import Provider
 from roam.storage.waiting import WaitingCache
@@ -57,6 +61,8 @@ log = logging.getLogger(__name__)
 
 MAX_GROUP_BLOCKS = 1 << 28  # 16 TiB at 64 KiB blocks
 MAX_REFETCH = 3  # a block that fails verification this often is an error, not bad luck
+HAVE_PER_FRAME = 4096  # digests per HAVE list
+ZEROES = bytes(4 * 1024 * 1024)  # written for zero runs on a device that is not all zero
 
 LOCAL, REMOTE = 1, 0  # write priorities: the VM's own writes beat blocks from the source
 
@@ -68,6 +74,9 @@ class NewDevice:
     provider: Provider
     fresh: bool = True  # all zero now: zero blocks need no write
     existing: bool = False  # holds older content: offer it to the source by hash
+    # Digests of that content when already known (a peer's index of its packages);
+    # without them the device is read and hashed when the group arrives.
+    digests: ContentDigests | None = None
 
 
 DeviceFactory = Callable[[DeviceSpec], Awaitable[NewDevice]]
@@ -106,7 +115,8 @@ class Destination:
         self.ready = asyncio.Event()  # set once the devices exist
         self.result = DestinationResult()
         self._by_id: dict[int, tuple[DeviceSpec, WaitingCache, NewDevice]] = {}
-        self._written_ever: dict[int, bytearray] = {}
+        self._written_ever: dict[int, np.ndarray] = {}  # per block: the source sent data
+        self._have_unit: dict[int, int] = {}  # blocks per digest of our HAVE lists
         self._refetches: dict[tuple[int, int], int] = {}
         self._complete_from_source = False
         self._authority_task: asyncio.Task[None] | None = None
@@ -198,9 +208,10 @@ class Destination:
             await self._blocks(msg)
         elif isinstance(msg, Dirty):
             spec, cache, _ = self._device(msg.device)
-            if any(b >= spec.nblocks for b in msg.blocks):
+            blocks = np.array(msg.blocks, dtype=np.uint64)
+            if len(blocks) and int(blocks.max()) >= spec.nblocks:
                 raise ProtocolError(f"DIRTY names a block beyond device {spec.name}")
-            cache.mark_absent(msg.blocks)
+            cache.mark_absent(blocks.astype(np.int64))
         elif isinstance(msg, Hashes) and msg.kind == MsgType.HASHES:
             await self._verify(msg)
         elif isinstance(msg, Event):
@@ -236,9 +247,9 @@ class Destination:
             cache.on_dont_need = self._asker(spec.id, MsgType.DONT_NEED_AT)
             self.devices[spec.name] = cache
             self._by_id[spec.id] = (spec, cache, made)
-            self._written_ever[spec.id] = bytearray(spec.nblocks)
+            self._written_ever[spec.id] = np.zeros(spec.nblocks, dtype=np.bool_)
             if made.existing:
-                await self._offer_existing(spec, made.provider)
+                await self._offer_existing(spec, made)
         self.ready.set()
         if self._prepares:
             self.channel.send(encode_event(EventKind.READY))
@@ -247,94 +258,134 @@ class Destination:
             self.channel.send(encode_event(EventKind.READY),
                               encode_event(EventKind.PREPARED, self._prepared_payload))
 
-    async def _offer_existing(self, spec: DeviceSpec, provider: Provider) -> None:
+    async def _offer_existing(self, spec: DeviceSpec, made: NewDevice) -> None:
         """Tell the source what we hold, so it sends "you have this" instead of data."""
         bs = spec.block_size
-        per_frame = 4096
-        for start in range(0, spec.nblocks, per_frame):
-            stop = min(spec.nblocks, start + per_frame)
-            view = memoryview(await provider.read_at(start * bs, min(spec.size, stop * bs)
-                                                     - start * bs))
-            digests = [blake3.blake3(view[k * bs : (k + 1) * bs]).digest()
-                       for k in range(stop - start)]
-            self.channel.send(encode_hashes(MsgType.HAVE, spec.id, start, digests))
-            await self.channel.drain()
+        digests = made.digests
+        if (digests is None or digests.size != spec.size or digests.chunk % bs
+                or not _is_unit(digests.chunk // bs)):
+            digests = await digest_provider(made.provider, max(CHUNK, bs))
+        unit = digests.chunk // bs
+        self._have_unit[spec.id] = unit
+        held = np.array([d is not None for d in digests.digests], dtype=np.bool_)
+        for first, count in runs(held):
+            for start in range(first, first + count, HAVE_PER_FRAME):
+                part = digests.digests[start : min(first + count, start + HAVE_PER_FRAME)]
+                self.channel.send(encode_hashes(MsgType.HAVE, spec.id, start * unit,
+                                                [d for d in part if d is not None], unit))
+                await self.channel.drain()
 
     async def _blocks(self, msg: Blocks) -> None:
-        spec, cache, made = self._device(msg.device)
+        spec = self._device(msg.device)[0]
         if msg.first + msg.count > spec.nblocks:
             raise ProtocolError(f"BLOCKS beyond the end of device {spec.name}")
-        bs = spec.block_size
-        sizes = [min(bs, spec.size - (msg.first + i) * bs) for i in range(msg.count)]
-        written = self._written_ever[msg.device]
         self.result.blocks_received += msg.count
         if msg.encoding == Encoding.ZERO:
-            for i, size in enumerate(sizes):
-                block = msg.first + i
-                if made.fresh and not written[block]:
-                    cache.mark_present([block])
-                else:
-                    await self._store(cache, block, bytes(size), written)
-            return
-        if msg.encoding == Encoding.HAVE:
-            for i, size in enumerate(sizes):
-                block = msg.first + i
-                local = await made.provider.read_at(block * bs, size)
-                if blake3.blake3(local).digest() == msg.hash(i):
-                    cache.mark_present([block])
-                else:
-                    self._refetch(msg.device, block, "content hash does not match local data")
-            return
-        if msg.encoding == Encoding.RAW:
-            if len(msg.payload) != sum(sizes):
-                raise ProtocolError(f"BLOCKS payload is {len(msg.payload)} bytes, "
-                                    f"{sum(sizes)} expected")
-            pos = 0
-            chunks = []
-            for size in sizes:
-                chunks.append(msg.payload[pos : pos + size])
-                pos += size
+            await self._zero(msg.device, msg.first, msg.count)
+        elif msg.encoding == Encoding.HAVE:
+            await self._have(msg)
+        elif msg.encoding == Encoding.RAW:
+            await self._raw(msg)
         else:
-            chunks = []
-            pos = 0
-            for length, size in zip(msg.lengths, sizes, strict=True):
-                chunks.append(memoryview(decompress(msg.encoding,
-                                                    msg.payload[pos : pos + length], size)))
-                pos += length
-        good = [block_hash(chunk) == msg.hash(i) for i, chunk in enumerate(chunks)]
-        if all(good) and msg.encoding == Encoding.RAW:
-            # The common case: one write for the whole verified run.
-            written[msg.first : msg.first + msg.count] = b"\x01" * msg.count
-            if not await cache.write_remote(msg.first, msg.payload):
-                self.result.dropped_blocks += 1
-            return
-        for i, chunk in enumerate(chunks):
-            block = msg.first + i
-            if not good[i]:
-                self._refetch(msg.device, block, "block hash mismatch")
-                continue
-            await self._store(cache, block, chunk, written)
+            await self._compressed(msg)
 
-    async def _store(self, cache: WaitingCache, block: int, data: bytes | memoryview,
-                     written: bytearray) -> None:
-        written[block] = 1
+    async def _zero(self, device: int, first: int, count: int) -> None:
+        """Zero blocks: a fresh device's are zero already, unless the source wrote them."""
+        spec, cache, made = self._device(device)
+        bs = spec.block_size
+        written = self._written_ever[device][first : first + count]
+        need = written if made.fresh else np.ones(count, dtype=np.bool_)
+        for lo, n in runs(~need):
+            cache.mark_range_present(first + lo, n)
+        for lo, n in runs(need):
+            start, end = (first + lo) * bs, min(spec.size, (first + lo + n) * bs)
+            for pos in range(start, end, len(ZEROES)):
+                size = min(len(ZEROES), end - pos)
+                await self._store(cache, device, pos // bs, memoryview(ZEROES)[:size])
+
+    async def _have(self, msg: Blocks) -> None:
+        """Blocks we hold: check our copy's blake3 per unit, ask again for what differs."""
+        spec, cache, made = self._device(msg.device)
+        unit = self._have_unit.get(msg.device)
+        if unit != msg.unit or msg.first % unit:
+            raise ProtocolError(f"HAVE blocks of device {spec.name} do not match its HAVE "
+                                "lists' units")
+        bs = spec.block_size
+        end = msg.first + msg.count
+        for i, lo in enumerate(range(msg.first, end, unit)):
+            hi = min(end, lo + unit)
+            local = await made.provider.read_at(lo * bs, min(spec.size, hi * bs) - lo * bs)
+            if blake3.blake3(local).digest() == msg.hash(i):
+                cache.mark_range_present(lo, hi - lo)
+            else:
+                self._refetch(msg.device, list(range(lo, hi)),
+                              "content hash does not match local data")
+
+    async def _raw(self, msg: Blocks) -> None:
+        """A run with one hash over the blocks it carries; the others are zero."""
+        spec, cache, _ = self._device(msg.device)
+        bs = spec.block_size
+        carried = np.unpackbits(np.frombuffer(msg.carried, dtype=np.uint8), count=msg.count,
+                                bitorder="little").view(np.bool_)
+        short = spec.size - (spec.nblocks - 1) * bs  # size of the device's last block
+        expected = int(np.count_nonzero(carried)) * bs
+        if msg.first + msg.count == spec.nblocks and carried[-1]:
+            expected -= bs - short
+        if len(msg.payload) != expected:
+            raise ProtocolError(f"BLOCKS payload is {len(msg.payload)} bytes, "
+                                f"{expected} expected")
+        if block_hash(msg.payload) != msg.hash(0):
+            self._refetch(msg.device, (np.flatnonzero(carried) + msg.first).tolist(),
+                          "block hash mismatch")
+            return
+        pos = 0
+        for lo, n in runs(carried):
+            size = min(spec.size, (msg.first + lo + n) * bs) - (msg.first + lo) * bs
+            await self._store(cache, msg.device, msg.first + lo, msg.payload[pos : pos + size])
+            pos += size
+        if not carried.all():
+            for lo, n in runs(~carried):
+                await self._zero(msg.device, msg.first + lo, n)
+
+    async def _compressed(self, msg: Blocks) -> None:
+        spec, cache, _ = self._device(msg.device)
+        bs = spec.block_size
+        pos = 0
+        for i, length in enumerate(msg.lengths):
+            block = msg.first + i
+            size = min(bs, spec.size - block * bs)
+            chunk = decompress(msg.encoding, msg.payload[pos : pos + length], size)
+            pos += length
+            if block_hash(chunk) != msg.hash(i):
+                self._refetch(msg.device, [block], "block hash mismatch")
+            else:
+                await self._store(cache, msg.device, block, chunk)
+
+    async def _store(self, cache: WaitingCache, device: int, block: int,
+                     data: bytes | memoryview) -> None:
+        """Write data from the source at `block` (one run of blocks)."""
+        self._written_ever[device][block : block + -(-len(data) // cache.block_size)] = True
         if not await cache.write_remote(block, data):
             self.result.dropped_blocks += 1
 
-    def _refetch(self, device: int, block: int, why: str) -> None:
+    def _refetch(self, device: int, blocks: list[int], why: str) -> None:
+        """Blocks that failed verification together (one hash covered them): one
+        integrity error; each is asked for again, and one that keeps failing is fatal."""
         spec, cache, _ = self._device(device)
-        key = (device, block)
-        self._refetches[key] = self._refetches.get(key, 0) + 1
         self.result.integrity_errors += 1
-        log.warning("device %s block %d failed verification (%s); fetching it again",
-                    spec.name, block, why)
-        if self._refetches[key] > MAX_REFETCH:
-            raise IntegrityError(f"device {spec.name} block {block} failed verification "
-                                 f"{self._refetches[key]} times: {why}")
-        cache.mark_absent([block])
+        log.warning("device %s blocks %d..%d failed verification (%s); fetching them again",
+                    spec.name, blocks[0], blocks[-1], why)
+        for block in blocks:
+            key = (device, block)
+            self._refetches[key] = self._refetches.get(key, 0) + 1
+            if self._refetches[key] > MAX_REFETCH:
+                raise IntegrityError(f"device {spec.name} block {block} failed verification "
+                                     f"{self._refetches[key]} times: {why}")
+        cache.mark_absent(blocks)
         bs = spec.block_size
-        self.channel.send(encode_range(MsgType.NEED_AT, device, block * bs,
-                                       min(bs, spec.size - block * bs)))
+        for first, count in block_runs(np.asarray(blocks, dtype=np.int64)):
+            self.channel.send(encode_range(MsgType.NEED_AT, device, first * bs,
+                                           min(count * bs, spec.size - first * bs)))
 
     async def _verify(self, msg: Hashes) -> None:
         """Compare our copy with the source's hashes; re-fetch whatever differs."""
@@ -348,7 +399,7 @@ class Destination:
                 continue  # still arriving, or rewritten here after the handover
             size = min(bs, spec.size - block * bs)
             if block_hash(await made.provider.read_at(block * bs, size)) != digest:
-                self._refetch(msg.device, block, "final comparison differs")
+                self._refetch(msg.device, [block], "final comparison differs")
             else:
                 self.result.verified_blocks += 1
 
@@ -413,3 +464,7 @@ class Destination:
                     self.channel.send(encode_range(kind, device, block * bs,
                                                    min(bs, spec.size - block * bs)))
         return ask
+
+
+def _is_unit(n: int) -> bool:
+    return 1 <= n <= MAX_UNIT and not n & (n - 1)

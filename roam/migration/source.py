@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import blake3
+import numpy as np
+import xxhash
 
-from roam.migration.blocks import Compressor, block_hash, is_zero
+from roam.migration.blocks import Compressor, block_hash
 from roam.migration.channel import POSTCOPY_QUEUE, Channel, PeerLost
 from roam.migration.errors import (
     InDoubt,
@@ -46,6 +48,7 @@ from roam.migration.wire import (
     MsgType,
     ProtocolError,
     Range,
+    carried_len,
     decode,
     encode_blocks_header,
     encode_dirty,
@@ -53,16 +56,23 @@ from roam.migration.wire import (
     encode_event,
     encode_group,
     encode_hashes,
+    encode_have_blocks,
     encode_hello,
+    encode_raw_header,
 )
+from roam.storage.bitmap import Blocks, Mask, runs, zero_blocks
 from roam.storage.dirty import DirtyTracker
-from roam.storage.provider import DEFAULT_BLOCK_SIZE, Provider
+from roam.storage.provider import DEFAULT_BLOCK_SIZE, Buffer, Provider
 from roam.storage.volatility import VolatilityMonitor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RUN_BYTES = 1024 * 1024  # largest run of blocks in one BLOCKS frame
+RUN_BYTES = 4 * 1024 * 1024
+"""Largest run of blocks in one BLOCKS frame: per-frame work (a read, a zero scan, one
+hash, one writev) is paid once per 4 MiB; a block the destination asks for waits behind
+at most one such frame (about a millisecond on loopback)."""
+NO_BLOCKS: Blocks = np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -86,6 +96,44 @@ class SourceDevice:
     @property
     def block_size(self) -> int:
         return self.tracker.block_size
+
+
+class SendQueue:
+    """The blocks of one device still to send, in order: arrays of block numbers as they
+    were queued. Runs of consecutive pending blocks come out with a few array operations
+    per run, never a Python step per block."""
+
+    def __init__(self) -> None:
+        self._parts: deque[Blocks] = deque()
+        self._pos = 0  # into the first part
+
+    def extend(self, blocks: Blocks) -> None:
+        if len(blocks):
+            self._parts.append(blocks)
+
+    def next_run(self, pending: Mask, limit: int) -> tuple[int, int] | None:
+        """(first, count) of the next run of at most `limit` consecutive pending blocks;
+        entries no longer pending (sent meanwhile) are skipped."""
+        while self._parts:
+            part = self._parts[0]
+            window = part[self._pos : self._pos + limit]
+            keep = pending[window]
+            if not keep.any():
+                self._advance(len(window))
+                continue
+            start = int(keep.argmax())
+            run = window[start:]
+            consecutive = keep[start:] & (run - run[0] == np.arange(len(run)))
+            count = len(run) if consecutive.all() else int(consecutive.argmin())
+            self._advance(start + count)
+            return int(run[0]), count
+        return None
+
+    def _advance(self, n: int) -> None:
+        self._pos += n
+        if self._pos >= len(self._parts[0]):
+            self._parts.popleft()
+            self._pos = 0
 
 
 async def _nothing() -> None:
@@ -148,6 +196,9 @@ class SourceResult:
     suspended_seconds: float = 0.0  # suspend called to authority acknowledged
     handover_seconds: float = 0.0  # suspend called to authority sent
     priority_blocks: int = 0
+    payload_bytes: int = 0  # data blocks sent, before compression (not zero, not HAVE)
+    first_pass_seconds: float = 0.0  # READY to every block sent once
+    first_pass_payload_bytes: int = 0
     payload: bytes = b""
     prepared: bytes = b""  # the destination's PREPARED payload
     decline_reason: str = ""  # what a destination that declined said
@@ -167,16 +218,19 @@ class Source:
             for i, d in enumerate(self.devices)
         ])
         self.result = SourceResult(outcome="")
-        self._pending = [bytearray(spec.nblocks) for spec in self.group.devices]
-        self._owned_by_peer = [bytearray(spec.nblocks) for spec in self.group.devices]
-        self._order: list[deque[int]] = [deque() for _ in self.devices]
+        self._pending = [np.zeros(spec.nblocks, dtype=np.bool_) for spec in self.group.devices]
+        self._owned_by_peer = [np.zeros(spec.nblocks, dtype=np.bool_)
+                               for spec in self.group.devices]
+        self._order = [SendQueue() for _ in self.devices]
         self._priority: deque[tuple[int, int]] = deque()
         self._work = asyncio.Event()
         self._ready: asyncio.Future[None] | None = None
         self._prepared: asyncio.Future[bytes] | None = None
         self._answer: asyncio.Future[EventKind] | None = None
         self._done: asyncio.Future[None] | None = None
+        # What the destination holds (its HAVE lists): blake3 per unit of blocks.
         self._peer_has: list[dict[int, bytes]] = [{} for _ in self.devices]
+        self._have_unit = [0 for _ in self.devices]
         self._caps = Caps(0)
         self._authority_sent = False  # an answer before this is a protocol violation
         self._complete_sent = False  # likewise DONE
@@ -229,16 +283,20 @@ class Source:
                 log.warning("peer cannot decode %s; sending raw", self.policy.compression.name)
 
         if not self.policy.precopy:
-            await self._handover([list(range(len(p))) for p in self._pending], reader)
+            await self._handover([np.arange(len(p)) for p in self._pending], reader)
             return
+        first_pass = time.perf_counter()
+        # What the workload wrote so far must be in the devices before they are read: a
+        # block read stale would be sent again at the first cycle.
+        await self._check(self.hooks.before_collect(), reader)
         for i, dev in enumerate(self.devices):
-            blocks = range(len(self._pending[i]))
-            order = dev.volatility.order(blocks) if dev.volatility else list(blocks)
-            self._queue(i, order)
+            blocks = np.arange(len(self._pending[i]), dtype=np.int64)
+            self._queue(i, dev.volatility.order_array(blocks) if dev.volatility else blocks)
         self._report("copy")
         await self._send_pending(reader)
+        self._first_pass_done(time.perf_counter() - first_pass)
 
-        carry: list[list[int]] = [[] for _ in self.devices]
+        carry = [NO_BLOCKS for _ in self.devices]
         while True:
             dirty = await self._cycle(carry, reader)
             small = self._dirty_bytes(dirty) <= self.policy.max_dirty_blocks * DEFAULT_BLOCK_SIZE
@@ -248,13 +306,13 @@ class Source:
                 if await self._wait_prepared(reader):  # the VM ran on while we waited
                     self._send_dirty(dirty)
                     await self._send_pending(reader)
-                    carry = [[] for _ in self.devices]
+                    carry = [NO_BLOCKS for _ in self.devices]
                     continue
                 carry = dirty
                 break
             self._send_dirty(dirty)
             await self._send_pending(reader)
-            carry = [[] for _ in self.devices]
+            carry = [NO_BLOCKS for _ in self.devices]
             if self.policy.cycle_throttle:
                 await asyncio.sleep(self.policy.cycle_throttle)
 
@@ -265,13 +323,21 @@ class Source:
         last = await self._cycle(carry, reader)
         self._send_dirty(last)
         await self._send_pending(reader)
-        await self._handover([[] for _ in self.devices], reader)
+        await self._handover([NO_BLOCKS for _ in self.devices], reader)
 
-    async def _cycle(self, carry: list[list[int]], reader: asyncio.Task[None]
-                     ) -> list[list[int]]:
+    def _first_pass_done(self, seconds: float) -> None:
+        result = self.result
+        result.first_pass_seconds = seconds
+        result.first_pass_payload_bytes = result.payload_bytes
+        # Logged for benchmarks that drive the engine through a peer (bench/evacuation.py).
+        log.info("first pass: %d bytes of payload (%.0f MB/s) in %.3f s",
+                 result.payload_bytes, result.payload_bytes / max(seconds, 1e-9) / 1e6,
+                 seconds)
+
+    async def _cycle(self, carry: list[Blocks], reader: asyncio.Task[None]) -> list[Blocks]:
         """Collect the dirty blocks (plus `carry`), per device, sorted."""
         await self._check(self.hooks.before_collect(), reader)
-        dirty = [sorted(set(c) | set(d.tracker.sync())) for c, d in zip(
+        dirty = [np.union1d(c, d.tracker.take_dirty()) for c, d in zip(
             carry, self.devices, strict=True)]
         total = sum(map(len, dirty))
         self.result.cycles += 1
@@ -289,13 +355,13 @@ class Source:
         await self._until(self._prepared, reader)
         return True
 
-    async def _handover(self, carry: list[list[int]], reader: asyncio.Task[None]) -> None:
+    async def _handover(self, carry: list[Blocks], reader: asyncio.Task[None]) -> None:
         assert self._answer and self._done
         t0 = time.perf_counter()
         try:
             await self._check(self.hooks.suspend(), reader)
             await self._check(self.hooks.before_collect(), reader)
-            final = [sorted(set(c) | set(d.tracker.sync())) for c, d in zip(
+            final = [np.union1d(c, d.tracker.take_dirty()) for c, d in zip(
                 carry, self.devices, strict=True)]
             self.result.final_dirty = sum(map(len, final))
             self._report("handover", final)
@@ -356,17 +422,17 @@ class Source:
         return (done is not None and done.done() and not done.cancelled()
                 and done.exception() is None)
 
-    def _dirty_bytes(self, dirty: list[list[int]]) -> int:
+    def _dirty_bytes(self, dirty: list[Blocks]) -> int:
         return sum(len(d) * dev.block_size for d, dev in zip(dirty, self.devices, strict=True))
 
-    def _report(self, phase: str, dirty: list[list[int]] | None = None) -> None:
+    def _report(self, phase: str, dirty: list[Blocks] | None = None) -> None:
         """Tell the progress hook what was sent and what `dirty` (not queued yet) and the
         queue still hold. Once per cycle: nothing here runs per block."""
         if self.hooks.progress is None:
             return
         now = time.perf_counter()
         found = self._dirty_bytes(dirty) if dirty else 0
-        queued = sum(p.count(1) * d.block_size for p, d in zip(
+        queued = sum(int(np.count_nonzero(p)) * d.block_size for p, d in zip(
             self._pending, self.devices, strict=True))
         sent = self.channel.bytes_sent
         rate = found / (now - self._reported) if self._reported and now > self._reported else 0.0
@@ -376,27 +442,23 @@ class Source:
 
     # -- sending -----------------------------------------------------------------------
 
-    def _queue(self, dev: int, blocks: Sequence[int]) -> None:
+    def _queue(self, dev: int, blocks: Blocks) -> None:
         pending = self._pending[dev]
-        owned = self._owned_by_peer[dev]
-        queue = self._order[dev]
-        for b in blocks:
-            if not pending[b] and not owned[b]:
-                pending[b] = 1
-                queue.append(b)
+        new = blocks[~pending[blocks] & ~self._owned_by_peer[dev][blocks]]
+        pending[new] = True
+        self._order[dev].extend(new)
 
-    def _send_dirty(self, dirty: list[list[int]]) -> None:
+    def _send_dirty(self, dirty: list[Blocks]) -> None:
         for i, blocks in enumerate(dirty):
-            if blocks:
+            if len(blocks):
                 for start in range(0, len(blocks), 65536):
-                    self.channel.send(encode_dirty(i, blocks[start : start + 65536]))
+                    self.channel.send(encode_dirty(i, blocks[start : start + 65536].tolist()))
                 self._queue(i, blocks)
 
     async def _send_pending(self, reader: asyncio.Task[None],
                             until: asyncio.Future[None] | None = None) -> None:
         """Send queued blocks, priority requests first; with `until`, also wait for more
         requests until that future is done."""
-        order = self._order
         while True:
             if reader.done():
                 reader.result()  # raises what the reader hit
@@ -404,9 +466,9 @@ class Source:
             if self._priority:
                 dev, block = self._priority.popleft()
                 self.result.priority_blocks += 1
-                await self._send_run(dev, [block])
+                await self._send_run(dev, block, 1)
                 continue
-            run = self._next_run(order)
+            run = self._next_run()
             if run is not None:
                 await self._send_run(*run)
                 continue
@@ -415,81 +477,108 @@ class Source:
             self._work.clear()  # the reader sets it on requests, DONE and failure
             await self._work.wait()
 
-    def _next_run(self, order: list[deque[int]]) -> tuple[int, list[int]] | None:
-        for dev, queue in enumerate(order):
-            pending = self._pending[dev]
+    def _next_run(self) -> tuple[int, int, int] | None:
+        for dev, queue in enumerate(self._order):
             limit = max(1, RUN_BYTES // self.devices[dev].block_size)
-            run: list[int] = []
-            while queue and len(run) < limit:
-                b = queue[0]
-                if not pending[b]:
-                    queue.popleft()
-                    continue
-                if run and b != run[-1] + 1:
-                    break
-                queue.popleft()
-                run.append(b)
-            if run:
-                return dev, run
+            run = queue.next_run(self._pending[dev], limit)
+            if run is not None:
+                return dev, *run
         return None
 
-    async def _send_run(self, dev: int, blocks: list[int]) -> None:
-        """Send consecutive blocks, split into frames of one kind (zero / known / data)."""
+    async def _send_run(self, dev: int, first: int, count: int) -> None:
+        """Send `count` consecutive blocks from `first`: frames of blocks the destination
+        holds (HAVE), of zero blocks, and of data (zero blocks inside it left out)."""
         device = self.devices[dev]
         bs = device.block_size
-        size = device.tracker.size()
-        pending = self._pending[dev]
-        for b in blocks:
-            pending[b] = 0
-        first = blocks[0]
-        end = min(size, (blocks[-1] + 1) * bs)
+        self._pending[dev][first : first + count] = False
+        end = min(device.tracker.size(), (first + count) * bs)
         data = await device.tracker.read_tracked(first * bs, end - first * bs)
-        view = memoryview(data)
-        known = self._peer_has[dev]
-        kinds: list[tuple[Encoding, int, int]] = []  # (kind, first block, count)
-        digests: dict[int, bytes] = {}
-        for i in range(len(blocks)):
-            chunk = view[i * bs : (i + 1) * bs]
-            if is_zero(chunk):
-                kind = Encoding.ZERO
-            elif known and first + i in known and (
-                    digest := blake3.blake3(chunk).digest()) == known[first + i]:
-                kind = Encoding.HAVE  # the destination holds this content already
-                digests[first + i] = digest
+        view = memoryview(data).cast("B")
+        zero = zero_blocks(view, bs)
+        have, digests = self._held(dev, first, view, zero)
+        for held, (lo, n) in ([(True, r) for r in runs(have)]
+                              + [(False, r) for r in runs(~have)]):
+            if held:
+                unit = self._have_unit[dev]
+                proof = b"".join(digests[u] for u in range((first + lo) // unit,
+                                                          -(-(first + lo + n) // unit)))
+                self.channel.send(encode_have_blocks(dev, first + lo, n, unit, proof))
             else:
-                kind = Encoding.RAW
-            if kinds and kinds[-1][0] == kind:
-                kinds[-1] = (kind, kinds[-1][1], kinds[-1][2] + 1)
-            else:
-                kinds.append((kind, first + i, 1))
-        for kind, run_first, count in kinds:
-            lo = (run_first - first) * bs
-            hi = min(len(view), lo + count * bs)
-            if kind == Encoding.HAVE:
-                proof = b"".join(digests[b] for b in range(run_first, run_first + count))
-                self.channel.send(encode_blocks_header(dev, kind, run_first, count, proof, [], 0))
-            else:
-                self._send_frame(dev, kind, run_first, count, view[lo:hi], bs)
-        self.result.blocks_sent += len(blocks)
+                self._send_data(dev, first + lo, view[lo * bs : (lo + n) * bs], zero[lo : lo + n])
+        self.result.blocks_sent += count
         await self.channel.drain()
 
-    def _send_frame(self, dev: int, kind: Encoding, first: int, count: int,
-                    data: memoryview, bs: int) -> None:
-        if kind == Encoding.ZERO:
-            self.channel.send(encode_blocks_header(dev, kind, first, count, b"", [], 0))
+    def _held(self, dev: int, first: int, view: memoryview, zero: Mask
+              ) -> tuple[Mask, dict[int, bytes]]:
+        """Which blocks of the run the destination holds already (whole units whose blake3
+        matches its HAVE list), and their digests by unit."""
+        have = np.zeros(len(zero), dtype=np.bool_)
+        known = self._peer_has[dev]
+        digests: dict[int, bytes] = {}
+        if not known:
+            return have, digests
+        unit = self._have_unit[dev]
+        bs = self.devices[dev].block_size
+        nblocks = len(self._pending[dev])
+        last = first + len(zero)
+        for u in range(-(-first // unit), -(-last // unit) if last == nblocks else last // unit):
+            lo, hi = u * unit - first, min(last, (u + 1) * unit) - first
+            theirs = known.get(u)
+            if theirs is None or zero[lo:hi].all():  # zero blocks go as ZERO: no hashing
+                continue
+            digest = blake3.blake3(view[lo * bs : hi * bs]).digest()
+            if digest == theirs:
+                have[lo:hi] = True
+                digests[u] = digest
+        return have, digests
+
+    def _send_data(self, dev: int, first: int, data: memoryview, zero: Mask) -> None:
+        """Blocks of a run the destination does not hold: zero runs as ZERO, the rest in
+        one RAW frame (or compressed, per block)."""
+        bs = self.devices[dev].block_size
+        if zero.all():
+            self.channel.send(encode_blocks_header(dev, Encoding.ZERO, first, len(zero),
+                                                   b"", [], 0))
             return
-        hashes = b"".join(block_hash(data[i * bs : (i + 1) * bs]) for i in range(count))
         if self._compressor is not None:
-            packed = [self._compressor.compress(data[i * bs : (i + 1) * bs])
-                      for i in range(count)]
-            if all(p is not None for p in packed):
-                parts = [p for p in packed if p is not None]
-                self.channel.send(encode_blocks_header(
-                    dev, self._compressor.encoding, first, count, hashes,
-                    [len(p) for p in parts], sum(map(len, parts))), *parts)
-                return
-        header = encode_blocks_header(dev, Encoding.RAW, first, count, hashes, [], len(data))
-        self.channel.send(header, data)  # the channel copies whatever it cannot send now
+            for lo, n in runs(zero):
+                self.channel.send(encode_blocks_header(dev, Encoding.ZERO, first + lo, n,
+                                                       b"", [], 0))
+            for lo, n in runs(~zero):
+                self._send_compressed(dev, first + lo, data[lo * bs : (lo + n) * bs], n, bs)
+            return
+        if not zero.any():
+            parts: list[Buffer] = [data]
+            run_hash = block_hash(data)
+        else:
+            parts = [data[lo * bs : (lo + n) * bs] for lo, n in runs(~zero)]
+            hasher = xxhash.xxh3_128()
+            for part in parts:
+                hasher.update(part)
+            run_hash = hasher.digest()
+        carried = np.packbits(~zero, bitorder="little").tobytes()
+        assert len(carried) == carried_len(len(zero))
+        size = sum(len(p) for p in parts)
+        self.result.payload_bytes += size
+        self.channel.send(encode_raw_header(dev, first, len(zero), carried, run_hash, size),
+                          *parts)  # the channel copies whatever it cannot send now
+
+    def _send_compressed(self, dev: int, first: int, data: memoryview, count: int,
+                         bs: int) -> None:
+        assert self._compressor is not None
+        self.result.payload_bytes += len(data)
+        hashes = b"".join(block_hash(data[i * bs : (i + 1) * bs]) for i in range(count))
+        packed = [self._compressor.compress(data[i * bs : (i + 1) * bs]) for i in range(count)]
+        if all(p is not None for p in packed):
+            parts = [p for p in packed if p is not None]
+            self.channel.send(encode_blocks_header(
+                dev, self._compressor.encoding, first, count, hashes,
+                [len(p) for p in parts], sum(map(len, parts))), *parts)
+            return
+        run_hash = block_hash(data)
+        carried = np.packbits(np.ones(count, dtype=np.bool_), bitorder="little").tobytes()
+        self.channel.send(encode_raw_header(dev, first, count, carried, run_hash, len(data)),
+                          data)
 
     async def _send_hashes(self) -> None:
         """Every block's hash, so the destination can compare its whole copy. Reads go
@@ -539,11 +628,15 @@ class Source:
             self._handle_range(msg)
         elif isinstance(msg, Hashes) and msg.kind == MsgType.HAVE:
             spec = self.group.devices[self._device_index(msg.device)]
-            if msg.first + len(msg.digests) > spec.nblocks:
+            if self._have_unit[msg.device] not in (0, msg.unit):
+                raise ProtocolError(f"HAVE lists of device {spec.name} change their unit")
+            units = -(-spec.nblocks // msg.unit)
+            if msg.first // msg.unit + len(msg.digests) > units:
                 raise ProtocolError(f"HAVE beyond the end of device {spec.name}")
+            self._have_unit[msg.device] = msg.unit
             known = self._peer_has[msg.device]
             for i, digest in enumerate(msg.digests):
-                known[msg.first + i] = digest
+                known[msg.first // msg.unit + i] = digest
         elif isinstance(msg, Event):
             if msg.kind == EventKind.READY and not self._ready.done():
                 self._ready.set_result(None)
@@ -582,12 +675,15 @@ class Source:
         bs = spec.block_size
         blocks = range(msg.offset // bs, (msg.offset + msg.length - 1) // bs + 1)
         if msg.kind == MsgType.NEED_AT:
-            self._owned_by_peer[dev][blocks.start : blocks.stop] = bytes(len(blocks))
+            if unit := self._have_unit[dev]:  # asked for: its HAVE entry no longer holds
+                for u in range(blocks.start // unit, (blocks.stop - 1) // unit + 1):
+                    self._peer_has[dev].pop(u, None)
+            self._owned_by_peer[dev][blocks.start : blocks.stop] = False
             self._priority.extend((dev, b) for b in blocks)
         else:
             # The destination wrote these itself: never send them again.
-            self._owned_by_peer[dev][blocks.start : blocks.stop] = b"\x01" * len(blocks)
-            self._pending[dev][blocks.start : blocks.stop] = bytes(len(blocks))
+            self._owned_by_peer[dev][blocks.start : blocks.stop] = True
+            self._pending[dev][blocks.start : blocks.stop] = False
         self._work.set()
 
     def _device_index(self, device: int) -> int:

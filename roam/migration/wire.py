@@ -1,4 +1,4 @@
-"""The roam migration wire protocol, version 1 (specified in docs/PROTOCOL.md).
+"""The roam migration wire protocol, version 2 (specified in docs/PROTOCOL.md).
 
 Every message is a frame: an 8-byte header (type u8, flags u8, reserved u16, body length
 u32, big-endian) and a body. `decode` turns a body into a message object or raises
@@ -18,10 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from roam import errors
 
 MAGIC = b"ROAM"
-VERSION = 1
+VERSION = 2
 MAX_BODY = 64 * 1024 * 1024
 HASH_LEN = 16  # xxh3_128
 CONTENT_HASH_LEN = 32  # blake3
+MAX_UNIT = 1 << 16  # blocks per HAVE digest
 
 HEADER = struct.Struct("!BBHI")
 
@@ -55,11 +56,11 @@ ALL_CAPS = Caps.ZSTD | Caps.LZ4 | Caps.CONTENT
 
 
 class Encoding(enum.IntEnum):
-    RAW = 0
+    RAW = 0  # a map of the blocks carried (the others are zero), one hash, the blocks
     ZSTD = 1
     LZ4 = 2
     ZERO = 3  # every block of the run is zero: no hashes, no payload
-    HAVE = 4  # the receiver has this content already: blake3 per block, no payload
+    HAVE = 4  # the receiver has this content already: blake3 per unit of blocks, no payload
 
 
 class EventKind(enum.IntEnum):
@@ -124,6 +125,9 @@ class Hello:
     caps: Caps
 
 
+_NOTHING = memoryview(b"")
+
+
 @dataclass(frozen=True, slots=True)
 class Blocks:
     """A run of `count` consecutive blocks of one device, from block `first`."""
@@ -132,9 +136,13 @@ class Blocks:
     encoding: Encoding
     first: int
     count: int
-    hashes: memoryview  # count * HASH_LEN (or CONTENT_HASH_LEN for HAVE; empty for ZERO)
+    # RAW: one HASH_LEN hash of the whole payload; ZSTD/LZ4: one per block; HAVE: one
+    # CONTENT_HASH_LEN digest per `unit` blocks; ZERO: empty.
+    hashes: memoryview
     lengths: tuple[int, ...]  # encoded length per block for ZSTD/LZ4; empty otherwise
     payload: memoryview
+    carried: memoryview = _NOTHING  # RAW: bit i (LSB first) set = block i is sent
+    unit: int = 0  # HAVE: blocks per digest
 
     def hash(self, i: int) -> bytes:
         n = CONTENT_HASH_LEN if self.encoding == Encoding.HAVE else HASH_LEN
@@ -159,12 +167,14 @@ class Dirty:
 
 @dataclass(frozen=True, slots=True)
 class Hashes:
-    """HASHES (xxh3_128, for verification) or HAVE (blake3, content the sender holds)."""
+    """HASHES (xxh3_128 per block, for verification) or HAVE (blake3 per `unit` blocks
+    from `first`, content the sender holds)."""
 
     kind: MsgType
     device: int
     first: int
     digests: tuple[bytes, ...]
+    unit: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +199,8 @@ _BLOCKS = struct.Struct("!HBxQI")
 _RANGE = struct.Struct("!HQI")
 _DIRTY = struct.Struct("!HI")
 _HASHES = struct.Struct("!HQI")
+_HAVE = struct.Struct("!HQII")
+_UNIT = struct.Struct("!I")
 _EVENT = struct.Struct("!B")
 _ERROR = struct.Struct("!H")
 
@@ -209,9 +221,32 @@ def encode_group(group: Group) -> bytes:
     return frame(MsgType.GROUP, len(body)) + body
 
 
+def carried_len(count: int) -> int:
+    """Bytes of a RAW frame's map of carried blocks."""
+    return (count + 7) // 8
+
+
+def encode_raw_header(device: int, first: int, count: int, carried: bytes, run_hash: bytes,
+                      payload_len: int) -> bytes:
+    """Header of a RAW BLOCKS frame: `carried` has bit i (LSB first) set for each block
+    in the payload (the others are zero), `run_hash` is the payload's xxh3_128."""
+    fixed = _BLOCKS.pack(device, Encoding.RAW, first, count)
+    body_len = len(fixed) + len(carried) + len(run_hash) + payload_len
+    return frame(MsgType.BLOCKS, body_len) + fixed + carried + run_hash
+
+
+def encode_have_blocks(device: int, first: int, count: int, unit: int, digests: bytes) -> bytes:
+    """A HAVE BLOCKS frame: `count` blocks the receiver holds, one blake3 per `unit`."""
+    body = _BLOCKS.pack(device, Encoding.HAVE, first, count) + _UNIT.pack(unit) + digests
+    return frame(MsgType.BLOCKS, len(body)) + body
+
+
 def encode_blocks_header(device: int, encoding: Encoding, first: int, count: int,
                          hashes: bytes, lengths: list[int], payload_len: int) -> bytes:
-    """Header, fixed part, hashes and lengths of a BLOCKS frame; the payload follows."""
+    """Header, fixed part, hashes and lengths of a ZSTD, LZ4 or ZERO BLOCKS frame; the
+    payload follows."""
+    if encoding in (Encoding.RAW, Encoding.HAVE):
+        raise ValueError(f"{encoding.name} frames have encoders of their own")
     lens = struct.pack(f"!{len(lengths)}I", *lengths) if lengths else b""
     fixed = _BLOCKS.pack(device, encoding, first, count)
     body_len = len(fixed) + len(hashes) + len(lens) + payload_len
@@ -228,8 +263,15 @@ def encode_dirty(device: int, blocks: list[int]) -> bytes:
     return frame(MsgType.DIRTY, len(body)) + body
 
 
-def encode_hashes(kind: MsgType, device: int, first: int, digests: list[bytes]) -> bytes:
-    body = _HASHES.pack(device, first, len(digests)) + b"".join(digests)
+def encode_hashes(kind: MsgType, device: int, first: int, digests: list[bytes],
+                  unit: int = 1) -> bytes:
+    """HASHES (one xxh3_128 per block) or HAVE (one blake3 per `unit` blocks)."""
+    if kind == MsgType.HAVE:
+        body = _HAVE.pack(device, first, len(digests), unit) + b"".join(digests)
+    elif unit != 1:
+        raise ValueError("HASHES has one digest per block")
+    else:
+        body = _HASHES.pack(device, first, len(digests)) + b"".join(digests)
     return frame(kind, len(body)) + body
 
 
@@ -298,21 +340,47 @@ def _blocks(body: memoryview) -> Blocks:
     if count == 0:
         raise ProtocolError("BLOCKS: empty run")
     pos = _BLOCKS.size
-    hash_len = {Encoding.ZERO: 0, Encoding.HAVE: CONTENT_HASH_LEN}.get(encoding, HASH_LEN)
-    hashes = body[pos : pos + count * hash_len]
-    pos += count * hash_len
+    if encoding == Encoding.RAW:
+        return _raw_blocks(body, device, first, count)
+    unit = 0
+    if encoding == Encoding.HAVE:
+        (unit,) = _UNIT.unpack_from(body, pos)
+        pos += _UNIT.size
+        if not 1 <= unit <= MAX_UNIT or unit & (unit - 1):
+            raise ProtocolError(f"BLOCKS: HAVE unit {unit} is not a power of two up to "
+                                f"{MAX_UNIT}")
+        hash_len = CONTENT_HASH_LEN * ((count + unit - 1) // unit)
+    else:
+        hash_len = 0 if encoding == Encoding.ZERO else HASH_LEN * count
+    hashes = body[pos : pos + hash_len]
+    pos += hash_len
     lengths: tuple[int, ...] = ()
     if encoding in (Encoding.ZSTD, Encoding.LZ4):
         lengths = struct.unpack_from(f"!{count}I", body, pos)
         pos += 4 * count
-    if len(hashes) != count * hash_len or pos > len(body):
+    if len(hashes) != hash_len or pos > len(body):
         raise ProtocolError("BLOCKS: body shorter than its block count requires")
     payload = body[pos:]
     if lengths and sum(lengths) != len(payload):
         raise ProtocolError("BLOCKS: encoded lengths do not add up to the payload")
     if encoding in (Encoding.ZERO, Encoding.HAVE) and payload:
         raise ProtocolError(f"BLOCKS: {encoding.name} runs carry no payload")
-    return Blocks(device, encoding, first, count, hashes, lengths, payload)
+    return Blocks(device, encoding, first, count, hashes, lengths, payload, unit=unit)
+
+
+def _raw_blocks(body: memoryview, device: int, first: int, count: int) -> Blocks:
+    pos = _BLOCKS.size
+    nmap = carried_len(count)
+    carried = body[pos : pos + nmap]
+    run_hash = body[pos + nmap : pos + nmap + HASH_LEN]
+    if len(run_hash) != HASH_LEN:
+        raise ProtocolError("BLOCKS: body shorter than its block count requires")
+    if count % 8 and carried[-1] >> (count % 8):
+        raise ProtocolError("BLOCKS: RAW map marks blocks beyond the run")
+    if not any(carried):
+        raise ProtocolError("BLOCKS: RAW run carries no block (an all-zero run is ZERO)")
+    return Blocks(device, Encoding.RAW, first, count, run_hash, (),
+                  body[pos + nmap + HASH_LEN :], carried)
 
 
 def _range(kind: MsgType) -> _Decoder:
@@ -334,13 +402,22 @@ def _dirty(body: memoryview) -> Dirty:
 
 def _hashes(kind: MsgType) -> _Decoder:
     n = HASH_LEN if kind == MsgType.HASHES else CONTENT_HASH_LEN
+    fixed = _HASHES if kind == MsgType.HASHES else _HAVE
 
     def decode_hashes(body: memoryview) -> Hashes:
-        device, first, count = _HASHES.unpack_from(body)
-        if len(body) != _HASHES.size + n * count:
+        device, first, count, *rest = fixed.unpack_from(body)
+        unit = rest[0] if rest else 1
+        if not 1 <= unit <= MAX_UNIT or unit & (unit - 1):
+            raise ProtocolError(f"{kind.name}: unit {unit} is not a power of two up to "
+                                f"{MAX_UNIT}")
+        if first % unit:
+            raise ProtocolError(f"{kind.name}: first block {first} is not a multiple of "
+                                f"the unit {unit}")
+        if len(body) != fixed.size + n * count:
             raise ProtocolError(f"{kind.name}: body does not hold {count} digests")
-        raw = bytes(body[_HASHES.size :])
-        return Hashes(kind, device, first, tuple(raw[i * n : (i + 1) * n] for i in range(count)))
+        raw = bytes(body[fixed.size :])
+        return Hashes(kind, device, first, tuple(raw[i * n : (i + 1) * n] for i in range(count)),
+                      unit)
 
     return decode_hashes
 

@@ -7,6 +7,9 @@ wrote after the handover.
 
 from __future__ import annotations
 
+import numpy as np
+
+from roam.storage.bitmap import runs
 from roam.storage.provider import (
     Buffer,
     Provider,
@@ -22,8 +25,9 @@ class WriteCombinator:
         check_block_size(block_size)
         self.inner = inner
         self.block_size = block_size
-        # Owner priority + 1 per block (0: nobody wrote it), one byte per block.
-        self._owner = bytearray(block_count(inner.size(), block_size))
+        # Owner priority + 1 per block (0: nobody wrote it), one byte per block; checked
+        # and set a whole write's range at a time.
+        self._owner = np.zeros(block_count(inner.size(), block_size), dtype=np.uint8)
 
     def size(self) -> int:
         return self.inner.size()
@@ -35,7 +39,7 @@ class WriteCombinator:
 
     def owner(self, block: int) -> int:
         """Highest priority that wrote the block, or -1."""
-        return self._owner[block] - 1
+        return int(self._owner[block]) - 1
 
     async def _write(self, priority: int, offset: int, data: Buffer) -> bool:
         """Write the parts of data whose blocks no higher priority owns. True if all."""
@@ -44,19 +48,17 @@ class WriteCombinator:
         owner = self._owner
         rank = priority + 1
         blocks = blocks_spanning(offset, len(data), bs)
-        if all(owner[b] <= rank for b in blocks):
-            for b in blocks:
-                owner[b] = rank
+        mine = owner[blocks.start : blocks.stop]
+        if not (mine > rank).any():
+            mine[:] = rank
             await self.inner.write_at(offset, data)
             return True
         view = memoryview(data)
         end = offset + len(data)
-        for b in blocks:
-            if owner[b] > rank:
-                continue
-            owner[b] = rank
-            lo = max(offset, b * bs)
-            hi = min(end, (b + 1) * bs)
+        for first, count in runs(mine <= rank):  # the runs of blocks this writer may write
+            mine[first : first + count] = rank
+            lo = max(offset, (blocks.start + first) * bs)
+            hi = min(end, (blocks.start + first + count) * bs)
             await self.inner.write_at(lo, view[lo - offset : hi - offset])
         return False
 

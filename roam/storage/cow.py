@@ -10,6 +10,9 @@ import asyncio
 import os
 from pathlib import Path
 
+import numpy as np
+
+from roam.storage.bitmap import runs
 from roam.storage.provider import (
     Buffer,
     Provider,
@@ -32,14 +35,15 @@ class CopyOnWrite:
         self.block_size = block_size
         self.map_path = Path(map_path)
         n = block_count(base.size(), block_size)
-        self._written = bytearray(n)
+        # One flag per block (a byte each, as saved): which blocks live in the upper layer.
+        self._written = np.zeros(n, dtype=np.bool_)
         if self.map_path.exists():
             saved = self.map_path.read_bytes()
             if len(saved) != n:
                 raise StorageError(
                     f"overlay map {self.map_path} has {len(saved)} blocks, device has {n}"
                 )
-            self._written[:] = saved
+            self._written[:] = np.frombuffer(saved, dtype=np.uint8) != 0
         self._map_changed = False
         self._copy_up = asyncio.Lock()
 
@@ -47,29 +51,35 @@ class CopyOnWrite:
         return self.base.size()
 
     def written_blocks(self) -> int:
-        return sum(self._written)
+        return int(np.count_nonzero(self._written))
 
     async def read_at(self, offset: int, length: int) -> Buffer:
         check_range(self, offset, length)
         bs = self.block_size
+        span = blocks_spanning(offset, length, bs)
+        layers = self._written[span.start : span.stop]
+        if not len(layers) or layers.all() or not layers.any():  # one layer: no copy
+            return await (self.upper if len(layers) and layers[0] else self.base).read_at(
+                offset, length)
         out = bytearray(length)
-        # Read runs of blocks that come from the same layer in one call each.
-        pos = offset
         end = offset + length
-        while pos < end:
-            layer = self._written[pos // bs]
-            run_end = min(end, (pos // bs + 1) * bs)
-            while run_end < end and self._written[run_end // bs] == layer:
-                run_end = min(end, run_end + bs)
-            src = self.upper if layer else self.base
-            out[pos - offset : run_end - offset] = await src.read_at(pos, run_end - pos)
-            pos = run_end
+        # One read per run of blocks that come from the same layer.
+        for first, count in runs(layers):
+            await self._read_into(out, offset, end, self.upper, span.start + first, count)
+        for first, count in runs(~layers):
+            await self._read_into(out, offset, end, self.base, span.start + first, count)
         return out
+
+    async def _read_into(self, out: bytearray, offset: int, end: int, src: Provider,
+                         first: int, count: int) -> None:
+        lo = max(offset, first * self.block_size)
+        hi = min(end, (first + count) * self.block_size)
+        out[lo - offset : hi - offset] = await src.read_at(lo, hi - lo)
 
     async def write_at(self, offset: int, data: Buffer) -> None:
         check_range(self, offset, len(data))
-        blocks = blocks_spanning(offset, len(data), self.block_size)
-        if all(self._written[b] for b in blocks):
+        span = blocks_spanning(offset, len(data), self.block_size)
+        if self._written[span.start : span.stop].all():
             await self.upper.write_at(offset, data)
             return
         # Writes that copy up or mark blocks go one at a time: a copy-up that waits for the
@@ -79,9 +89,11 @@ class CopyOnWrite:
 
     async def _write_new(self, offset: int, data: Buffer) -> None:
         bs = self.block_size
-        # A partial write to a block still in the base copies the block up first.
-        for block in blocks_spanning(offset, len(data), bs):
-            if self._written[block]:
+        span = blocks_spanning(offset, len(data), bs)
+        # A partial write (only the first and last block can be) to a block still in the
+        # base copies the block up first.
+        for block in sorted({span.start, span.stop - 1}):
+            if not len(span) or self._written[block]:
                 continue
             start = block * bs
             stop = min(start + bs, self.size())
@@ -89,10 +101,9 @@ class CopyOnWrite:
                 base = await self.base.read_at(start, stop - start)
                 await self.upper.write_at(start, bytes(base))
         await self.upper.write_at(offset, data)
-        for block in blocks_spanning(offset, len(data), bs):
-            if not self._written[block]:
-                self._written[block] = 1
-                self._map_changed = True
+        if not self._written[span.start : span.stop].all():
+            self._written[span.start : span.stop] = True
+            self._map_changed = True
 
     async def flush(self) -> None:
         await self.upper.flush()
@@ -108,7 +119,7 @@ class CopyOnWrite:
             return
         tmp = self.map_path.with_suffix(self.map_path.suffix + ".tmp")
         with open(tmp, "wb") as f:
-            f.write(self._written)
+            f.write(self._written.view(np.uint8).tobytes())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.map_path)

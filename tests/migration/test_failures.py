@@ -24,10 +24,11 @@ BS = 64 * 1024
 
 
 class SlowSource(MemorySource):
-    """A source whose reads take a while, so the bulk copy is slow enough to overtake."""
+    """A source whose reads take a while (5 ms per 64 KiB block, whatever the size of the
+    read), so the bulk copy is slow enough to overtake."""
 
     async def read_at(self, offset: int, length: int) -> Buffer:
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005 * max(1, length // BS))
         return await super().read_at(offset, length)
 
 

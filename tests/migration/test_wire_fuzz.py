@@ -46,8 +46,17 @@ def _check_message(kind: MsgType, body: bytes, msg: w.Message) -> None:
     """A decoded message is internally consistent: nothing unchecked got through."""
     if isinstance(msg, w.Blocks):
         assert msg.count >= 1
-        n = {Encoding.ZERO: 0, Encoding.HAVE: w.CONTENT_HASH_LEN}.get(msg.encoding, w.HASH_LEN)
-        assert len(msg.hashes) == msg.count * n
+        if msg.encoding == Encoding.RAW:
+            assert len(msg.hashes) == w.HASH_LEN
+            assert len(msg.carried) == w.carried_len(msg.count) and any(msg.carried)
+            assert int.from_bytes(msg.carried, "little") >> msg.count == 0
+        elif msg.encoding == Encoding.HAVE:
+            assert 1 <= msg.unit <= w.MAX_UNIT and not msg.unit & (msg.unit - 1)
+            units = -(-msg.count // msg.unit)
+            assert len(msg.hashes) == units * w.CONTENT_HASH_LEN
+        else:
+            n = 0 if msg.encoding == Encoding.ZERO else w.HASH_LEN
+            assert len(msg.hashes) == msg.count * n
         if msg.encoding in (Encoding.ZSTD, Encoding.LZ4):
             assert len(msg.lengths) == msg.count and sum(msg.lengths) == len(msg.payload)
         elif msg.encoding in (Encoding.ZERO, Encoding.HAVE):
@@ -55,6 +64,7 @@ def _check_message(kind: MsgType, body: bytes, msg: w.Message) -> None:
     elif isinstance(msg, w.Hashes):
         n = w.HASH_LEN if kind == MsgType.HASHES else w.CONTENT_HASH_LEN
         assert all(len(d) == n for d in msg.digests)
+        assert msg.first % msg.unit == 0 and (kind == MsgType.HAVE or msg.unit == 1)
     elif isinstance(msg, w.Dirty):
         assert len(body) == 6 + 8 * len(msg.blocks)
     elif isinstance(msg, w.Range):
@@ -150,19 +160,33 @@ def groups(draw: st.DrawFn) -> w.Group:
 def blocks_frames(draw: st.DrawFn) -> tuple[bytes, tuple[object, ...]]:
     device, first = draw(u16), draw(u64)
     encoding = draw(st.sampled_from(list(Encoding)))
-    count = draw(st.integers(1, 8))
-    hash_len = {Encoding.ZERO: 0, Encoding.HAVE: 32}.get(encoding, 16)
-    hashes = draw(st.binary(min_size=count * hash_len, max_size=count * hash_len))
+    count = draw(st.integers(1, 20))
     lengths: list[int] = []
     payload = b""
-    if encoding in (Encoding.ZSTD, Encoding.LZ4):
-        lengths = draw(st.lists(st.integers(0, 50), min_size=count, max_size=count))
-        payload = draw(st.binary(min_size=sum(lengths), max_size=sum(lengths)))
-    elif encoding == Encoding.RAW:
+    carried = b""
+    unit = 0
+    if encoding == Encoding.RAW:
+        bits = draw(st.lists(st.booleans(), min_size=count, max_size=count).filter(any))
+        carried = sum(1 << i for i, b in enumerate(bits) if b).to_bytes(w.carried_len(count),
+                                                                        "little")
+        hashes = draw(digest16)
         payload = draw(st.binary(max_size=200))
-    frame = w.encode_blocks_header(device, encoding, first, count, hashes, lengths,
-                                   len(payload)) + payload
-    return frame, (device, encoding, first, count, hashes, tuple(lengths), payload)
+        frame = w.encode_raw_header(device, first, count, carried, hashes, len(payload))
+    elif encoding == Encoding.HAVE:
+        unit = 1 << draw(st.integers(0, 16))
+        n = -(-count // unit)
+        hashes = draw(st.binary(min_size=32 * n, max_size=32 * n))
+        frame = w.encode_have_blocks(device, first, count, unit, hashes)
+    else:
+        hash_len = 0 if encoding == Encoding.ZERO else 16
+        hashes = draw(st.binary(min_size=count * hash_len, max_size=count * hash_len))
+        if encoding in (Encoding.ZSTD, Encoding.LZ4):
+            lengths = draw(st.lists(st.integers(0, 50), min_size=count, max_size=count))
+            payload = draw(st.binary(min_size=sum(lengths), max_size=sum(lengths)))
+        frame = w.encode_blocks_header(device, encoding, first, count, hashes, lengths,
+                                       len(payload))
+    return frame + payload, (device, encoding, first, count, hashes, tuple(lengths), payload,
+                             carried, unit)
 
 
 valid_frames = st.one_of(
@@ -176,8 +200,9 @@ valid_frames = st.one_of(
               u16, st.lists(u64, max_size=50)),
     st.builds(lambda d, f, h: (w.encode_hashes(MsgType.HASHES, d, f, h), ("hashes", d, f, h)),
               u16, u64, st.lists(digest16, max_size=20)),
-    st.builds(lambda d, f, h: (w.encode_hashes(MsgType.HAVE, d, f, h), ("have", d, f, h)),
-              u16, u64, st.lists(digest32, max_size=20)),
+    st.builds(lambda d, f, u, h: (w.encode_hashes(MsgType.HAVE, d, f << u, h, 1 << u),
+                                  ("have", d, f << u, h, 1 << u)),
+              u16, st.integers(0, 2**40), st.integers(0, 16), st.lists(digest32, max_size=20)),
     st.builds(lambda k, p: (w.encode_event(k, p), ("event", k, p)),
               st.sampled_from(list(EventKind)), st.binary(max_size=100)),
     st.builds(lambda c, m: (w.encode_error(c, m), ("error", c, m)),
@@ -204,14 +229,15 @@ def test_round_trip_every_encoder(case: tuple[bytes, tuple[object, ...]]) -> Non
     elif tag == "group":
         assert msg == want[1]
     elif isinstance(msg, w.Blocks):
-        device, encoding, first, count, hashes, lengths, payload = want
+        device, encoding, first, count, hashes, lengths, payload, carried, unit = want
         assert (msg.device, msg.encoding, msg.first, msg.count) == (device, encoding, first,
                                                                      count)
         assert bytes(msg.hashes) == hashes and msg.lengths == lengths
-        assert bytes(msg.payload) == payload
+        assert bytes(msg.payload) == payload and bytes(msg.carried) == carried
+        assert msg.unit == unit
         n = 32 if encoding == Encoding.HAVE else 16
         if hashes:
-            assert msg.hash(count - 1) == hashes[-n:]  # type: ignore[index]
+            assert msg.hash(len(hashes) // n - 1) == hashes[-n:]  # type: ignore[index,operator]
     elif isinstance(msg, w.Range):
         assert (msg.kind, msg.device, msg.offset, msg.length) == want
     elif tag == "dirty":
@@ -219,6 +245,7 @@ def test_round_trip_every_encoder(case: tuple[bytes, tuple[object, ...]]) -> Non
     elif tag in ("hashes", "have"):
         assert isinstance(msg, w.Hashes)
         assert (msg.device, msg.first, list(msg.digests)) == (want[1], want[2], want[3])
+        assert msg.unit == (want[4] if tag == "have" else 1)
     elif tag == "event":
         assert msg == w.Event(want[1], want[2])  # type: ignore[arg-type]
     else:
@@ -354,13 +381,20 @@ async def destination_session(frames: list[bytes], *, close_peer: bool,
 PREFIX = [w.encode_hello(w.ALL_CAPS), w.encode_group(GROUP)]
 
 
-def _raw(device: int, first: int, blocks: list[bytes], *, hashes: bytes | None = None,
+def _raw(device: int, first: int, blocks: list[bytes | None], *, hashes: bytes | None = None,
          extra: bytes = b"") -> bytes:
-    payload = b"".join(blocks) + extra
+    """A RAW frame of these blocks (None: a zero block, left out of the payload)."""
+    payload = b"".join(b for b in blocks if b is not None) + extra
     if hashes is None:
-        hashes = b"".join(xxhash.xxh3_128_digest(b) for b in blocks)
-    return w.encode_blocks_header(device, Encoding.RAW, first, len(blocks), hashes, [],
-                                  len(payload)) + payload
+        hashes = xxhash.xxh3_128_digest(payload)
+    carried = sum(1 << i for i, b in enumerate(blocks) if b is not None)
+    return w.encode_raw_header(device, first, len(blocks),
+                               carried.to_bytes(w.carried_len(len(blocks)), "little"), hashes,
+                               len(payload)) + payload
+
+
+def _have(device: int, first: int, count: int, unit: int, digests: bytes) -> bytes:
+    return w.encode_have_blocks(device, first, count, unit, digests)
 
 
 def _bad_destination_cases() -> dict[str, tuple[list[bytes], str]]:
@@ -408,6 +442,17 @@ def _bad_destination_cases() -> dict[str, tuple[list[bytes], str]]:
                               "disk on fire"),
         "corrupt block every time": (
             [*PREFIX] + [_raw(1, 0, [ok0], hashes=bytes(16))] * 4, "failed verification"),
+        "raw map beyond the run": ([*PREFIX, w.encode_raw_header(
+            0, 0, 2, b"\x07", bytes(16), 0)], "beyond the run"),
+        "raw carries nothing": ([*PREFIX, w.encode_raw_header(
+            0, 0, 2, b"\x00", bytes(16), 0)], "carries no block"),
+        "raw short of its zero blocks": ([*PREFIX, _raw(0, 0, [ok0, None], extra=ok0)],
+                                         "payload"),
+        "have unit not a power of two": ([*PREFIX, _have(0, 0, 3, 3, bytes(32))], "unit 3"),
+        "have without a have list": ([*PREFIX, _have(0, 0, 1, 1, bytes(32))],
+                                     "HAVE lists' units"),
+        "have list to destination": ([*PREFIX, w.encode_hashes(MsgType.HAVE, 0, 2,
+                                                               [bytes(32)], 2)], "unexpected"),
     }
 
 
@@ -434,13 +479,14 @@ async def test_destination_reports_truncated_frame() -> None:
 
 async def test_destination_accepts_a_good_sequence() -> None:
     """The fuzz harness itself: a correct conversation ends in success."""
-    blocks = [os.urandom(BS) for _ in range(3)] + [os.urandom(100)]
+    blocks: list[bytes | None] = [os.urandom(BS), None, os.urandom(BS), os.urandom(100)]
     frames = [*PREFIX, _raw(0, 0, blocks),
               w.encode_blocks_header(1, Encoding.ZERO, 0, 2, b"", [], 0),
               w.encode_event(EventKind.AUTHORITY, b"p"), w.encode_event(EventKind.COMPLETE)]
     outcome, peer, dest = await destination_session(frames, close_peer=False)
     assert isinstance(outcome, DestinationResult), outcome
-    assert bytes(await dest.devices["a"].read_at(0, SIZES["a"])) == b"".join(blocks)
+    assert bytes(await dest.devices["a"].read_at(0, SIZES["a"])) == b"".join(
+        bytes(BS) if b is None else b for b in blocks)
     kinds = [k for k, _ in peer.frames]
     assert kinds[0] == MsgType.HELLO and MsgType.ERROR not in kinds
 
@@ -464,17 +510,19 @@ def to_destination(draw: st.DrawFn) -> bytes:
     if choice == 3:
         size = SIZES["a" if device == 0 else "b"]
         n = draw(st.integers(1, 3))
-        blocks = [os.urandom(max(0, min(BS, size - (first + i) * BS)))
-                  for i in range(n)]
+        blocks: list[bytes | None] = [
+            None if i and draw(st.booleans()) else
+            os.urandom(max(0, min(BS, size - (first + i) * BS))) for i in range(n)]
         corrupt = draw(st.booleans())
-        return _raw(device, first, blocks, hashes=bytes(16 * n) if corrupt else None,
+        return _raw(device, first, blocks, hashes=bytes(16) if corrupt else None,
                     extra=draw(st.sampled_from([b"", b"x"])))
     if choice == 4:
-        enc = draw(st.sampled_from([Encoding.ZERO, Encoding.HAVE]))
         n = draw(st.integers(1, 3))
-        hashes = b"" if enc == Encoding.ZERO else draw(st.binary(min_size=32 * n,
-                                                                 max_size=32 * n))
-        return w.encode_blocks_header(device, enc, first, n, hashes, [], 0)
+        if draw(st.booleans()):
+            return w.encode_blocks_header(device, Encoding.ZERO, first, n, b"", [], 0)
+        unit = draw(st.sampled_from([1, 2]))
+        return _have(device, first, n, unit, draw(st.binary(min_size=32 * -(-n // unit),
+                                                            max_size=32 * -(-n // unit))))
     if choice == 5:
         return w.encode_dirty(device, draw(st.lists(block_nos, max_size=4)))
     if choice == 6:
@@ -541,7 +589,7 @@ def _bad_source_cases() -> dict[str, tuple[list[bytes], str]]:
     return {
         "garbage": ([b"\xff" * 30], "unknown message type"),
         "wrong version": ([struct.pack("!BBHI", MsgType.HELLO, 0, 0, 10)
-                           + struct.pack("!4sHI", w.MAGIC, 2, 0)], "version 2"),
+                           + struct.pack("!4sHI", w.MAGIC, 1, 0)], "version 1"),
         "need unknown device": ([HELLO, w.encode_range(MsgType.NEED_AT, 2, 0, 1)],
                                 "no device 2"),
         "need beyond end": ([HELLO, w.encode_range(MsgType.NEED_AT, 1, 2 * BS, 1)],
@@ -555,6 +603,13 @@ def _bad_source_cases() -> dict[str, tuple[list[bytes], str]]:
                                 "no device 3"),
         "have beyond end": ([HELLO, w.encode_hashes(MsgType.HAVE, 1, 1, [bytes(32)] * 2)],
                             "beyond the end"),
+        "have units beyond end": ([HELLO, w.encode_hashes(MsgType.HAVE, 0, 2, [bytes(32)] * 2,
+                                                          2)], "beyond the end"),
+        "have unit changes": ([HELLO, w.encode_hashes(MsgType.HAVE, 0, 0, [bytes(32)], 2),
+                               w.encode_hashes(MsgType.HAVE, 0, 2, [bytes(32)], 1)],
+                              "change their unit"),
+        "have first not on a unit": ([HELLO, w.encode_hashes(MsgType.HAVE, 0, 1,
+                                                             [bytes(32)], 2)], "multiple"),
         "hashes to source": ([HELLO, w.encode_hashes(MsgType.HASHES, 0, 0, [bytes(16)])],
                              "unexpected"),
         "blocks to source": ([HELLO, _raw(0, 0, [bytes(BS)])], "unexpected"),
@@ -601,8 +656,9 @@ def to_source(draw: st.DrawFn) -> bytes:
         return w.encode_range(draw(st.sampled_from([MsgType.NEED_AT, MsgType.DONT_NEED_AT])),
                               device, draw(st.integers(0, 4 * BS)), draw(st.integers(0, 2 * BS)))
     if choice == 4:
-        return w.encode_hashes(MsgType.HAVE, device, first, draw(st.lists(digest32,
-                                                                         max_size=4)))
+        unit = draw(st.sampled_from([1, 2, 4]))
+        return w.encode_hashes(MsgType.HAVE, device, first - first % unit,
+                               draw(st.lists(digest32, max_size=4)), unit)
     if choice == 5:
         return w.encode_event(draw(st.sampled_from(list(EventKind))),
                               draw(st.binary(max_size=8)))
