@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from roam import errors
+
 MAGIC = b"ROAM"
 VERSION = 2
 MAX_BODY = 64 * 1024 * 1024
@@ -25,8 +27,10 @@ MAX_UNIT = 1 << 16  # blocks per HAVE digest
 HEADER = struct.Struct("!BBHI")
 
 
-class ProtocolError(Exception):
+class ProtocolError(errors.RoamError):
     """The peer sent something this protocol does not allow."""
+
+    code = errors.ErrorCode.BAD_REQUEST
 
 
 class MsgType(enum.IntEnum):
