@@ -1,0 +1,142 @@
+"""A real etcd cluster for tests: Debian's etcd, three members on loopback ports.
+
+Each member runs as its own process with a data directory under the test's temporary
+directory; the heartbeat and election timeouts are cut to tens of milliseconds so that a
+leader's loss is noticed (and a new one elected) in well under a second. A member can be
+killed (SIGKILL, as a machine's loss looks to its peers) and started again on the same
+data, where it rejoins the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+HEARTBEAT_MS = 50
+ELECTION_MS = 500
+READY_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Member:
+    name: str
+    client_url: str
+    peer_url: str
+    data: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class EtcdCluster:
+    """`cluster.urls`, `cluster.kill(i)`, `cluster.start(i)`, `cluster.wait_healthy()`."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.members = [
+            Member(f"m{i + 1}", f"http://127.0.0.1:{free_port()}",
+                   f"http://127.0.0.1:{free_port()}", root / f"m{i + 1}",
+                   root / f"m{i + 1}.log")
+            for i in range(size)]
+        self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.client_url for m in self.members]
+
+    def start(self, index: int | None = None) -> None:
+        """Start one member (or all): a restarted one rejoins with its data."""
+        for member in self.members if index is None else [self.members[index]]:
+            if member.running:
+                continue
+            fresh = not member.data.exists()
+            command = [
+                "etcd", "--name", member.name, "--data-dir", str(member.data),
+                "--listen-client-urls", member.client_url,
+                "--advertise-client-urls", member.client_url,
+                "--listen-peer-urls", member.peer_url,
+                "--initial-advertise-peer-urls", member.peer_url,
+                "--initial-cluster", self.initial,
+                "--initial-cluster-state", "new" if fresh else "existing",
+                "--initial-cluster-token", "roam-test",
+                "--heartbeat-interval", str(HEARTBEAT_MS),
+                "--election-timeout", str(ELECTION_MS),
+                "--log-level", "warn", "--logger", "zap"]
+            with member.log.open("ab") as log:
+                member.process = subprocess.Popen(command, stdout=log, stderr=log,
+                                                  start_new_session=True)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one member and reap it."""
+        process = self.members[index].process
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def stop(self) -> None:
+        for i in range(len(self.members)):
+            self.kill(i)
+
+    def wait_healthy(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until every running member says it is healthy (it has a leader, the cluster
+        has a quorum)."""
+        deadline = time.monotonic() + timeout
+        for member in self.members:
+            if not member.running:
+                continue
+            while True:
+                try:
+                    answer = httpx.get(member.client_url + "/health", timeout=1.0)
+                    if answer.status_code == 200 and answer.json().get("health") == "true":
+                        break
+                except httpx.HTTPError:
+                    pass
+                if member.process is not None and member.process.poll() is not None:
+                    raise RuntimeError(f"etcd {member.name} exited: "
+                                       f"{member.log.read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"etcd {member.name} not healthy in {timeout} s")
+                time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One three-member cluster for the session. Tests that kill members use their own
+    (`fresh_etcd_cluster`) so that this one stays whole."""
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+    cluster.start()
+    try:
+        cluster.wait_healthy()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def fresh_etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(tmp_path / "etcd")
+    cluster.start()
+    try:
+        cluster.wait_healthy()
+        yield cluster
+    finally:
+        cluster.stop()
