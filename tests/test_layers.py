@@ -23,6 +23,8 @@ BELOW: dict[str, set[str]] = {
     "vm": {"errors", "storage", "exposure", "guest", "blueprint", "network", "hypervisor"},
     "peer": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
              "hypervisor", "vm"},
+    "control": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
+                "hypervisor", "vm", "peer"},
 }
 """Each part and what it may import; cli and demo sit on top and may import anything."""
 

@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 VMName = Annotated[str, Path(description="the VM's name", max_length=40)]
 NodeName = Annotated[str, Path(description="the node's name", max_length=40)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(
+    auto_error=False, description="a token of `roam control token create`"))]
 
 
 @dataclass
@@ -80,11 +82,8 @@ class Plane:
 
 def create_app(plane: Plane) -> FastAPI:
     fleet = plane.fleet
-    bearer = HTTPBearer(auto_error=False, description="a token of `roam control token "
-                                                      "create`")
 
-    async def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                                Depends(bearer)]) -> None:
+    async def authorized(credentials: Credentials) -> None:
         await auth.check(fleet, None if credentials is None else credentials.credentials)
 
     app = FastAPI(title="roam control plane", version=roam.__version__, responses=PROBLEM,

@@ -63,7 +63,7 @@ async def serve(data: Path, host: str, port: int, stop: asyncio.Event, *,
             election = Election(store, f"{socket.gethostname()}:{os.getpid()}", ttl)
             plane = Plane(fleet, ttl, election, FleetMetrics())
             server = peer_api.server(create_app(plane), tls)
-            sock = _listen(host, port)
+            sock = listen_socket(host, port)
             async with asyncio.TaskGroup() as tasks:
                 serving = tasks.create_task(server.serve(sockets=[sock]))
                 leading = tasks.create_task(election.run(Reconciler(fleet).run))
@@ -81,7 +81,7 @@ async def serve(data: Path, host: str, port: int, stop: asyncio.Event, *,
         os.close(fd)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

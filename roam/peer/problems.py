@@ -51,8 +51,8 @@ TITLE: dict[ErrorCode, str] = {
     ErrorCode.INTERNAL: "Internal error",
 }
 
-_BY_STATUS = {401: ErrorCode.UNAUTHORIZED, 404: ErrorCode.NOT_FOUND, 409: ErrorCode.CONFLICT, 423: ErrorCode.BUSY,
-              504: ErrorCode.TIMEOUT}
+_BY_STATUS = {401: ErrorCode.UNAUTHORIZED, 404: ErrorCode.NOT_FOUND, 409: ErrorCode.CONFLICT,
+              423: ErrorCode.BUSY, 504: ErrorCode.TIMEOUT}
 
 
 class Problem(BaseModel):
