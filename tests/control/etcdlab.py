@@ -9,12 +9,14 @@ data, where it rejoins the cluster.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +118,20 @@ class EtcdCluster:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"etcd {member.name} not healthy in {timeout} s")
                 time.sleep(0.05)
+
+
+async def until(check: Callable[[], bool | Awaitable[bool]], within: float,
+                every: float = 0.1) -> None:
+    """Until `check()` holds (it may be a coroutine function); TimeoutError after
+    `within` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            held = check()
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return
+            await asyncio.sleep(every)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 from roam.control.etcd.client import EtcdClient
 from roam.control.etcd.election import PREFIX, LeaseElection
 from roam.control.etcd.store import EtcdStore
-from tests.control.etcdlab import EtcdCluster, etcd_cluster, fresh_etcd_cluster
+from tests.control.etcdlab import EtcdCluster, etcd_cluster, fresh_etcd_cluster, until
 
 __all__ = ["etcd_cluster", "fresh_etcd_cluster"]  # fixtures
 
@@ -57,14 +57,6 @@ class Leaders:
                 self.changed.clear()
                 await self.changed.wait()
         return time.monotonic() - started
-
-
-async def until(check: Callable[[], bool], within: float) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.1)
 
 
 async def test_one_leads_in_order_and_the_next_takes_over(store: EtcdStore) -> None:

@@ -9,9 +9,12 @@ Several endpoints (the cluster's members) fail over: a call goes to the member t
 answered last; if it cannot be reached, or says it has no leader, the next one is tried.
 A write is sent again elsewhere only when it surely was not applied (the connection was
 refused, the member said it has no leader); a write that timed out is reported, never
-repeated, since it may have been applied. When no member has a leader the call fails
-with `QuorumLost`, saying what each member said; while that lasts, calls ask the members
-for their status first and fail at once instead of waiting out a timeout each.
+repeated, since it may have been applied. While no member has a leader but most of
+them answer, an election is under way (a leader died): the endpoints are tried again
+until the call's timeout. When most members cannot be reached, the call fails at once
+with `QuorumLost`, saying what each member said; while that lasts, calls ask the
+members for their status first and fail at once instead of waiting out a timeout each.
+The endpoints are taken to be all of the cluster's members.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import enum
 import logging
 import ssl
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -61,6 +65,8 @@ TIMEOUT = 5.0
 """Seconds a call waits for its answer (etcd itself gives up on a proposal after ~5 s)."""
 CONNECT_TIMEOUT = 1.0
 STATUS_TIMEOUT = 1.0
+ROUND_PAUSE = 0.1
+"""Seconds between rounds of the endpoints while the members elect a leader."""
 
 # gRPC codes etcd answers with (google.golang.org/grpc/codes)
 _INVALID_ARGUMENT = 3
@@ -328,16 +334,21 @@ class EtcdClient:
         problem = await self._explain()
         return problem is None, "" if problem is None else problem.message
 
-    async def _explain(self) -> EtcdError | None:
+    async def _explain(self, *, final: bool = True) -> EtcdError | None:
         """None if a member has a leader; else Unreachable (no member answers) or
-        QuorumLost, saying what each member said."""
+        QuorumLost, saying what each member said. While a majority of the members
+        answers, none knowing a leader is an election under way, not a lost quorum:
+        unless `final`, that is None too."""
         members = await self.status()
         if any(m.has_leader for m in members):
             self._quorum_lost = False
             return None
         states = ", ".join(f"{m.endpoint} {m.error}" for m in members)
-        if all(m.status is None for m in members):
+        answering = sum(m.status is not None for m in members)
+        if not answering:
             return Unreachable(f"no etcd member answers: {states}")
+        if answering * 2 > len(members) and not final:
+            return None
         self._quorum_lost = True
         return QuorumLost(f"etcd has no leader (quorum lost): {states}")
 
@@ -402,43 +413,53 @@ class EtcdClient:
 
     async def _call(self, path: str, body: dict[str, Any], model: type[M], *,
                     idempotent: bool = False, needs_leader: bool = True) -> M:
-        """POST `body` to `path` on the current endpoint, failing over as the module's
-        docstring says."""
-        if needs_leader and self._quorum_lost and (problem := await self._explain()) is not None:
+        """POST `body` to `path`, failing over as the module's docstring says; rounds of
+        the endpoints are tried until `timeout` while a majority of the members answers
+        (an election is on)."""
+        if needs_leader and self._quorum_lost and (
+                problem := await self._explain(final=False)) is not None:
             raise problem
-        failures: list[str] = []
-        for step in range(len(self.endpoints)):
-            index = (self._current + step) % len(self.endpoints)
-            endpoint = self.endpoints[index]
-            try:
-                answer = await self._http.post(endpoint + path, json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                failures.append(f"{endpoint} unreachable ({_describe(exc)})")
-                continue
-            except httpx.HTTPError as exc:
-                if idempotent:
-                    failures.append(f"{endpoint} {_describe(exc)}")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            failures: list[str] = []
+            first = self._current  # other calls move it meanwhile
+            for step in range(len(self.endpoints)):
+                index = (first + step) % len(self.endpoints)
+                endpoint = self.endpoints[index]
+                try:
+                    answer = await self._http.post(endpoint + path, json=body)
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    failures.append(f"{endpoint} unreachable ({_describe(exc)})")
                     continue
-                raise await self._in_doubt(path, exc) from None
-            if answer.status_code == 200:
-                self._current = index
-                return parse(model, answer.content)
-            error = parse(wire.GatewayError, answer.content)
-            message = error.message or error.error or f"HTTP {answer.status_code}"
-            if message in (_NO_LEADER, _LEADER_CHANGED) or (
-                    idempotent and error.code in (_UNAVAILABLE, _DEADLINE, _UNKNOWN)):
-                failures.append(f"{endpoint} {message}")
-                continue
-            if error.code in (_UNAVAILABLE, _DEADLINE, _UNKNOWN):
-                raise await self._in_doubt(path, EtcdError(message)) from None
-            raise self._rejected(message, error.code)
-        if (problem := await self._explain()) is not None:
-            raise problem
-        raise Unreachable(f"no etcd endpoint served {path}: " + "; ".join(failures))
+                except httpx.HTTPError as exc:
+                    if not idempotent:
+                        raise await self._in_doubt(path, exc) from None
+                    failures.append(f"{endpoint} {_describe(exc)}")
+                    if isinstance(problem := await self._explain(final=False), QuorumLost):
+                        raise problem from None  # no use waiting on each member in turn
+                    continue
+                if answer.status_code == 200:
+                    self._current = index
+                    return parse(model, answer.content)
+                error = parse(wire.GatewayError, answer.content)
+                message = error.message or error.error or f"HTTP {answer.status_code}"
+                if message in (_NO_LEADER, _LEADER_CHANGED) or (
+                        idempotent and error.code in (_UNAVAILABLE, _DEADLINE, _UNKNOWN)):
+                    failures.append(f"{endpoint} {message}")
+                    continue
+                if error.code in (_UNAVAILABLE, _DEADLINE, _UNKNOWN):
+                    raise await self._in_doubt(path, EtcdError(message)) from None
+                raise self._rejected(message, error.code)
+            late = time.monotonic() >= deadline
+            if (problem := await self._explain(final=late)) is not None:
+                raise problem
+            if late:
+                raise Unreachable(f"no etcd endpoint served {path}: " + "; ".join(failures))
+            await asyncio.sleep(ROUND_PAUSE)
 
     async def _in_doubt(self, path: str, exc: Exception) -> EtcdError:
         """A write that got no clear answer: explain it by the cluster's state."""
-        problem = await self._explain()
+        problem = await self._explain(final=False)
         if isinstance(problem, QuorumLost):
             return QuorumLost(f"{problem.message}; the {path} call may still be applied "
                               "when it is back")
