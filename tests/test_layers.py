@@ -17,6 +17,7 @@ BELOW: dict[str, set[str]] = {
     "guest": {"errors"},
     "blueprint": {"errors", "guest"},
     "network": {"errors"},
+    "spot": {"errors"},
     "exposure": {"errors", "storage"},
     "migration": {"errors", "storage"},
     "hypervisor": {"errors", "storage", "exposure", "guest"},
@@ -24,7 +25,7 @@ BELOW: dict[str, set[str]] = {
     "peer": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
              "hypervisor", "vm"},
     "control": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
-                "hypervisor", "vm", "peer"},
+                "hypervisor", "vm", "peer", "spot"},
 }
 """Each part and what it may import; cli and demo sit on top and may import anything."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import ssl
 import time
@@ -26,6 +27,7 @@ from roam.cli.common import (
     Json,
     Verbose,
     failed,
+    invalid,
     print_json,
     run,
     setup_logging,
@@ -41,16 +43,23 @@ from roam.control.etcd.client import EtcdClient
 from roam.control.etcd.store import EtcdStore
 from roam.control.fleet import Fleet
 from roam.control.models import (
+    ControlEvent,
+    FleetEvent,
+    FleetSnapshot,
     MoveRequest,
+    NodeChanged,
     NodeState,
     NodeView,
+    VMChanged,
     VMPhase,
+    VMRemoved,
     VMSpec,
     VMView,
 )
 from roam.control.sqlite import SqliteStore
 from roam.control.store import Store
 from roam.errors import ErrorCode, RoamError
+from roam.peer.models import OutcomeEvent, ProgressEvent
 from roam.vm.package import Package, PackageError
 
 app = typer.Typer(help="The control plane: a fleet of nodes, its VMs, placement and drains.",
@@ -88,17 +97,35 @@ EtcdCert = Annotated[Path | None, typer.Option(
 EtcdKey = Annotated[Path | None, typer.Option(help="PEM key of --etcd-cert.")]
 
 
-def client(control: str, token: str | None, ca: Path | None) -> ControlClient:
-    """A client with the options every client command shares (also `roam node join`)."""
+def client(control: str, token: str | None, ca: Path | None,
+           cert: Path | None = None, key: Path | None = None) -> ControlClient:
+    """A client with the options every client command shares (also `roam node join`).
+    A control plane that requires client certificates gets `cert` and `key`, by default
+    $ROAM_CONTROL_CERT and $ROAM_CONTROL_KEY."""
+    cert = cert or _env_path("ROAM_CONTROL_CERT")
+    key = key or _env_path("ROAM_CONTROL_KEY")
     tls = None
-    if ca is not None:
-        if not ca.is_file():
-            raise typer.BadParameter(f"{ca}: no such file", param_hint="--ca")
-        tls = ssl.create_default_context(cafile=str(ca))
+    if ca is not None or cert is not None:
+        for path, option in ((ca, "--ca"), (cert, "ROAM_CONTROL_CERT"),
+                             (key, "ROAM_CONTROL_KEY")):
+            if path is not None and not path.is_file():
+                raise typer.BadParameter(f"{path}: no such file", param_hint=option)
+        tls = ssl.create_default_context(cafile=None if ca is None else str(ca))
+        if cert is not None:
+            try:
+                tls.load_cert_chain(cert, key)
+            except ssl.SSLError as exc:
+                raise typer.BadParameter(f"{cert}: no PEM certificate and key ({exc.reason})",
+                                         param_hint="ROAM_CONTROL_CERT") from None
     try:
         return ControlClient(control, token, tls)
     except RoamError as exc:
         raise typer.BadParameter(exc.message, param_hint="--control") from None
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def _with(control: str, token: str | None, ca: Path | None,
@@ -345,24 +372,27 @@ def vm_create(
             "gateway": gateway, "vni": vni, "cpu_model": cpu_model, "spread": spread,
             "group": group})
     except ValidationError as exc:
-        raise typer.BadParameter("; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
-            for e in exc.errors())) from None
+        raise invalid(exc) from None
 
     async def create(c: ControlClient) -> VMView:
         created = await c.create(spec)
-        return await _until_settled(c, name) if wait else created
+        return await _until_settled(c, name, unplaced_fails=True) if wait else created
 
     vm = _with(control, token, ca, create)
     _out(vm, as_json, lambda: _vm_line(vm))
     _exit_for(vm)
 
 
-async def _until_settled(c: ControlClient, name: str) -> VMView:
-    """The VM once it runs (or failed, or stopped), with no move pending."""
+async def _until_settled(c: ControlClient, name: str, unplaced_fails: bool = False
+                         ) -> VMView:
+    """The VM once it runs (or failed, or stopped), with no move pending. With
+    `unplaced_fails`, a VM that no node fits ends the wait (it stays pending)."""
     deadline = time.monotonic() + WAIT
     while True:
         vm = await c.vm(name)
+        if unplaced_fails and vm.status.phase == VMPhase.PENDING and vm.status.detail:
+            raise RoamError(f"{name} stays pending until a node fits it: "
+                            f"{vm.status.detail}", code=ErrorCode.CONFLICT)
         if vm.status.target is None and vm.desired.move is None and vm.status.phase in (
                 VMPhase.RUNNING, VMPhase.FAILED, VMPhase.STOPPED, VMPhase.IN_DOUBT,
                 VMPhase.LOST):
@@ -504,14 +534,42 @@ def node_drain(
 
 
 @app.command()
-def events(control: Control = DEFAULT_URL, token: Token = None, ca: Ca = None) -> None:
-    """Print the fleet's events as JSON lines until interrupted: a snapshot, then every
-    change of a node or VM, the control plane's decisions, and the nodes' peer events
-    (migration progress and outcomes)."""
+def events(control: Control = DEFAULT_URL, token: Token = None, ca: Ca = None,
+           as_json: Json = False) -> None:
+    """Print the fleet's events until interrupted: a snapshot, then every change of a
+    node or VM, the control plane's decisions, and the nodes' peer events (migration
+    progress and outcomes). With --json, one JSON object per line."""
     async def follow(c: ControlClient) -> None:
         async with c.events() as stream:
             async for event in stream:
-                typer.echo(event.model_dump_json(by_alias=True))
+                typer.echo(event.model_dump_json(by_alias=True) if as_json
+                           else _event_line(event))
 
     with contextlib.suppress(KeyboardInterrupt):
         _with(control, token, ca, follow)
+
+
+def _event_line(event: FleetEvent) -> str:
+    when = time.strftime("%H:%M:%S")
+    if isinstance(event, FleetSnapshot):
+        return f"{when} fleet: {len(event.nodes)} nodes, {len(event.vms)} VMs"
+    if isinstance(event, NodeChanged):
+        return f"{when} node {event.node.name}: {event.node.state.value}"
+    if isinstance(event, VMChanged):
+        return f"{when} vm {_vm_line(event.vm)}"
+    if isinstance(event, VMRemoved):
+        return f"{when} vm {event.name} removed"
+    if isinstance(event, ControlEvent):
+        return " ".join(part for part in (
+            when, event.kind.value, event.vm and f"vm={event.vm}",
+            event.node and f"node={event.node}", event.to and f"to={event.to}",
+            event.detail and f"({event.detail})") if part)
+    inner = event.event
+    if isinstance(inner, ProgressEvent):
+        return (f"{when} {event.node}: {inner.vm} {inner.phase} {inner.cycle} "
+                f"{inner.bytes_sent >> 20} of {inner.bytes_expected >> 20} MiB")
+    if isinstance(inner, OutcomeEvent):
+        return (f"{when} {event.node}: {inner.vm} -> {inner.to} {inner.outcome}"
+                + (f", downtime {inner.downtime_ms:.0f} ms" if inner.downtime_ms else "")
+                + (f" ({inner.code}: {inner.detail})" if inner.code else ""))
+    return f"{when} {event.node}: {inner.type}"

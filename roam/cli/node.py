@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from fastapi import FastAPI
-from prometheus_client import make_asgi_app
+from pydantic import ValidationError
 
 from roam.cli import control as control_cli
 from roam.cli.common import (
@@ -25,12 +24,14 @@ from roam.cli.common import (
     Verbose,
     address,
     failed,
+    invalid,
     run,
     setup_logging,
     tls_files,
 )
 from roam.cli.peer import NetPool, NetPrefix, OverlayPeers, Underlay, net_config
 from roam.control.agent import NodeAgent
+from roam.control.metrics import serve_registry
 from roam.control.models import Registration
 from roam.control.serve import listen_socket
 from roam.errors import RoamError
@@ -93,16 +94,15 @@ def join(
             "name": node_name, "peer": listen_on, "version": "0", "labels": labels,
             "capacity": {"memory_bytes": 0, "memory_available_bytes": 0, "cpus": 1},
             "accelerator": {"kvm": False, "reason": ""}, "cpu": {"model": "x"}})
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc).splitlines()[-1] if str(exc) else "invalid"
-                                 ) from None
+    except ValidationError as exc:
+        raise invalid(exc) from None
     metrics_at = None
     if metrics_listen is not None:
         host, _, port = metrics_listen.rpartition(":")
         if not host or not port.isdigit():
             raise typer.BadParameter("HOST:PORT", param_hint="--metrics-listen")
         metrics_at = (host, int(port))
-    controller = control_cli.client(control, token, ca)
+    controller = control_cli.client(control, token, ca, tls_cert, tls_key)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -126,9 +126,7 @@ def join(
             acting = tasks.create_task(serve_fleet())
             metrics = None
             if metrics_at is not None:
-                metrics_app = FastAPI(title="roam node metrics")
-                metrics_app.mount("/metrics", make_asgi_app(agent.registry))
-                metrics = peer_api.server(metrics_app)
+                metrics = peer_api.server(serve_registry(agent.registry))
                 tasks.create_task(metrics.serve(sockets=[listen_socket(*metrics_at)]))
             await stop.wait()
             acting.cancel()

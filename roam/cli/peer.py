@@ -39,6 +39,7 @@ from roam.cli.common import (
     address,
     fail,
     failed,
+    invalid,
     run,
     setup_logging,
     tls_files,
@@ -102,9 +103,7 @@ def _request(model: type[M], **fields: Any) -> M:
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
-        raise typer.BadParameter("; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
-            for e in exc.errors())) from None
+        raise invalid(exc) from None
 
 
 def _print(result: Any) -> None:

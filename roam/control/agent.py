@@ -172,7 +172,11 @@ class NodeAgent:
             "name": spec.name, "package": spec.package, "from": spec.from_,
             "publish": [] if spec.gateway else spec.publish, "gateway": spec.gateway,
             "vni": spec.vni})
-        return await _done("run", item, peer.run(request))
+        report = await _done("run", item, peer.run(request))
+        if not report.ok:  # e.g. a timeout: it must not start later, unknown to anyone
+            with contextlib.suppress(RoamError):
+                await peer.stop(spec.name)
+        return report
 
     async def _migrate(self, peer: PeerClient, item: Work) -> Report:
         to = item.to

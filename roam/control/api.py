@@ -1,10 +1,11 @@
 """The control plane's HTTP API (docs/CONTROL.md): FastAPI over the fleet's store.
 
-Every route but /healthz and /problems needs a token (`Authorization: Bearer TOKEN`).
-Errors are problem documents with a stable code, as the peer's API answers them
-(roam.peer.problems): a request that does not parse is `bad_request` (422) and changes
-nothing; an unknown VM or node is `not_found`; a request the current state refuses is
-`conflict` (or `busy` while the VM moves); a missing or wrong token is `unauthorized`.
+Every route but /healthz, /openapi.json and /problems needs a token
+(`Authorization: Bearer TOKEN`). Errors are problem documents with a stable code, as the
+peer's API answers them (roam.peer.problems): a request that does not parse is
+`bad_request` (422) and changes nothing; an unknown VM or node is `not_found`; a request
+the current state refuses is `conflict` (or `busy` while the VM moves); a missing or
+wrong token is `unauthorized`.
 
 Writes only change records (the user's wishes, `desired`); the leader's reconciler and
 the nodes carry them out, so a write returns at once (202 where the work is yet to be
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -296,7 +297,8 @@ async def _cordon(fleet: Fleet, name: str, cordoned: bool) -> None:
     await fleet.update(Keys.node(name), NodeRecord, set_)
 
 
-async def _update_vm(fleet: Fleet, name: str, change: Any) -> VMView:
+async def _update_vm(fleet: Fleet, name: str,
+                     change: Callable[[VMRecord], VMRecord | None]) -> VMView:
     await fleet.vm(name)  # not found?
     updated = await fleet.update(Keys.vm(name), VMRecord, change)
     assert updated is not None

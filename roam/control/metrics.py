@@ -7,6 +7,7 @@ scrape, so every instance answers the same.
 
 from __future__ import annotations
 
+from fastapi import FastAPI, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from roam.control.fleet import View
@@ -36,6 +37,17 @@ class Migrations:
             self.bytes.inc(event.bytes_sent)
         if event.outcome == "completed" and event.downtime_ms is not None:
             self.downtime.observe(event.downtime_ms / 1000)
+
+
+def serve_registry(registry: CollectorRegistry) -> FastAPI:
+    """An app answering GET /metrics from `registry` (a node's metrics listener)."""
+    app = FastAPI(title="roam node metrics", openapi_url=None)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE)
+
+    return app
 
 
 class FleetMetrics:

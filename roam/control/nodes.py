@@ -32,7 +32,7 @@ from roam.control.models import (
     Work,
 )
 from roam.control.store import LeaseExpired, Put
-from roam.errors import ErrorCode
+from roam.errors import ErrorCode, RoamError
 from roam.peer.models import VMInfo as PeerVM
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,13 @@ async def heartbeat(fleet: Fleet, name: str, beat: Heartbeat) -> NodeWork:
         if name not in (vm.value.status.node, vm.value.status.target):
             continue
         before = vm.value
-        after = await fleet.update(Keys.vm(vm_name), VMRecord,
-                                   lambda r: observe(r, name, seen.get(r.spec.name), cpu))
+        try:
+            after = await fleet.update(Keys.vm(vm_name), VMRecord, lambda r: observe(
+                r, name, seen.get(r.spec.name), cpu))
+        except RoamError as exc:  # deleted since the view was read
+            if exc.code != ErrorCode.NOT_FOUND:
+                raise
+            continue
         if after is not None and after.status != before.status:
             await _announce(fleet, before, after)
     return work(await fleet.view(), name)
@@ -160,8 +165,8 @@ async def _report(fleet: Fleet, node: str, report: Report) -> None:
     try:
         before = await fleet.vm(report.vm)
         after = await fleet.update(Keys.vm(report.vm), VMRecord, apply)
-    except Exception as exc:  # a VM deleted meanwhile: its report no longer matters
-        if getattr(exc, "code", None) != ErrorCode.NOT_FOUND:
+    except RoamError as exc:  # a VM deleted meanwhile: its report no longer matters
+        if exc.code != ErrorCode.NOT_FOUND:
             raise
         return
     if not report.ok:

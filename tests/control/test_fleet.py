@@ -44,6 +44,7 @@ GATEWAY, CONTROL, CLIENT = "g", "p", "k"
 PORT = 7450
 PEER_PORT = 7000
 TTL = 3.0
+METRICS_PORT = 9450
 VMS = {"r1": (101, 6379), "r2": (102, 6380)}  # name: (vni, published port on G)
 
 
@@ -88,7 +89,7 @@ class Fleet:
         self.control.send_signal(signal.SIGKILL)
         self.control.wait()
 
-    def join(self, role: str, *labels: str) -> None:
+    def join(self, role: str, *labels: str, extra: tuple[str, ...] = ()) -> None:
         state = self.work / role
         state.mkdir()
         addr = self.hosts.addrs
@@ -98,7 +99,7 @@ class Fleet:
             role, sys.executable, "-m", "roam.cli.main", "node", "join", "--control",
             self.url, "--name", role, "--state-dir", str(state), "--listen",
             f"tcp://{addr[role]}:{PEER_PORT}", "--underlay", addr[role], "--overlay-peers",
-            everyone, *(f"--label={label}" for label in labels),
+            everyone, *(f"--label={label}" for label in labels), *extra,
             stdout=(self.work / f"{role}.log").open("w"), stderr=subprocess.STDOUT, env=env)
 
     def wait(self, check: Callable[[], Any], what: str, timeout: float = 120) -> Any:
@@ -121,6 +122,13 @@ class Fleet:
             async with PeerClient(self.work / role) as peer:
                 return [vm.name for vm in await peer.vms()]
         return asyncio.run(names())
+
+    def scrape(self, url: str, token: str | None = None) -> str:
+        auth = ["-H", f"Authorization: Bearer {token}"] if token else []
+        done = subprocess.run(["ip", "netns", "exec", self.hosts.nodes[CONTROL], "curl",
+                               "-sf", *auth, url], capture_output=True, text=True,
+                              check=True)
+        return done.stdout
 
     def write(self, vm: str) -> None:
         _, port = VMS[vm]
@@ -183,8 +191,10 @@ def test_drain_survives_a_control_plane_kill_and_a_lost_node_runs_nothing_twice(
                           capture_output=True, text=True, check=True)
     fleet.token = done.stdout.strip()
     fleet.start_control()
+    metrics = f"{fleet.hosts.addrs['a']}:{METRICS_PORT}"
     for role, price in NODES.items():
-        fleet.join(role, f"price={price}", "lifecycle=spot", "zone=z-" + role)
+        fleet.join(role, f"price={price}", "lifecycle=spot", "zone=z-" + role,
+                   extra=("--metrics-listen", metrics) if role == "a" else ())
     fleet.join(GATEWAY)
     fleet.wait(lambda: len(fleet.nodes_by_name()) == 4, "four nodes")
     fleet.roam("node", "cordon", GATEWAY)
@@ -206,7 +216,7 @@ def test_drain_survives_a_control_plane_kill_and_a_lost_node_runs_nothing_twice(
     time.sleep(1)
     fleet.start_control()
     events = fleet._in(CONTROL, sys.executable, "-m", "roam.cli.main", "control", "events",
-                       stdout=subprocess.PIPE, env={**os.environ, "ROAM_CONTROL_URL":
+                       "--json", stdout=subprocess.PIPE, env={**os.environ, "ROAM_CONTROL_URL":
                                                     fleet.url, "ROAM_TOKEN": fleet.token})
     drained = fleet.roam("node", "drain", "a")  # waits until the drain is over
     assert drained["vms"] == [] and drained["state"] == "cordoned"
@@ -216,6 +226,11 @@ def test_drain_survives_a_control_plane_kill_and_a_lost_node_runs_nothing_twice(
     assert all(v["status"]["epoch"] == 2 for v in vms.values())  # placed, then moved once
     assert sorted(fleet.peer_vms("b")) == ["r1", "r2"]
     assert fleet.peer_vms("a") == [] and fleet.peer_vms("c") == []
+    scraped = fleet.scrape(f"http://{metrics}/metrics")  # node A's own metrics
+    assert 'roam_migrations_total{outcome="completed"} 2.0' in scraped
+    scraped = fleet.scrape(f"{fleet.url}/metrics", token=fleet.token)
+    assert 'roam_node_vms{node="b"} 2.0' in scraped
+    assert 'roam_nodes{state="ready"} 2.0' in scraped  # B and C; A and G are cordoned
 
     fleet.nodes["b"].send_signal(signal.SIGSTOP)  # B stops heartbeating
     try:
