@@ -116,7 +116,7 @@ class LeaseElection(Election):
     async def _keep(self, lease: int, last: float) -> None:
         """Renew until a renewal fails or is late (see the module's docstring)."""
         while True:
-            await asyncio.sleep(self.ttl / 4)
+            await asyncio.sleep(self.ttl / 3)
             sent = time.monotonic()
             try:
                 async with asyncio.timeout_at(_loop_time(last + self.ttl * MARGIN)):
