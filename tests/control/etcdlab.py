@@ -42,6 +42,7 @@ class Member:
     peer_url: str
     data: Path
     log: Path
+    netns: str | None = None  # the network namespace it runs in (None: this one)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -52,13 +53,22 @@ class Member:
 class EtcdCluster:
     """`cluster.urls`, `cluster.kill(i)`, `cluster.start(i)`, `cluster.wait_healthy()`."""
 
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(self, root: Path, size: int = 3,
+                 hosts: list[tuple[str, str]] | None = None) -> None:
+        """`size` members on loopback ports, or one per host of `hosts` (network
+        namespace, address), on etcd's usual ports."""
         root.mkdir(parents=True, exist_ok=True)
-        self.members = [
-            Member(f"m{i + 1}", f"http://127.0.0.1:{free_port()}",
-                   f"http://127.0.0.1:{free_port()}", root / f"m{i + 1}",
-                   root / f"m{i + 1}.log")
-            for i in range(size)]
+        if hosts is None:
+            self.members = [
+                Member(f"m{i + 1}", f"http://127.0.0.1:{free_port()}",
+                       f"http://127.0.0.1:{free_port()}", root / f"m{i + 1}",
+                       root / f"m{i + 1}.log")
+                for i in range(size)]
+        else:
+            self.members = [
+                Member(f"m{i + 1}", f"http://{addr}:2379", f"http://{addr}:2380",
+                       root / f"m{i + 1}", root / f"m{i + 1}.log", netns)
+                for i, (netns, addr) in enumerate(hosts)]
         self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
     @property
@@ -83,6 +93,8 @@ class EtcdCluster:
                 "--heartbeat-interval", str(HEARTBEAT_MS),
                 "--election-timeout", str(ELECTION_MS),
                 "--log-level", "warn", "--logger", "zap"]
+            if member.netns is not None:
+                command = ["ip", "netns", "exec", member.netns, *command]
             with member.log.open("ab") as log:
                 member.process = subprocess.Popen(command, stdout=log, stderr=log,
                                                   start_new_session=True)
@@ -105,19 +117,25 @@ class EtcdCluster:
         for member in self.members:
             if not member.running:
                 continue
-            while True:
-                try:
-                    answer = httpx.get(member.client_url + "/health", timeout=1.0)
-                    if answer.status_code == 200 and answer.json().get("health") == "true":
-                        break
-                except httpx.HTTPError:
-                    pass
+            while not _healthy(member):
                 if member.process is not None and member.process.poll() is not None:
                     raise RuntimeError(f"etcd {member.name} exited: "
                                        f"{member.log.read_text()[-2000:]}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"etcd {member.name} not healthy in {timeout} s")
                 time.sleep(0.05)
+
+
+def _healthy(member: Member) -> bool:
+    if member.netns is None:
+        try:
+            answer = httpx.get(member.client_url + "/health", timeout=1.0)
+        except httpx.HTTPError:
+            return False
+        return answer.status_code == 200 and answer.json().get("health") == "true"
+    done = subprocess.run(["ip", "netns", "exec", member.netns, "curl", "-sf", "-m", "1",
+                           member.client_url + "/health"], capture_output=True, text=True)
+    return done.returncode == 0 and '"health":"true"' in done.stdout
 
 
 async def until(check: Callable[[], bool | Awaitable[bool]], within: float,
