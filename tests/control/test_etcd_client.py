@@ -4,10 +4,13 @@ revisions and transactions, leases, watches, failover and the loss of the quorum
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
+import trustme
 
 from roam.control.etcd.client import (
     Compare,
@@ -30,7 +33,13 @@ from roam.control.etcd.errors import (
 )
 from roam.control.etcd.wire import EventType, WatchResponse
 from roam.errors import ErrorCode
-from tests.control.etcdlab import EtcdCluster, etcd_cluster, free_port, fresh_etcd_cluster
+from tests.control.etcdlab import (
+    EtcdCluster,
+    etcd_cluster,
+    free_port,
+    fresh_etcd_cluster,
+    until,
+)
 
 __all__ = ["etcd_cluster", "fresh_etcd_cluster"]  # fixtures
 
@@ -234,3 +243,49 @@ async def test_failover_then_quorum_loss(fresh_etcd_cluster: EtcdCluster) -> Non
         await _put_through_election(etcd, b"/k", b"back")
         kv = await etcd.get(b"/k")
         assert kv is not None and kv.value == b"back"
+
+
+async def test_tls_with_client_certificates(tmp_path: Path) -> None:
+    """etcd serving https and asking for client certificates: the client verifies etcd
+    by the CA and shows its certificate; without one it gets nothing."""
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    client = ca.issue_cert("roam-control")
+    for name, blob in (("ca.pem", ca.cert_pem), ("server.pem", server.cert_chain_pems[0]),
+                       ("server.key", server.private_key_pem),
+                       ("client.pem", client.private_key_and_cert_chain_pem)):
+        blob.write_to_path(str(tmp_path / name))
+    url, peer = f"https://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    log = (tmp_path / "etcd.log").open("wb")
+    member = await asyncio.create_subprocess_exec(
+        "etcd", *["--name", "tls", "--data-dir", str(tmp_path / "data"),
+         "--listen-client-urls", url, "--advertise-client-urls", url,
+         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+         "--initial-cluster", f"tls={peer}", "--cert-file", str(tmp_path / "server.pem"),
+         "--key-file", str(tmp_path / "server.key"), "--client-cert-auth",
+         "--trusted-ca-file", str(tmp_path / "ca.pem"), "--log-level", "warn"],
+        stdout=log, stderr=log)
+    try:
+        trusted = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        mutual = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        mutual.load_cert_chain(str(tmp_path / "client.pem"))
+        async with EtcdClient([url], tls=mutual, timeout=3.0) as etcd:
+            await until(_answers(etcd), 20)
+            await etcd.put(b"/tls", b"yes")
+            kv = await etcd.get(b"/tls")
+            assert kv is not None and kv.value == b"yes"
+        async with EtcdClient([url], tls=trusted, timeout=3.0) as anonymous:
+            with pytest.raises(Unreachable):  # the handshake fails: nothing is sent
+                await anonymous.get(b"/tls")
+        async with EtcdClient([url], timeout=3.0) as unverified:
+            with pytest.raises(Unreachable):  # etcd's certificate is not trusted
+                await unverified.get(b"/tls")
+    finally:
+        member.kill()
+        await member.wait()
+
+
+def _answers(etcd: EtcdClient) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return any(m.has_leader for m in await etcd.status())
+    return check

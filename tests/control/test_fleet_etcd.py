@@ -170,7 +170,10 @@ def test_drain_survives_the_leaders_death_and_quorum_loss_changes_nothing(
         fleet.write(vm)
     time.sleep(2)
 
+    marks: dict[str, float] = {}  # when each step began (monotonic, as the clients')
+
     # 1. the leader dies during a drain
+    marks["drain"] = time.monotonic()
     (on_a,) = [name for name, node in placed.items() if node == "a"]
     fleet.roam("node", "drain", "a", "--max-parallel", "1", "--no-wait")
     fleet.wait(lambda: fleet.vms()[on_a]["status"]["target"], "the migration to start")
@@ -192,14 +195,17 @@ def test_drain_survives_the_leaders_death_and_quorum_loss_changes_nothing(
     assert sorted(fleet.peer_vms("b")) == sorted(VMS) and fleet.peer_vms("a") == []
 
     # 2. one etcd member lost: everything goes on
+    marks["member lost"] = time.monotonic()
     fleet.etcd.kill(2)
     fleet.roam("node", "uncordon", "a")
+    marks["move back"] = time.monotonic()
     moved = fleet.roam("vm", "migrate", on_a, "--to", "a")
     assert moved["status"]["node"] == "a" and moved["status"]["phase"] == "running"
     assert fleet.peer_vms("a") == [on_a]
 
     # 3. the quorum lost: no change, and why; the VMs run on
     where = {"a": fleet.peer_vms("a"), "b": fleet.peer_vms("b")}
+    marks["quorum lost"] = time.monotonic()
     fleet.etcd.kill(0)
     _, health = fleet.wait(lambda: (h := fleet.health(survivor))[0] == 503 and h,
                                 "/healthz to say the quorum is lost", 30)
@@ -210,8 +216,10 @@ def test_drain_survives_the_leaders_death_and_quorum_loss_changes_nothing(
     assert refused.returncode != 0 and "quorum lost" in refused.stderr
     time.sleep(TTL * 2)  # past the nodes' lease TTL: nothing declared lost, nothing moved
     assert {"a": fleet.peer_vms("a"), "b": fleet.peer_vms("b")} == where
+    marks["quorum back"] = time.monotonic()
     fleet.etcd.start(0)
     fleet.wait(lambda: fleet.health(survivor)[0] == 200, "the quorum back", 60)
+    marks["end"] = time.monotonic()
     nodes = fleet.nodes_by_name()
     assert nodes["a"]["state"] == "ready" and nodes["b"]["state"] == "ready"
     assert {n: v["status"]["node"] for n, v in fleet.vms().items()} == {
@@ -220,9 +228,17 @@ def test_drain_survives_the_leaders_death_and_quorum_loss_changes_nothing(
     for vm in VMS:
         report = fleet.written(vm)
         print(f"{vm}: {report['acked']} acknowledged writes, {report['lost']} lost, "
-              f"{report['connections']} connection(s)")
+              f"{report['connections']} connection(s); waits over the client's gap: "
+              + ", ".join(f"{(b - a) * 1000:.0f} ms in {_step(marks, a)}"
+                          for a, b in report["gaps"]))
         assert report["acked"] > 100
         assert report["lost"] == 0
         # connections are the migration's business (tests/control/test_fleet.py asserts
         # one per client); on a machine loaded far past its cores, the VM moved twice
         # here was seen to need a second one once
+
+
+def _step(marks: dict[str, float], at: float) -> str:
+    """The step under way at monotonic time `at`."""
+    began = [name for name, t in marks.items() if t <= at]
+    return began[-1] if began else "setup"
