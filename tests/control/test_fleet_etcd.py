@@ -228,14 +228,15 @@ def test_drain_survives_the_leaders_death_and_quorum_loss_changes_nothing(
     for vm in VMS:
         report = fleet.written(vm)
         print(f"{vm}: {report['acked']} acknowledged writes, {report['lost']} lost, "
-              f"{report['connections']} connection(s); waits over the client's gap: "
-              + ", ".join(f"{(b - a) * 1000:.0f} ms in {_step(marks, a)}"
-                          for a, b in report["gaps"]))
+              f"{report['connections']} connection(s); waits over 250 ms: "
+              + (", ".join(f"{(b - a) * 1000:.0f} ms in {_step(marks, a)}"
+                           for a, b in report["gaps"] if b - a > 0.25) or "none"))
         assert report["acked"] > 100
         assert report["lost"] == 0
         # connections are the migration's business (tests/control/test_fleet.py asserts
-        # one per client); on a machine loaded far past its cores, the VM moved twice
-        # here was seen to need a second one once
+        # one per client); on a machine loaded far past its cores the VM moved twice
+        # here needed a second one in some runs, after a wait of seconds in its second
+        # move (the move back), not across the leader's death or the quorum's loss
 
 
 def _step(marks: dict[str, float], at: float) -> str:
