@@ -6,9 +6,10 @@ just before its own and looks again when that one goes, so when the leader dies 
 next one learns it from etcd as its lease expires (no polling, no thundering herd), and
 candidates lead in the order they came.
 
-A leader leads only while its lease is surely alive: each renewal must come back before
-most of the TTL since the last one has passed, else the leader stops its work there and
-then, before etcd could expire the lease and let the next one start. A store that fails
+A leader leads only while its lease is surely alive: when most of the TTL has passed
+since the last renewal that came back was sent, the leader stops its work there and
+then, before etcd could expire the lease and let the next one start. (A candidate that
+only waits renews at its own pace: it keeps its place until its lease is gone.) A store that fails
 (etcd's quorum lost, no member reachable) ends the term the same way; the instance
 campaigns again once the store answers.
 
@@ -36,7 +37,8 @@ TTL = 3.0
 RETRY = 0.5
 """Seconds between campaigns while the store fails."""
 MARGIN = 0.75
-"""Share of the TTL after the last renewal by which the next one must be back."""
+"""Share of the TTL, counted from the sending of the last renewal that came back, after
+which a leader stops leading (unless a renewal came back meanwhile)."""
 
 
 class LeaseElection(Election):
@@ -47,6 +49,7 @@ class LeaseElection(Election):
         super().__init__(store, identity, ttl)
         self.why_not = ""
         """Why this instance cannot campaign now (the store's error), or empty."""
+        self._renewed = 0.0  # when the last good renewal of the lease was sent
 
     async def run(self, lead: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Campaign, and run `lead()` while leading, until cancelled."""
@@ -80,16 +83,20 @@ class LeaseElection(Election):
         key = f"{PREFIX}{lease:016x}"
         created = await self.store.put(key, self.identity.encode(), lease)
         self.why_not = ""
+        self._renewed = granted
         async with asyncio.TaskGroup() as tasks:
-            renewing = tasks.create_task(self._keep(lease, granted))
+            renewing = tasks.create_task(self._keep(lease))
             turn = tasks.create_task(self._wait_turn(key, created))
             await asyncio.wait([renewing, turn], return_when=asyncio.FIRST_COMPLETED)
             if turn.done() and not renewing.done():
                 self.leading = True
                 log.info("leading as %s", self.identity)
                 work = tasks.create_task(lead())
-                await asyncio.wait([renewing, work], return_when=asyncio.FIRST_COMPLETED)
+                guard = tasks.create_task(self._guard())
+                await asyncio.wait([renewing, work, guard],
+                                   return_when=asyncio.FIRST_COMPLETED)
                 work.cancel()
+                guard.cancel()
                 log.warning("no longer leading")
             turn.cancel()
             renewing.cancel()
@@ -113,19 +120,27 @@ class LeaseElection(Election):
                         if change.key == previous.key and change.kind == WatchKind.DELETE:
                             break
 
-    async def _keep(self, lease: int, last: float) -> None:
-        """Renew until a renewal fails or is late (see the module's docstring)."""
+    async def _keep(self, lease: int) -> None:
+        """Renew until a renewal fails; `_renewed` is when the last good one was sent."""
         while True:
             await asyncio.sleep(self.ttl / 3)
             sent = time.monotonic()
             try:
-                async with asyncio.timeout_at(_loop_time(last + self.ttl * MARGIN)):
-                    await self.store.keepalive(lease)
-            except (StoreError, TimeoutError) as exc:
-                log.warning("cannot renew the leadership lease: %s",
-                            exc.message if isinstance(exc, StoreError) else "late")
+                await self.store.keepalive(lease)
+            except StoreError as exc:
+                log.warning("cannot renew the election lease: %s", exc.message)
                 return
-            last = sent
+            self._renewed = sent
+
+    async def _guard(self) -> None:
+        """Return once the last good renewal is older than MARGIN of the TTL: the lease
+        may expire soon, and the next candidate lead."""
+        while True:
+            left = self._renewed + self.ttl * MARGIN - time.monotonic()
+            if left <= 0:
+                log.warning("the election lease was not renewed in time")
+                return
+            await asyncio.sleep(left)
 
     async def leader(self) -> str | None:
         """Who leads now (the identity of the first candidate), if anyone."""
