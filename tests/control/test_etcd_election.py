@@ -59,15 +59,19 @@ class Leaders:
         return time.monotonic() - started
 
 
+async def _candidates(store: EtcdStore, count: int) -> bool:
+    return len((await store.range(PREFIX)).records) == count
+
+
 async def test_one_leads_in_order_and_the_next_takes_over(store: EtcdStore) -> None:
     leaders = Leaders()
     elections = {n: LeaseElection(store, n, TTL) for n in ("a", "b", "c")}
     async with asyncio.TaskGroup() as tasks:
         running = {}
-        for name, election in elections.items():
+        for count, (name, election) in enumerate(elections.items(), 1):
             running[name] = tasks.create_task(election.run(leaders.lead(name)))
-            if name == "a":
-                await leaders.wait("a")
+            await until(lambda n=count: _candidates(store, n), 5)  # in this order
+        await leaders.wait("a")
         assert await elections["b"].leader() == "a"
         await asyncio.sleep(TTL)  # several renewals: still a alone
         assert leaders.now == {"a"} and elections["a"].leading

@@ -313,7 +313,7 @@ class EtcdClient:
             try:
                 answer = await self._http.post(endpoint + "/v3/maintenance/status", json={},
                                                timeout=STATUS_TIMEOUT)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, ssl.SSLError) as exc:
                 return MemberStatus(endpoint, None, f"unreachable ({_describe(exc)})")
             if answer.status_code != 200:
                 return MemberStatus(endpoint, None, f"answers HTTP {answer.status_code}")
@@ -399,7 +399,7 @@ class EtcdClient:
                             start = result.events[-1].kv.mod_revision + 1
                             yield result
                 raise _Retry("ended the watch stream")
-            except (_Retry, httpx.HTTPError) as exc:
+            except (_Retry, httpx.HTTPError, ssl.SSLError) as exc:
                 reason = str(exc) if isinstance(exc, _Retry) else _describe(exc)
                 log.info("etcd watch on %s: %s; resuming from revision %d elsewhere",
                          endpoint, reason, start)
@@ -428,7 +428,9 @@ class EtcdClient:
                 endpoint = self.endpoints[index]
                 try:
                     answer = await self._http.post(endpoint + path, json=body)
-                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                except (httpx.ConnectError, httpx.ConnectTimeout, ssl.SSLError) as exc:
+                    # not connected, or TLS refused (with TLS 1.3 a client certificate
+                    # etcd rejects shows at the first read): nothing was served
                     failures.append(f"{endpoint} unreachable ({_describe(exc)})")
                     continue
                 except httpx.HTTPError as exc:
