@@ -175,6 +175,25 @@ async def test_watch_past_retention_is_compacted(tmp_path: Path) -> None:
         assert event.record is not None and event.record.value == b"6"
 
 
+async def test_etcd_history_is_compacted_to_the_retention(etcd_cluster: EtcdCluster) -> None:
+    async with EtcdStore.open(EtcdClient(etcd_cluster.urls), root=f"/t/{uuid.uuid4().hex}",
+                              retention=5, compact_every=0.2) as store:
+        first = await store.put("/k", b"0")
+        for i in range(1, 10):
+            last = await store.put("/k", str(i).encode())
+        async with asyncio.timeout(10):
+            while True:  # until the store has compacted past `first`
+                try:
+                    async with store.watch("/", first - 1) as events:
+                        await _take(events, 1)
+                except Compacted:
+                    break
+                await asyncio.sleep(0.2)
+        async with store.watch("/", last - 1) as events:
+            (event,) = await _take(events, 1)
+        assert event.record is not None and event.record.value == b"9"
+
+
 async def test_state_survives_a_restart_and_leases_get_a_fresh_ttl(tmp_path: Path) -> None:
     store = await SqliteStore.open(tmp_path / "d")
     lease = await store.grant(1.0)

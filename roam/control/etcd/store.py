@@ -7,10 +7,11 @@ granted them) and `watch` is etcd's watch. Every key lives under a root ("/roam"
 default), so that several control planes, or other users, can share one cluster.
 
 The retention bound is etcd's compaction: every COMPACT_INTERVAL seconds the store
-compacts the history to its last `retention` revisions, and a watch from before that
-gets `Compacted`. A watch outlives the loss of a member (the client resumes it on
-another from the last revision seen) and of every member (this store retries until one
-is back), so a watcher only ever sees the changes, in order, or Compacted.
+compacts the history to its last `retention` revisions (the cluster's, which every user
+of it shares), and a watch from before that gets `Compacted`. A watch outlives the loss
+of a member (the client resumes it on another from the last revision seen) and of every
+member (this store retries until one is back), so a watcher only ever sees the changes,
+in order, or Compacted.
 
 etcd's leases live whole seconds: a TTL is rounded up (and etcd may raise it to its own
 minimum, about 1.5 election timeouts).
@@ -63,19 +64,23 @@ WATCH_RETRY = 0.5
 class EtcdStore:
     """`store = EtcdStore.open(client)`; `await store.close()` (or `async with`)."""
 
-    def __init__(self, client: EtcdClient, root: str, retention: int) -> None:
+    def __init__(self, client: EtcdClient, root: str, retention: int,
+                 compact_every: float) -> None:
         if root.endswith("/") or (root and not root.startswith("/")):
             raise StoreError(f"the etcd root is a key path like /roam, not {root!r}")
         self.client = client
         self._root = root
         self._retention = retention
+        self._compact_every = compact_every
         self._closed = asyncio.Event()
         self._compactor: asyncio.Task[None] | None = None
 
     @classmethod
-    def open(cls, client: EtcdClient, root: str = ROOT, retention: int = RETENTION) -> Self:
-        """The store over `client` (closed with the store), compacting in the background."""
-        store = cls(client, root, retention)
+    def open(cls, client: EtcdClient, root: str = ROOT, retention: int = RETENTION,
+             compact_every: float = COMPACT_INTERVAL) -> Self:
+        """The store over `client` (closed with the store), compacting in the background
+        every `compact_every` seconds."""
+        store = cls(client, root, retention, compact_every)
         store._compactor = asyncio.create_task(store._compact())
         return store
 
@@ -189,7 +194,7 @@ class EtcdStore:
     async def _compact(self) -> None:
         """Keep the last `retention` revisions of history."""
         while True:
-            await asyncio.sleep(COMPACT_INTERVAL)
+            await asyncio.sleep(self._compact_every)
             try:
                 revision = (await self.client.range(self._key("/"))).header.revision
                 if revision > self._retention:
