@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, Protocol
 
 import uvicorn
-from fastapi import FastAPI, Path, Request, Response
+from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -28,11 +28,14 @@ import roam
 from roam.errors import ErrorCode, RoamError
 from roam.peer import problems
 from roam.peer.models import (
+    MAX_LOG_CHUNK,
     Event,
     ExecRequest,
     ExecResult,
     GatewayInfo,
     GatewayRequest,
+    LogChunk,
+    LogName,
     MigrateRequest,
     MigrateResult,
     PeerInfo,
@@ -60,6 +63,7 @@ class PeerService(Protocol):
 
     async def pause(self, name: str) -> VMInfo: ...
     async def migrate(self, name: str, request: MigrateRequest) -> MigrateResult: ...
+    def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk: ...
     def gateways(self) -> list[GatewayInfo]: ...
     def gateway(self, name: str) -> GatewayInfo: ...
     async def add_gateway(self, request: GatewayRequest) -> GatewayInfo: ...
@@ -167,6 +171,15 @@ def create_app(peer: PeerService) -> FastAPI:
                                              "when it is over; progress is on /events)")
     async def migrate_vm(name: VMName, request: MigrateRequest) -> MigrateResult:
         return await peer.migrate(name, request)
+
+    @app.get("/vms/{name}/logs/{log}", summary="A piece of one of the VM's logs (console, "
+             "qemu, worker); follow it by asking again from next_offset")
+    async def get_log(name: VMName, log: LogName,
+                      offset: Annotated[int, Query(ge=0, description="byte offset")] = 0,
+                      limit: Annotated[int, Query(ge=1, le=MAX_LOG_CHUNK,
+                                                  description="bytes at most")] = 65536
+                      ) -> LogChunk:
+        return peer.log(name, log, offset, limit)
 
     @app.get("/gateways", summary="The overlay gateways this peer holds")
     async def list_gateways() -> list[GatewayInfo]:
