@@ -35,8 +35,10 @@ Everything is in the store, so a control plane restarted mid-evacuation goes on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Path
@@ -214,6 +216,7 @@ class Evacuation:
     def __init__(self, fleet: Fleet, metrics: EvacuationMetrics) -> None:
         self.fleet = fleet
         self.metrics = metrics
+        self._counted: list[Callable[[], None]] = []  # metrics of the pass, once written
 
     async def step(self) -> None:
         found = await self.fleet.store.range(NOTICES)
@@ -225,6 +228,7 @@ class Evacuation:
     async def _evacuate(self, record: NoticeRecord, revision: int) -> None:
         view = await self.fleet.view()
         now = time.time()
+        self._counted = []
         before = record.model_copy(deep=True)
         said: list[tuple[ControlKind, dict[str, object]]] = []
         for name, leaving in record.vms.items():
@@ -245,6 +249,8 @@ class Evacuation:
             if not await self.fleet.replace(notice_key(record.node),
                                             Versioned(before, revision), record):
                 return  # changed meanwhile (a new notice): the next pass sees it
+        for count in self._counted:
+            count()
         for name in starting:
             await self.fleet.update(Keys.vm(name), VMRecord, _evacuation_move)
         for kind, fields in said:
@@ -265,7 +271,8 @@ class Evacuation:
                 resumed = status.peer.resumed_at
             leaving.state, leaving.to, leaving.resumed_at = Leaving.EVACUATED, status.node, resumed
             leaving.margin_ms = round((record.deadline - resumed) * 1000, 1)
-            self.metrics.margin.observe(leaving.margin_ms / 1000)
+            self._counted.append(functools.partial(self.metrics.margin.observe,
+                                                   leaving.margin_ms / 1000))
             return [(ControlKind.EVACUATED, {
                 "vm": name, "node": node, "to": status.node, "deadline": record.deadline,
                 "margin_ms": leaving.margin_ms,
@@ -286,7 +293,7 @@ class Evacuation:
     def _lose(self, record: NoticeRecord, name: str, leaving: VMEvacuation, why: str,
               reason: str) -> list[tuple[ControlKind, dict[str, object]]]:
         leaving.state, leaving.detail = Leaving.LOST, why
-        self.metrics.lost.labels(reason).inc()
+        self._counted.append(self.metrics.lost.labels(reason).inc)
         return [(ControlKind.VM_LOST, {"vm": name, "node": record.node,
                                        "deadline": record.deadline, "detail": why})]
 
