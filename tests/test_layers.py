@@ -19,10 +19,11 @@ BELOW: dict[str, set[str]] = {
     "network": {"errors"},
     "exposure": {"errors", "storage"},
     "migration": {"errors", "storage"},
+    "sync": {"errors", "storage"},
     "hypervisor": {"errors", "storage", "exposure", "guest"},
     "vm": {"errors", "storage", "exposure", "guest", "blueprint", "network", "hypervisor"},
     "peer": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
-             "hypervisor", "vm"},
+             "sync", "hypervisor", "vm"},
 }
 """Each part and what it may import; cli and demo sit on top and may import anything."""
 
