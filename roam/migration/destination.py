@@ -211,20 +211,25 @@ class Destination:
         return self.result
 
     async def _step(self) -> bool:
-        """Handle the next message, or notice that authority was taken; True when done."""
-        task = self._authority_task
+        """Handle the next message, or notice that authority was taken or that the
+        store's chunks are all here; True when done."""
+        others = [t for t in (self._authority_task, self._filler)
+                  if t is not None and not t.done()]
         if self._pending_recv is None:
-            if task is None or task.done():
+            if not others:
                 kind, body = await self.channel.recv()
                 return await self._handle(decode(kind, body))
             # Kept across steps, never cancelled: a cancelled read could lose half a frame.
             self._pending_recv = asyncio.ensure_future(self.channel.recv())
         recv = self._pending_recv
-        if task is not None and not task.done():
-            await asyncio.wait([recv, task], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+        if others:
+            await asyncio.wait([recv, *others], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
             if not recv.done():
-                task.result()
-                return self._finished()
+                for task in others:
+                    if task.done():
+                        task.result()  # raises what it hit
+                async with self._apply:
+                    return self._finished()
         self._pending_recv = None
         kind, body = await recv
         return await self._handle(decode(kind, body))
@@ -298,6 +303,10 @@ class Destination:
         self.ready.set()
         if self._prepares:
             self.channel.send(encode_event(EventKind.READY))
+        elif self._store_negotiated():  # PREPARED once the store's chunks are here
+            self.channel.send(encode_event(EventKind.READY))
+            self._prepared_sent = True
+            self._held_prepared = self._prepared_payload
         else:  # one write: a peer gone by now is noticed by the reader, with its reason
             self._prepared_sent = True
             self.channel.send(encode_event(EventKind.READY),
@@ -383,6 +392,10 @@ class Destination:
             async with asyncio.TaskGroup() as workers:
                 for _ in range(min(STORE_CONCURRENCY, len(self._fill_jobs))):
                     workers.create_task(worker())
+            result = self.result
+            log.info("%d chunks (%d bytes) from the object store, %d asked of the source "
+                     "instead", result.store_chunks, result.store_bytes,
+                     result.store_fallback_chunks)
         finally:
             self._release_prepared_later()
 
@@ -415,8 +428,10 @@ class Destination:
         wanted = expected[first : first + count].copy()
         expected[first : first + count] = False
         self.result.store_fallback_chunks += 1
-        log.warning("device %s blocks %d..%d not taken from the store (%s); asking the "
-                    "source", spec.name, first, first + count - 1, why)
+        # The first says why; when the store is down, every chunk fails the same way.
+        log.log(logging.WARNING if self.result.store_fallback_chunks == 1 else logging.DEBUG,
+                "device %s blocks %d..%d not taken from the store (%s); asking the source",
+                spec.name, first, first + count - 1, why)
         bs = spec.block_size
         for lo, n in runs(wanted):
             offset = (first + lo) * bs
