@@ -50,6 +50,7 @@ from roam.migration.wire import (
     ProtocolError,
     Safe,
     Store,
+    StoreDescriptor,
     decode,
     encode_error,
     encode_event,
@@ -152,6 +153,7 @@ class Destination:
         self._fill_jobs: deque[tuple[int, int, int, bytes]] = deque()
         self._filler: asyncio.Task[None] | None = None
         self._held_prepared: bytes | None = None
+        self.store_descriptor: StoreDescriptor | None = None  # what the source offered
 
     async def abort(self, reason: str) -> None:
         """Give up before authority (the application cannot take the workload): the source
@@ -338,7 +340,7 @@ class Destination:
                 or self._authority_task is not None:
             raise ProtocolError("STORE unasked for, twice, before GROUP or after AUTHORITY")
         self._store_seen = True
-        descriptor = msg.descriptor
+        descriptor = self.store_descriptor = msg.descriptor
         if descriptor is not None and self._open_store is not None:
             self._store_expected = descriptor.chunks
             try:

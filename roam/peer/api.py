@@ -33,10 +33,14 @@ from roam.peer.models import (
     ExecResult,
     GatewayInfo,
     GatewayRequest,
+    GcRequest,
+    GcResult,
     MigrateRequest,
     MigrateResult,
     PeerInfo,
     RunRequest,
+    SyncInfo,
+    SyncRequest,
     VMInfo,
 )
 
@@ -58,6 +62,9 @@ class PeerService(Protocol):
     async def stop(self, name: str) -> None: ...
     async def resume(self, name: str) -> VMInfo: ...
     async def migrate(self, name: str, request: MigrateRequest) -> MigrateResult: ...
+    async def sync(self, name: str, request: SyncRequest) -> SyncInfo: ...
+    async def sync_stop(self, name: str) -> None: ...
+    async def sync_gc(self, name: str, request: GcRequest) -> GcResult: ...
     def gateways(self) -> list[GatewayInfo]: ...
     def gateway(self, name: str) -> GatewayInfo: ...
     async def add_gateway(self, request: GatewayRequest) -> GatewayInfo: ...
@@ -153,6 +160,21 @@ def create_app(peer: PeerService) -> FastAPI:
                                              "when it is over; progress is on /events)")
     async def migrate_vm(name: VMName, request: MigrateRequest) -> MigrateResult:
         return await peer.migrate(name, request)
+
+    @app.put("/vms/{name}/sync", summary="Sync the VM continuously to an object store "
+                                         "(s3://BUCKET/PREFIX/NAME)")
+    async def sync_vm(name: VMName, request: SyncRequest) -> SyncInfo:
+        return await peer.sync(name, request)
+
+    @app.delete("/vms/{name}/sync", status_code=204, summary="Stop the VM's sync (what is "
+                                                             "in the store stays)")
+    async def stop_sync(name: VMName) -> None:
+        await peer.sync_stop(name)
+
+    @app.post("/vms/{name}/sync/gc", summary="Delete the VM's old sync points and every "
+                                             "object no sync point names")
+    async def sync_gc(name: VMName, request: GcRequest) -> GcResult:
+        return await peer.sync_gc(name, request)
 
     @app.get("/gateways", summary="The overlay gateways this peer holds")
     async def list_gateways() -> list[GatewayInfo]:

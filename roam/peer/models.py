@@ -85,6 +85,8 @@ def _store_url(text: str) -> str:
     if not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._-]+)*/?$", text):
         raise ValueError("must be s3://BUCKET/PREFIX (bucket: a-z 0-9 . -; prefix: "
                          "letters, digits, . _ - and /)")
+    if any(part in (".", "..") for part in text.removeprefix("s3://").split("/")[1:]):
+        raise ValueError("a prefix has no . or .. parts")
     return text.rstrip("/")
 
 
@@ -236,6 +238,7 @@ class MigrateResult(BaseModel):
     state_save_ms: float
     downtime_ms: float
     priority_blocks: int
+    store_offered_bytes: int = 0  # hybrid: what the destination took from the store
 
 
 class GatewayRequest(_Request):

@@ -32,7 +32,7 @@ from roam.migration.errors import Declined, InDoubt, PostcopyFailed
 from roam.migration.source import Policy, Source, SourceHooks, SourceResult
 from roam.migration.wire import Encoding
 from roam.network import overlay
-from roam.peer import events
+from roam.peer import events, syncing
 from roam.peer.errors import PeerError
 from roam.peer.models import Prepared
 from roam.storage.provider import Provider
@@ -63,6 +63,7 @@ class Migrated:
     state_save_ms: float  # pause to the device state saved and memory flushed
     downtime_ms: float  # pause to the destination's acknowledgement (an upper bound)
     priority_blocks: int
+    store_offered_bytes: int  # left to the destination to take from the object store
 
 
 @dataclass
@@ -121,10 +122,13 @@ class Outgoing:
         return self._report(result)
 
     def _hooks(self) -> SourceHooks:
+        job = self.instance.sync
         return SourceHooks(before_collect=self.instance.vm.machine.flush_memory,
                            before_suspend=self.instance.vm.before_suspend,
                            suspend=self.suspend, authority=self.authority,
-                           resume=self.resume, progress=events.progress(self.instance))
+                           resume=self.resume, progress=events.progress(self.instance),
+                           store_offer=None if job is None or job.task.done()
+                           else lambda: syncing.store_offer(job.syncer))
 
     async def _settle(self, source: Source) -> SourceResult:
         """Run the engine; the VM's state follows from how it ended."""
@@ -212,7 +216,8 @@ class Outgoing:
             state_save_ms=(marks.saved - marks.stop) * 1000 if marks else 0.0,
             downtime_ms=_ack_downtime(marks, result.suspended_seconds,
                                       result.handover_seconds),
-            priority_blocks=result.priority_blocks)
+            priority_blocks=result.priority_blocks,
+            store_offered_bytes=result.store_offered_bytes)
 
 
 async def memory_digest(device: Provider) -> str:

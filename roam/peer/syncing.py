@@ -26,6 +26,9 @@ from roam.sync.reader import ChunkReader
 from roam.sync.store import ObjectStore, StoreURL
 from roam.sync.syncer import SyncDevice, Syncer, SyncPolicy, SyncState
 
+__all__ = ["SyncJob", "SyncPolicy", "collect", "key_file", "open_store", "policy_of",
+           "start", "store_offer"]
+
 if TYPE_CHECKING:
     from roam.peer.instance import Instance
 

@@ -48,7 +48,9 @@ async def _control(instance: Instance, incoming: Incoming | None = None
     server = await control.serve(instance.workdir / control.SOCKET, {
         "info": instance.handle_info, "exec": instance.handle_exec,
         "migrate": instance.handle_migrate, "stop": instance.handle_stop,
-        "resume": instance.handle_resume}, {"events": events.stream(instance)})
+        "resume": instance.handle_resume, "sync": instance.handle_sync,
+        "sync_stop": instance.handle_sync_stop, "sync_gc": instance.handle_sync_gc},
+        {"events": events.stream(instance)})
     watching = asyncio.create_task(events.watch(instance, incoming))
     try:
         yield
@@ -140,6 +142,7 @@ async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
                 log.info("%s resumed here %.1f ms after its pause on the source",
                          instance.spec.name, instance.info.get("downtime_ms") or 0.0)
                 await instance.after_resume()
+                await incoming.sync_on()
                 await _serve(instance)
             finally:
                 if incoming.prepared is not None:
