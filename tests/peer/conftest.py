@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 import subprocess
 import time
@@ -34,7 +35,8 @@ class Peer:
     """A `roam peer serve` in this namespace; each gets its own range of transit subnets
     (they share the host's namespace)."""
 
-    def __init__(self, name: str, root: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, root: Path, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.dir = root / name
         self.dir.mkdir()
@@ -43,7 +45,8 @@ class Peer:
         self.process = subprocess.Popen(
             [*ROAM, "peer", "serve", "--listen", self.address, "--state-dir", str(self.dir),
              "--net-pool", f"10.240.{next(_pools) % 256}.0/24", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT,
+            env=None if env is None else {**os.environ, **env})
         deadline = time.monotonic() + 30
         while not (self.dir / PEER_SOCKET).exists():
             assert self.process.poll() is None and time.monotonic() < deadline, "peer down"
