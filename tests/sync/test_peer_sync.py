@@ -21,8 +21,8 @@ __all__ = ["run_dir", "snapshot"]
 
 pytestmark = pytest.mark.slow
 
-# 24 MiB the guest writes to its disk (and holds in its page cache, i.e. memory).
-WRITE = ("head -c 25165824 /dev/urandom > /root/blob && sync && "
+# 8 MiB the guest writes to its disk (and holds in its page cache, i.e. memory).
+WRITE = ("head -c 8388608 /dev/urandom > /root/blob && sync && "
          "sha256sum /root/blob | cut -d' ' -f1")
 
 
@@ -89,9 +89,9 @@ def test_vm_syncs_moves_hybrid_and_falls_back_to_the_peer(
 
     result = json.loads(a.migrate("synced", b).stdout)
     assert result["outcome"] == "completed"
-    # The destination took what the bucket held (the guest's 24 MiB among it) from
+    # The destination took what the bucket held (the guest's 8 MiB among it) from
     # there; the source sent what changed.
-    assert result["store_offered_bytes"] > 24 << 20
+    assert result["store_offered_bytes"] > 8 << 20
     assert result["bytes_sent"] < result["store_offered_bytes"]
     assert b.sh("synced", "sha256sum /root/blob | cut -d' ' -f1").strip() == digest
     assert b.sh("synced", "cat /root/late").strip() == "after-sync"
@@ -102,7 +102,7 @@ def test_vm_syncs_moves_hybrid_and_falls_back_to_the_peer(
 
     # The bucket's server stops: the VM runs on, the sync retries, its lag grows.
     store.stop()
-    b.sh("synced", "head -c 4194304 /dev/urandom > /root/more && sync")
+    b.sh("synced", "head -c 1048576 /dev/urandom > /root/more && sync")
     down = wait_sync(b, "synced", lambda s: s["state"] == "retrying" and s["lag_bytes"] > 0,
                      "B's sync did not notice the store was down")
     assert down["error"]
