@@ -17,6 +17,7 @@ BELOW: dict[str, set[str]] = {
     "guest": {"errors"},
     "blueprint": {"errors", "guest"},
     "network": {"errors"},
+    "spot": {"errors"},
     "exposure": {"errors", "storage"},
     "migration": {"errors", "storage"},
     "sync": {"errors", "storage"},
@@ -24,6 +25,8 @@ BELOW: dict[str, set[str]] = {
     "vm": {"errors", "storage", "exposure", "guest", "blueprint", "network", "hypervisor"},
     "peer": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
              "sync", "hypervisor", "vm"},
+    "control": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
+                "sync", "hypervisor", "vm", "peer", "spot"},
 }
 """Each part and what it may import; cli and demo sit on top and may import anything."""
 

@@ -27,6 +27,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 import uvloop
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -187,6 +188,12 @@ def tls_files(cert: Path | None, key: Path | None, ca: Path | None) -> TLSFiles 
                                  param_hint="--tls-cert/--tls-key/--tls-ca")
     tls_context(cert, key, ca, server=True)
     return TLSFiles(cert, key, ca)
+
+
+def invalid(exc: ValidationError) -> typer.BadParameter:
+    """A usage error for options that make an invalid request: field by field."""
+    return typer.BadParameter("; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()))
 
 
 def address(text: str, option: str | None = None) -> Address:

@@ -20,7 +20,7 @@ import typer
 from typer._click import exceptions as usage
 
 from roam.blueprint import BlueprintError
-from roam.cli import blueprint, device, doctor, exits, fuse, nbd, peer, vm
+from roam.cli import blueprint, control, device, doctor, exits, fuse, nbd, node, peer, spot, vm
 from roam.cli.common import configure_logging, describe, report, settings
 from roam.errors import RoamError
 from roam.exposure.nbd.protocol import NBDError, OptionError
@@ -102,7 +102,10 @@ app.add_typer(fuse.app, name="fuse")
 app.add_typer(nbd.app, name="nbd")
 app.add_typer(peer.app, name="peer")
 app.add_typer(peer.registry_app, name="registry")
+app.add_typer(spot.app, name="spot")
 app.add_typer(vm.package_app, name="package")
+app.add_typer(control.app, name="control")
+app.add_typer(node.app, name="node")
 app.command()(vm.snapshot)
 app.command()(vm.run)
 # Everything after NAME is the guest's command line, its options included: `roam exec web

@@ -39,6 +39,7 @@ from roam.cli.common import (
     address,
     fail,
     failed,
+    invalid,
     run,
     setup_logging,
     tls_files,
@@ -70,6 +71,19 @@ Via = Annotated[str, typer.Option(
     "--via", envvar="ROAM_PEER",
     help="The peer's state directory or API socket (default: $ROAM_PEER).")]
 
+Underlay = Annotated[str | None, typer.Option(
+    help="This host's address for the overlay (VXLAN between peers). Needed to run VMs "
+         "that keep their connections across migrations, or their gateways.")]
+OverlayPeers = Annotated[str, typer.Option(
+    help="Comma-separated --underlay addresses of every peer of the overlay (broadcasts "
+         "are replicated to them).")]
+NetPrefix = Annotated[str | None, typer.Option(
+    help="Prefix of the namespaces, links and nft tables this peer creates (default: "
+         "derived from --state-dir; names are machine-wide).")]
+NetPool = Annotated[str, typer.Option(
+    help="IPv4 range for the links between this host and its VMs' namespaces (one /30 "
+         "per VM); peers sharing a network namespace need different ones.")]
+
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
@@ -91,9 +105,7 @@ def _request(model: type[M], **fields: Any) -> M:
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
-        raise typer.BadParameter("; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
-            for e in exc.errors())) from None
+        raise invalid(exc) from None
 
 
 def _print(result: Any) -> None:
@@ -113,19 +125,10 @@ def serve(
     api_listen: Annotated[str | None, typer.Option(
         help="Also serve the API on tcp://HOST:PORT, with mutual TLS (needs the --tls "
              "options: clients must present a certificate signed by --tls-ca).")] = None,
-    underlay: Annotated[str | None, typer.Option(
-        help="This host's address for the overlay (VXLAN between peers). Needed to run "
-             "VMs that keep their connections across migrations, or their gateways.")] = None,
-    overlay_peers: Annotated[str, typer.Option(
-        help="Comma-separated --underlay addresses of every peer of the overlay "
-             "(broadcasts are replicated to them).")] = "",
-    net_prefix: Annotated[str | None, typer.Option(
-        help="Prefix of the namespaces, links and nft tables this peer creates (default: "
-             "derived from --state-dir; names are machine-wide).")] = None,
-    net_pool: Annotated[str, typer.Option(
-        help="IPv4 range for the links between this host and its VMs' namespaces (one "
-             "/30 per VM); peers sharing a network namespace need different ones.")]
-        = PEER_POOL,
+    underlay: Underlay = None,
+    overlay_peers: OverlayPeers = "",
+    net_prefix: NetPrefix = None,
+    net_pool: NetPool = PEER_POOL,
     verbose: Verbose = False,
 ) -> None:
     """Serve this host until SIGINT/SIGTERM (which stops its VMs).
@@ -144,16 +147,7 @@ def serve(
         raise typer.BadParameter("--api-listen takes tcp://HOST:PORT and needs the --tls "
                                  "options (the TCP API always uses mutual TLS)")
     directory = state_dir.absolute()
-    try:
-        netconf = NetConfig(
-            directory=directory / "net",
-            prefix=net_prefix or NetConfig.default_prefix(directory), pool=net_pool,
-            underlay=str(ipaddress.IPv4Address(underlay)) if underlay else None,
-            overlay_peers=[str(ipaddress.IPv4Address(a)) for a in overlay_peers.split(",")
-                           if a])
-        ipaddress.IPv4Network(net_pool)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    netconf = net_config(directory, underlay, overlay_peers, net_prefix, net_pool)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -166,6 +160,21 @@ def serve(
         run(main())
     except OSError as exc:
         raise fail(str(exc)) from None
+
+
+def net_config(directory: Path, underlay: str | None, overlay_peers: str,
+               net_prefix: str | None, net_pool: str) -> NetConfig:
+    """A peer's network settings from its options (`roam peer serve`, `roam node join`)."""
+    try:
+        ipaddress.IPv4Network(net_pool)
+        return NetConfig(
+            directory=directory / "net",
+            prefix=net_prefix or NetConfig.default_prefix(directory), pool=net_pool,
+            underlay=str(ipaddress.IPv4Address(underlay)) if underlay else None,
+            overlay_peers=[str(ipaddress.IPv4Address(a)) for a in overlay_peers.split(",")
+                           if a])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command("run")

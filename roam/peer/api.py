@@ -77,7 +77,7 @@ def _response(problem: problems.Problem) -> JSONResponse:
                         status_code=problem.status, media_type=problems.MEDIA_TYPE)
 
 
-class _Route(APIRoute):
+class ProblemRoute(APIRoute):
     """Answers an unexpected exception as an `internal` problem instead of letting it
     reach the server (which would answer plain text and log it once more)."""
 
@@ -97,16 +97,17 @@ class _Route(APIRoute):
         return guarded
 
 
-_PROBLEM: dict[int | str, dict[str, Any]] = {"default": {
+PROBLEM: dict[int | str, dict[str, Any]] = {"default": {
     "model": problems.Problem, "description": "a problem document (RFC 9457)",
     "content": {problems.MEDIA_TYPE: {}}}}
 VMName = Annotated[str, Path(description="the VM's name")]
 
 
-def create_app(peer: PeerService) -> FastAPI:
-    app = FastAPI(title="roam peer", version=roam.__version__, responses=_PROBLEM,
-                  description="Runs VMs on this host and migrates them (docs/API.md).")
-    app.router.route_class = _Route
+def answer_problems(app: FastAPI) -> None:
+    """Make every error of `app` a problem document: RoamErrors by their code, invalid
+    requests as `bad_request` (422, field by field), HTTP errors by their status. The
+    control plane's API answers the same way."""
+    app.router.route_class = ProblemRoute
 
     @app.exception_handler(RoamError)
     async def roam_error(request: Request, exc: RoamError) -> Response:
@@ -125,6 +126,12 @@ def create_app(peer: PeerService) -> FastAPI:
         return _response(problems.problem(problems.code_for_status(exc.status_code),
                                           str(exc.detail), request.url.path,
                                           status=exc.status_code))
+
+
+def create_app(peer: PeerService) -> FastAPI:
+    app = FastAPI(title="roam peer", version=roam.__version__, responses=PROBLEM,
+                  description="Runs VMs on this host and migrates them (docs/API.md).")
+    answer_problems(app)
 
     @app.get("/peer", summary="This peer: version, capacity, accelerator, CPU model")
     async def get_peer() -> PeerInfo:
