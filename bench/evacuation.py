@@ -5,7 +5,14 @@ a guest full of data takes to leave. Cases (issue 13):
 
 - a 2 GiB guest holding 1 GiB of random data in one process, idle;
 - the same with tests/peer/busy_guest.py also rewriting random 4 KiB pages at 20 MiB/s;
-- a 4 GiB guest holding 3 GiB (`--large`; slow under TCG).
+- a 4 GiB guest holding 3 GiB (`--large`; slow under TCG);
+- `--s3`: the 2 GiB guest syncing to moto's S3 server (started here on loopback) until
+  its sync first caught up, then 30 s more; then a hybrid hop A->B (the destination
+  takes what the bucket holds from there), and, as the reference in the same run, a
+  plain hop back B->A with B's sync stopped. Reported: bytes the source sent after the
+  `roam migrate` call against what was not uploaded when it was made (the sync's lag),
+  bytes pulled from S3 and in how long, time to `cont`, upload throughput to moto, the
+  requests to the store, and the hybrid time with the pull at the plain hop's speed.
 
 Each migration is one hop A->B between two `roam peer serve` subprocesses (UNIX sockets,
 `roam migrate` defaults). Raw loopback TCP (plain sockets, bench/migrate_throughput.py)
@@ -17,7 +24,7 @@ is measured right before each hop. Reported per hop:
   destination;
 - bytes on the wire (the whole group: memory, disk, kernel files, device state).
 
-Run as root: .venv/bin/python -m bench.evacuation [--large] [--hops 2] [--json]
+Run as root: .venv/bin/python -m bench.evacuation [--large] [--s3] [--hops 2] [--json]
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -45,12 +53,38 @@ from bench.migrate_throughput import raw_tcp
 from bench.vm_migration import BUSY_ARGV
 from roam.blueprint import build, cache_root
 from roam.peer import serve as peer
+from roam.peer.client import PeerClient
+from roam.peer.models import MigrateRequest, RunRequest
 from roam.vm.snapshot import SnapshotOptions, take_snapshot
+from tests.sync.s3 import CREDENTIALS, MotoServer
 
 GIB = 1 << 30
 RAW_TCP_BYTES = GIB
 SETTLE = 3.0  # seconds of workload before each hop
 FIRST_PASS = re.compile(r"first pass: (\d+) bytes of payload .* in ([0-9.]+) s")
+STORE_FILL = re.compile(r"store: (\d+) chunks, (\d+) bytes in ([0-9.]+) s")
+SYNC_MORE = 30.0  # seconds of sync after it first caught up
+
+
+async def call(via: str, method: str, params: dict[str, Any], seconds: float = 60.0
+               ) -> dict[str, Any]:
+    """One request to the peer at `via` through its HTTP API, as a plain dict."""
+    name = params.get("name", "")
+    async with PeerClient(via, timeout=seconds) as client:
+        if method == "run":
+            result: Any = await client.run(RunRequest.model_validate(params))
+        elif method == "exec":
+            result = await client.exec(name, params["argv"], params.get("timeout", 30))
+        elif method == "migrate":
+            result = await client.migrate(name, MigrateRequest(to=params["to"]))
+        elif method == "info":
+            result = await client.vm(name)
+        elif method == "stop":
+            await client.stop(name)
+            return {}
+        else:
+            raise ValueError(method)
+    return dict(result.model_dump(mode="json"))
 
 HOLDER = """
 import os, sys, time
@@ -72,7 +106,7 @@ def holder_argv(size: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def peers(work: Path) -> Iterator[list[str]]:
+def peers(work: Path, env: dict[str, str] | None = None) -> Iterator[list[str]]:
     processes = []
     dirs = []
     try:
@@ -84,7 +118,8 @@ def peers(work: Path) -> Iterator[list[str]]:
                 [sys.executable, "-m", "roam.cli.main", "peer", "serve", "--listen",
                  f"unix://{work}/{name}.mig", "--state-dir", str(state),
                  "--net-pool", f"10.242.{len(dirs)}.0/24"],
-                stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT))
+                stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT,
+                env=None if env is None else {**os.environ, **env}))
         for path in dirs:
             while not (Path(path) / peer.PEER_SOCKET).exists():
                 time.sleep(0.05)
@@ -109,7 +144,7 @@ def first_pass(state_dir: Path) -> tuple[int, float]:
 async def wait_holder(via: str, name: str) -> None:
     deadline = time.monotonic() + 900
     while True:
-        out = await peer.call(via, "exec", {
+        out = await call(via, "exec", {
             "name": name, "timeout": 30, "argv": ["cat", "/tmp/holder.ready", "/tmp/holder.log"]})
         if "ready" in out["stdout"]:
             return
@@ -122,20 +157,20 @@ async def hops(package: Path, held: int, busy: bool, count: int, work: Path
                ) -> list[dict[str, Any]]:
     results = []
     with peers(work) as (a, b):
-        await peer.call(a, "run", {"package": str(package), "name": "evac"}, timeout=300)
-        await peer.call(a, "exec", {"name": "evac", "argv": holder_argv(held), "timeout": 30})
+        await call(a, "run", {"package": str(package), "name": "evac"}, seconds=300)
+        await call(a, "exec", {"name": "evac", "argv": holder_argv(held), "timeout": 30})
         await wait_holder(a, "evac")
         if busy:
-            await peer.call(a, "exec", {"name": "evac", "argv": BUSY_ARGV, "timeout": 30})
+            await call(a, "exec", {"name": "evac", "argv": BUSY_ARGV, "timeout": 30})
         here, there = a, b
         for _ in range(count):
             await asyncio.sleep(SETTLE)
             raw = RAW_TCP_BYTES / raw_tcp(RAW_TCP_BYTES)
             started = time.time()
-            result = await peer.call(here, "migrate", {
+            result = await call(here, "migrate", {
                 "name": "evac", "to": f"unix://{Path(there).parent}/{Path(there).name}.mig"},
-                timeout=peer.MIGRATE_TIMEOUT)
-            info = await peer.call(there, "info", {"name": "evac"})
+                seconds=peer.MIGRATE_TIMEOUT)
+            info = await call(there, "info", {"name": "evac"})
             payload, seconds = first_pass(Path(here))
             results.append({
                 "raw_tcp_gbs": raw / 1e9,
@@ -148,12 +183,96 @@ async def hops(package: Path, held: int, busy: bool, count: int, work: Path
             print(f"  hop: {json.dumps(results[-1])}", flush=True)
             here, there = there, here
         if busy:
-            log = await peer.call(here, "exec", {"name": "evac",
+            log = await call(here, "exec", {"name": "evac",
                                                  "argv": ["cat", "/tmp/busy.log"]})
             if "FAIL" in log["stdout"] or "ok" not in log["stdout"]:
                 raise RuntimeError(f"in-guest verifier: {log['stdout'][-300:]}")
-        await peer.call(here, "stop", {"name": "evac"})
+        await call(here, "stop", {"name": "evac"})
     return results
+
+
+def store_fill(state_dir: Path) -> tuple[int, int, float]:
+    """The destination worker's last store line: chunks, bytes and seconds."""
+    logs = sorted(state_dir.rglob("worker.log"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(logs):
+        found = STORE_FILL.findall(path.read_text(errors="replace"))
+        if found:
+            chunks, nbytes, seconds = found[-1]
+            return int(chunks), int(nbytes), float(seconds)
+    return 0, 0, 0.0
+
+
+async def sync_of(via: str, name: str) -> dict[str, Any]:
+    async with PeerClient(via) as client:
+        sync = (await client.vm(name)).sync
+    assert sync is not None, "the VM does not sync"
+    return dict(sync.model_dump(mode="json"))
+
+
+async def s3_case(package: Path, held: int, busy: bool, work: Path) -> dict[str, Any]:
+    """Sync to moto, then a hybrid hop A->B and a plain hop B->A (the reference)."""
+    store = MotoServer()
+    try:
+        bucket = store.bucket("roam-bench")
+        with peers(work, CREDENTIALS) as (a, b):
+            started = time.monotonic()
+            await call(a, "run", {"package": str(package), "name": "evac", "sync": {
+                "to": f"s3://{bucket}/fleet", "endpoint_url": store.endpoint}}, seconds=300)
+            await call(a, "exec", {"name": "evac", "argv": holder_argv(held), "timeout": 30})
+            await wait_holder(a, "evac")
+            filled, filled_at = (await sync_of(a, "evac"))["uploaded_bytes"], time.monotonic()
+            if busy:
+                await call(a, "exec", {"name": "evac", "argv": BUSY_ARGV, "timeout": 30})
+            # Until every chunk went up once, then until the lag first reaches 0 (a busy
+            # guest's may never: then for at most a minute more).
+            while (await sync_of(a, "evac"))["state"] != "running":  # noqa: ASYNC110
+                await asyncio.sleep(0.5)
+            caught_up = time.monotonic() - started
+            upload_rate = ((await sync_of(a, "evac"))["uploaded_bytes"] - filled) / (
+                time.monotonic() - filled_at)
+            while (sync := await sync_of(a, "evac"))["lag_bytes"] and (  # noqa: ASYNC110
+                    time.monotonic() - started < caught_up + 60):
+                await asyncio.sleep(0.5)
+            uploaded, requests = sync["uploaded_bytes"], sync["requests"]
+            print(f"  sync caught up after {caught_up:.1f} s: {json.dumps(sync)}", flush=True)
+            await asyncio.sleep(SYNC_MORE)
+            before = await sync_of(a, "evac")
+            raw = RAW_TCP_BYTES / raw_tcp(RAW_TCP_BYTES)
+            t0 = time.time()
+            hybrid = await call(a, "migrate", {"name": "evac", "to": f"unix://{work}/b.mig"},
+                                seconds=peer.MIGRATE_TIMEOUT)
+            info = await call(b, "info", {"name": "evac"})
+            chunks, pulled, pull_s = store_fill(Path(b))
+            async with PeerClient(b) as client:
+                await client.sync_stop("evac")
+            await asyncio.sleep(SETTLE)
+            t1 = time.time()
+            plain = await call(b, "migrate", {"name": "evac", "to": f"unix://{work}/a.mig"},
+                               seconds=peer.MIGRATE_TIMEOUT)
+            back = await call(a, "info", {"name": "evac"})
+            payload, seconds = first_pass(Path(b))
+            plain_rate = payload / seconds
+            hybrid_cont = info["resumed_at"] - t0
+            row = {
+                "upload_mbs": upload_rate / 1e6, "sync_caught_up_s": caught_up,
+                "uploaded_mib": uploaded / 2**20,
+                "sync_requests": requests, "requests_at_call": before["requests"],
+                "lag_at_call_mib": before["lag_bytes"] / 2**20,
+                "source_after_call_mib": hybrid["bytes_sent"] / 2**20,
+                "offered_mib": hybrid["store_offered_bytes"] / 2**20,
+                "pulled_mib": pulled / 2**20, "pulled_chunks": chunks, "pull_s": pull_s,
+                "pull_mbs": pulled / max(pull_s, 1e-9) / 1e6,
+                "hybrid_to_cont_s": hybrid_cont,
+                "hybrid_at_link_speed_s": hybrid_cont - pull_s + pulled / plain_rate,
+                "plain_to_cont_s": back["resumed_at"] - t1,
+                "plain_mib": plain["bytes_sent"] / 2**20,
+                "plain_first_pass_mbs": plain_rate / 1e6, "raw_tcp_gbs": raw / 1e9,
+                "downtime_ms": info["downtime_ms"]}
+            print(f"  s3: {json.dumps(row)}", flush=True)
+            await call(a, "stop", {"name": "evac"})
+            return row
+    finally:
+        store.stop()
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -162,8 +281,8 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
 
 
-async def measure(cases: list[tuple[int, int, bool]], count: int, work: Path
-                  ) -> list[dict[str, Any]]:
+async def measure(cases: list[tuple[int, int, bool]], count: int, work: Path,
+                  s3: bool = False) -> list[dict[str, Any]]:
     blueprint = build(cache=cache_root())
     rows = []
     packages: dict[int, Path] = {}
@@ -176,6 +295,10 @@ async def measure(cases: list[tuple[int, int, bool]], count: int, work: Path
         print(name, flush=True)
         case = work / f"{memory_gib}-{held_gib}-{int(busy)}"
         case.mkdir()
+        if s3:
+            rows.append({"case": f"{name}, syncing to S3 (moto)", **await s3_case(
+                packages[memory_gib], held_gib * GIB, busy, case)})
+            continue
         runs = await hops(packages[memory_gib], held_gib * GIB, busy, count, case)
         rows.append({"case": name, **summary(runs), "runs": runs})
         print(f"{name}: {summary(runs)}", flush=True)
@@ -188,6 +311,8 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also the 4 GiB guest")
     parser.add_argument("--only-large", action="store_true")
     parser.add_argument("--workload", nargs="+", default=["idle", "busy"])
+    parser.add_argument("--s3", action="store_true",
+                        help="the 2 GiB cases syncing to S3, with a hybrid hop")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -196,7 +321,7 @@ def main() -> None:
         cases.append((4, 3, False))
     work = Path(tempfile.mkdtemp(prefix="rev-"))  # short: UNIX socket paths
     try:
-        rows = uvloop.run(measure(cases, args.hops, work))
+        rows = uvloop.run(measure(cases, args.hops, work, args.s3))
     except BaseException:
         print(f"failed; logs are in {work}", file=sys.stderr)
         raise
