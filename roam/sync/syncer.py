@@ -213,8 +213,8 @@ class Syncer:
         self.seq: int | None = None  # newest manifest
         self.totals = _Totals()
         self.error: str | None = None
-        self.caught_up = asyncio.Event()  # set whenever a cycle leaves no lag
         self.retrying = asyncio.Event()  # set while the store fails
+        self._cycling = asyncio.Lock()  # a seal waits for the cycle in progress
         self._putting: dict[bytes, asyncio.Future[None]] = {}
 
     async def start(self) -> None:
@@ -264,33 +264,32 @@ class Syncer:
 
     async def cycle(self) -> None:
         """One check: collect, upload what the policy picks, write a sync point."""
-        await self.before_collect()
-        now = self._clock()
-        for d in self.devices:
-            d.collect(now)
-        jobs = self._select(now)
-        if jobs:
-            await self._upload(jobs)
-        if self.totals.changed and all(d.uploaded.all() for d in self.devices):
-            await self._write_manifest()
-        if not any(d.behind().any() for d in self.devices):
-            self.caught_up.set()
-        else:
-            self.caught_up.clear()
+        async with self._cycling:
+            await self.before_collect()
+            now = self._clock()
+            for d in self.devices:
+                d.collect(now)
+            jobs = self._select(now)
+            if jobs:
+                await self._upload(jobs)
+            if self.totals.changed and all(d.uploaded.all() for d in self.devices):
+                await self._write_manifest()
 
     async def seal(self, *, epoch: int = 0) -> int:
-        """Upload everything pending and write a sealed sync point (the caller paused
-        the VM: every device is then as of one instant). Returns its seq."""
-        await self.before_collect()
-        now = self._clock()
-        jobs: list[_Job] = []
-        for d in self.devices:
-            d.collect(now)
-            chunks = np.flatnonzero(d.pending)
-            d.take(chunks)
-            jobs += [_Job(d, int(c), now) for c in chunks]
-        await self._upload(jobs)
-        return await self._write_manifest(sealed=True, epoch=epoch)
+        """Upload everything pending and write a sealed sync point: the caller paused
+        the VM (and saved its device state), so every device is as of one instant.
+        Returns the point's seq. Waits for a cycle in progress."""
+        async with self._cycling:
+            await self.before_collect()
+            now = self._clock()
+            jobs: list[_Job] = []
+            for d in self.devices:
+                d.collect(now)
+                chunks = np.flatnonzero(d.pending)
+                d.take(chunks)
+                jobs += [_Job(d, int(c), now) for c in chunks]
+            await self._upload(jobs)
+            return await self._write_manifest(sealed=True, epoch=epoch)
 
     # -- picking -------------------------------------------------------------------------
 

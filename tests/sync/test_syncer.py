@@ -83,6 +83,28 @@ async def test_devices_synced_read_back_byte_identical(moto: MotoServer, s3_env:
     assert await restored(reader, "vm1", "memory", mem_size) == await contents(memory)
 
 
+async def test_a_sealed_sync_point_holds_every_change(moto: MotoServer, s3_env: None,
+                                                     tmp_path: Path) -> None:
+    """What a consistent checkpoint builds on: with the VM paused, seal() uploads all
+    that is pending, whatever the knobs say, and marks the point sealed."""
+    store = store_at(moto, moto.bucket("roam-seal"))
+    key = SyncKey.load_or_create(tmp_path / "sync.key")
+    memory = await device(4 * MiB, 4096, os.urandom(4 * MiB))
+    syncer = Syncer("vm", [SyncDevice("memory", memory)], store, key,
+                    SyncPolicy(max_age=3600, min_changes=1000))
+    await syncer.start()
+    await syncer.cycle()
+    await memory.write_at(MiB + 5, b"one page")
+    await syncer.cycle()  # the knobs hold it back
+    assert syncer.status().lag_bytes == MiB
+    seq = await syncer.seal(epoch=7)
+    reader = ChunkReader(store, key)
+    point = await reader.latest("vm")
+    assert (point.seq, point.sealed, point.epoch) == (seq, True, 7)
+    assert syncer.status().lag_bytes == 0
+    assert await restored(reader, "vm", "memory", 4 * MiB) == await contents(memory)
+
+
 async def test_identical_data_is_stored_once(moto: MotoServer, s3_env: None,
                                              tmp_path: Path) -> None:
     bucket = moto.bucket("roam-dedup")
