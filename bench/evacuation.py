@@ -243,7 +243,13 @@ async def s3_case(package: Path, held: int, busy: bool, work: Path) -> dict[str,
                                 seconds=peer.MIGRATE_TIMEOUT)
             info = await call(b, "info", {"name": "evac"})
             chunks, pulled, pull_s = store_fill(Path(b))
+            # B syncs on once the VM runs there; stop that for the plain hop back.
             async with PeerClient(b) as client:
+                deadline = time.monotonic() + 300
+                while (await client.vm("evac")).sync is None:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the VM does not sync on from B")
+                    await asyncio.sleep(0.5)
                 await client.sync_stop("evac")
             await asyncio.sleep(SETTLE)
             t1 = time.time()

@@ -68,7 +68,11 @@ class MotoServer:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(10)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:  # a loaded machine, gigabytes held
+                self.process.kill()
+                self.process.wait(10)
 
 
 @pytest.fixture(scope="session")
