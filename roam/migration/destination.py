@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import blake3
 import numpy as np
 
+from roam.errors import ErrorCode as RoamCode
+from roam.errors import RoamError
 from roam.migration.blocks import block_hash, decompress
 from roam.migration.channel import POSTCOPY_QUEUE, Channel, PeerLost
 from roam.migration.content import CHUNK, ContentDigests, digest_provider
@@ -74,6 +76,7 @@ ZEROES = bytes(4 * 1024 * 1024)  # written for zero runs on a device that is not
 # from an object store (a block the source sent again is newer than the store's).
 LOCAL, REMOTE, STORE = 2, 1, 0
 STORE_CONCURRENCY = 8  # chunks fetched from an object store at once
+STORE_GIVE_UP = 8  # fetches in a row that find no store: the source sends the rest
 
 
 @dataclass
@@ -381,7 +384,10 @@ class Destination:
     async def _fill(self, fetcher: ChunkFetcher) -> None:
         """Fetch the offered chunks, STORE_CONCURRENCY at a time, while the source sends
         the rest."""
+        failing = 0  # fetches in a row that failed for want of the store itself
+
         async def worker() -> None:
+            nonlocal failing
             while self._fill_jobs:
                 device, first, count, address = self._fill_jobs.popleft()
                 try:
@@ -389,7 +395,18 @@ class Destination:
                 except Exception as exc:  # missing, corrupt, unreachable: all mean "source"
                     async with self._apply:
                         self._from_source(device, first, count, exc)
+                        lost = not (isinstance(exc, RoamError) and exc.code in (
+                            RoamCode.NOT_FOUND, RoamCode.INTEGRITY))
+                        failing = failing + 1 if lost else 0
+                        if failing == STORE_GIVE_UP:
+                            # Down or unreachable from here: a timeout per chunk would
+                            # cost more than the source sending them all.
+                            log.warning("the object store fails; taking the rest from "
+                                        "the source")
+                            while self._fill_jobs:
+                                self._from_source(*self._fill_jobs.popleft()[:3], exc)
                     continue
+                failing = 0
                 async with self._apply:
                     await self._store_chunk(device, first, count, data)
 
