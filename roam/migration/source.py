@@ -34,6 +34,7 @@ from roam.migration.errors import (
 from roam.migration.hybrid import StoreOffer
 from roam.migration.wire import (
     ALL_CAPS,
+    CONTENT_HASH_LEN,
     MAX_SAFE,
     VERSION,
     Caps,
@@ -361,8 +362,9 @@ class Source:
             chunks = safe.chunks.astype(np.uint64)
             for start in range(0, len(chunks), MAX_SAFE):
                 end = start + MAX_SAFE
-                self.channel.send(encode_safe(i, cb, chunks[start:end],
-                                              safe.addresses[start * 32 : end * 32]))
+                self.channel.send(encode_safe(
+                    i, cb, chunks[start:end],
+                    safe.addresses[start * CONTENT_HASH_LEN : end * CONTENT_HASH_LEN]))
         log.info("offered %d bytes from the object store", self.result.store_offered_bytes)
 
     def _first_pass_done(self, seconds: float) -> None:
