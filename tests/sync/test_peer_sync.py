@@ -1,10 +1,14 @@
 """A real VM on a peer syncing to moto's S3 server, moved by `roam migrate` to a second
-peer that takes what the bucket holds from there, syncing on; then the bucket's server
-stops: the VM runs on, its lag grows, and the next migration relies on the peer alone."""
+peer that takes what the bucket holds from there, syncing on (after a first attempt
+whose destination is killed while it pulls: the source runs on); then the bucket's
+server stops: the VM runs on, its lag grows, and the next migration relies on the peer
+alone."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +90,24 @@ def test_vm_syncs_moves_hybrid_and_falls_back_to_the_peer(
     assert synced["to"] == f"s3://{bucket}/fleet/synced" and synced["objects_put"] > 20
     assert synced["error"] is None
     a.sh("synced", "echo after-sync > /root/late && sync")  # changed since
+
+    # The destination is killed while it pulls from the bucket: the source runs on. (The
+    # options keep the source cycling, never pausing, for minutes.)
+    doomed = a.migrate_background("synced", b, "--max-dirty-blocks", "0", "--max-cycles",
+                                  "1000", "--cycle-throttle", "0.2")
+    deadline = time.monotonic() + 60
+    while "synced" not in b.vms():
+        assert time.monotonic() < deadline, "the destination never received the VM"
+        time.sleep(0.05)
+    os.kill(b.vms()["synced"]["pid"], signal.SIGKILL)
+    _, stderr = doomed.communicate(timeout=120)
+    assert doomed.returncode == 1, stderr
+    assert a.vms()["synced"]["state"] == "running"
+    assert a.sh("synced", "sha256sum /root/blob | cut -d' ' -f1").strip() == digest
+    deadline = time.monotonic() + 30
+    while "synced" in b.vms():  # B's peer reaps the killed worker
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
     result = json.loads(a.migrate("synced", b).stdout)
     assert result["outcome"] == "completed"
