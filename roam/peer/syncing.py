@@ -111,9 +111,8 @@ async def _report(instance: Instance, syncer: Syncer) -> None:
 
 async def collect(job: SyncJob, request: GcRequest) -> GcResult:
     syncer = job.syncer
-    in_use = frozenset(bytes(a) for d in syncer.devices for a in d.addresses if a.any())
     done = await gc.collect(syncer.store, syncer.key, syncer.vm, request.keep, request.grace,
-                            in_use)
+                            syncer.in_use())
     return GcResult.model_validate(asdict(done))
 
 

@@ -436,6 +436,13 @@ class Syncer:
             zero_chunks=totals.zero_chunks, requests=self.store.counters.requests,
             sync_point=self.seq, error=self.error)
 
+    def in_use(self) -> frozenset[bytes]:
+        """Every object address this sync names or is putting now (a garbage collection
+        spares them, whether or not a manifest names them yet)."""
+        named = {bytes(a) for d in self.devices for a in np.unique(d.addresses, axis=0)
+                 if a.any()}
+        return frozenset(named | set(self._putting))
+
     def safe(self) -> list[Safe] | None:
         """Per device, the chunks the store holds as they are now (zero chunks left
         out: they cost nothing to send); None while the store is failing, so that a

@@ -121,6 +121,13 @@ def test_vm_syncs_moves_hybrid_and_falls_back_to_the_peer(
     moved = wait_sync(b, "synced", lambda s: s["state"] == "running",
                       "B's sync never caught up")
     assert moved["to"] == f"s3://{bucket}/fleet/synced" and moved["dedup_hits"] > 20
+    # Retention: the old sync points go, and the objects only they named (chunks the
+    # guest's kernel rewrote since); what the newest point and the running sync name
+    # stays, and the VM runs on.
+    collected = json.loads(roam("peer", "sync", "synced", "--via", str(b.dir), "--gc",
+                                "--keep", "1", "--grace", "0").stdout)
+    assert collected["manifests_deleted"] > 0 and collected["objects_deleted"] > 0
+    assert b.sh("synced", "sha256sum /root/blob | cut -d' ' -f1").strip() == digest
 
     # The bucket's server stops: the VM runs on, the sync retries, its lag grows.
     store.stop()
