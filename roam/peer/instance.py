@@ -165,7 +165,7 @@ class Instance:
         if self.state not in (VMState.RUNNING, VMState.MIGRATING):
             raise PeerError(f"{self.spec.name} is {self.state}, not running",
                             code=ErrorCode.CONFLICT)
-        if self.sync is not None and not self.sync.task.done():
+        if self.sync is not None and self.sync.task is not None and not self.sync.task.done():
             raise PeerError(f"{self.spec.name} syncs to {self.sync.info().to} already "
                             "(stop that first)", code=ErrorCode.CONFLICT)
         key = SyncKey.load(Path(str(params.get("key_file"))))

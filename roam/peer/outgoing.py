@@ -127,8 +127,8 @@ class Outgoing:
                            before_suspend=self.instance.vm.before_suspend,
                            suspend=self.suspend, authority=self.authority,
                            resume=self.resume, progress=events.progress(self.instance),
-                           store_offer=None if job is None or job.task.done()
-                           else lambda: syncing.store_offer(job.syncer))
+                           store_offer=None if job is None or job.task is None
+                           or job.task.done() else lambda: syncing.store_offer(job.syncer))
 
     async def _settle(self, source: Source) -> SourceResult:
         """Run the engine; the VM's state follows from how it ended."""
@@ -192,6 +192,8 @@ class Outgoing:
         payload = await group.write_authority(
             Authority(live=True, stop_wall=self.marks.stop_wall, memory_blake3=digest),
             instance.below_tracker(Device.STATE))
+        if instance.sync is not None:  # the destination syncs the VM from now on
+            await instance.sync.hold()
         self.marks.authority = time.perf_counter()
         return payload
 
@@ -205,6 +207,8 @@ class Outgoing:
         if instance.state == VMState.PAUSED:
             await instance.vm.resume_paused()
             instance.set_state(VMState.RUNNING)
+        if instance.sync is not None:
+            instance.sync.launch()
 
     def _report(self, result: SourceResult) -> Migrated:
         marks = self.marks

@@ -45,27 +45,55 @@ def policy_of(request: SyncRequest) -> SyncPolicy:
 
 @dataclass
 class SyncJob:
-    """A running sync: the syncer, its task and the task that reports its changes."""
+    """A VM's sync: the syncer, the task that runs it and the task that reports it."""
 
+    instance: Instance
     syncer: Syncer
-    task: asyncio.Task[None]
-    reporter: asyncio.Task[None]
+    task: asyncio.Task[None] | None = None
+    reporter: asyncio.Task[None] | None = None
     failure: str | None = None
+
+    def launch(self) -> None:
+        """Run the sync (again, after `hold`)."""
+        if self.task is not None and not self.task.done():
+            return
+        self.task = asyncio.create_task(self.syncer.run(),
+                                        name=f"sync-{self.instance.spec.name}")
+        self.task.add_done_callback(self._ended)
+        if self.reporter is None or self.reporter.done():
+            self.reporter = asyncio.create_task(_report(self.instance, self.syncer))
+
+    def _ended(self, done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            self.failure = str(done.exception())
+            log.error("sync of %s stopped: %s", self.instance.spec.name, self.failure)
+            if self.reporter is not None:
+                self.reporter.cancel()
+            events.changed(self.instance)
 
     def info(self) -> SyncInfo:
         status = self.syncer.status()
         fields = asdict(status)
-        if self.task.done():
+        if self.task is None or self.task.done():
             fields["state"] = SyncState.STOPPED
             fields["error"] = self.failure or status.error
         return SyncInfo.model_validate(fields)
 
-    async def stop(self) -> None:
-        for task in (self.task, self.reporter):
-            task.cancel()
-        for task in (self.task, self.reporter):
+    async def hold(self) -> None:
+        """Stop uploading for now: the VM is about to run elsewhere, whose peer syncs it
+        from then on (`launch` again if it stays here after all)."""
+        if self.task is not None:
+            self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await self.task
+
+    async def stop(self) -> None:
+        await self.hold()
+        if self.reporter is not None:
+            self.reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reporter
+        self.syncer.close()
 
 
 async def start(instance: Instance, url: StoreURL, endpoint_url: str | None, key: SyncKey,
@@ -80,20 +108,10 @@ async def start(instance: Instance, url: StoreURL, endpoint_url: str | None, key
     try:
         await syncer.start()
     except BaseException:
-        for d in syncer.devices:
-            d.view.close()
+        syncer.close()
         raise
-    task = asyncio.create_task(syncer.run(), name=f"sync-{instance.spec.name}")
-    job = SyncJob(syncer, task, asyncio.create_task(_report(instance, syncer)))
-
-    def ended(done: asyncio.Task[None]) -> None:
-        if not done.cancelled() and done.exception() is not None:
-            job.failure = str(done.exception())
-            log.error("sync of %s stopped: %s", instance.spec.name, job.failure)
-            job.reporter.cancel()
-            events.changed(instance)
-
-    task.add_done_callback(ended)
+    job = SyncJob(instance, syncer)
+    job.launch()
     log.info("%s syncs to %s", instance.spec.name, url.child(instance.spec.name))
     return job
 

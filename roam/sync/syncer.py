@@ -231,8 +231,9 @@ class Syncer:
                 self.seq = seq
 
     async def run(self) -> None:
-        """Cycles until cancelled; failures of the store are retried with backoff, a
-        refusal (credentials, bucket) ends the sync."""
+        """Cycles until cancelled (a later `run` goes on where this one stopped);
+        failures of the store are retried with backoff, a refusal (credentials, bucket)
+        ends the sync."""
         backoff = 0.0
         try:
             while True:
@@ -259,8 +260,11 @@ class Syncer:
                 await asyncio.sleep(self.policy.check_period)
         finally:
             self.state = SyncState.STOPPED
-            for d in self.devices:
-                d.view.close()
+
+    def close(self) -> None:
+        """Stop tracking the devices (after the last `run`)."""
+        for d in self.devices:
+            d.view.close()
 
     async def cycle(self) -> None:
         """One check: collect, upload what the policy picks, write a sync point."""
