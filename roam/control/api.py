@@ -1,7 +1,8 @@
 """The control plane's HTTP API (docs/CONTROL.md): FastAPI over the fleet's store.
 
 Every route but /healthz, /openapi.json and /problems needs a token
-(`Authorization: Bearer TOKEN`). Errors are problem documents with a stable code, as the
+(`Authorization: Bearer TOKEN`); the dashboard's (roam.control.dashboard) take its
+session cookie instead. Errors are problem documents with a stable code, as the
 peer's API answers them (roam.peer.problems): a request that does not parse is
 `bad_request` (422) and changes nothing; an unknown VM or node is `not_found`; a request
 the current state refuses is `conflict` (or `busy` while the VM moves); a missing or
@@ -26,7 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 import roam
-from roam.control import auth, nodes
+from roam.control import auth, dashboard, nodes
 from roam.control.election import Election
 from roam.control.fleet import Fleet, vm_view
 from roam.control.metrics import CONTENT_TYPE, FleetMetrics
@@ -56,7 +57,7 @@ from roam.control.models import (
     VMSpec,
     VMView,
 )
-from roam.control.store import Compacted, WatchKind
+from roam.control.store import Compacted, StoreError, WatchKind
 from roam.errors import ErrorCode, RoamError
 from roam.peer import problems
 from roam.peer.api import PROBLEM, answer_problems
@@ -94,9 +95,16 @@ def create_app(plane: Plane) -> FastAPI:
     api = APIRouter(dependencies=[Depends(authorized)])
     api.route_class = app.router.route_class
 
-    @app.get("/healthz", summary="Whether this instance serves, and whether it leads")
-    async def health() -> Health:
-        revision = (await fleet.store.range(Keys.LEADER)).revision
+    @app.get("/healthz", summary="Whether this instance serves, and whether it leads",
+             responses={503: {"model": Health, "description": "The store fails (a "
+                              "replicated store lost its quorum): `detail` says why"}})
+    async def health(response: Response) -> Health:
+        try:
+            revision = (await fleet.store.range(Keys.LEADER)).revision
+        except StoreError as exc:  # the API serves on; nothing changes until it is back
+            response.status_code = 503
+            return Health(ok=False, leader=plane.election.leading, revision=0,
+                          detail=exc.message)
         return Health(ok=True, leader=plane.election.leading, revision=revision)
 
     @app.get("/problems/{code}", summary="What a problem code means")
@@ -246,6 +254,7 @@ def create_app(plane: Plane) -> FastAPI:
         return Response(plane.metrics.render(await fleet.view()), media_type=CONTENT_TYPE)
 
     app.include_router(api)
+    dashboard.mount(app, fleet)  # the page at /, on the same server (docs/DASHBOARD.md)
     return app
 
 
