@@ -319,7 +319,8 @@ def gateway_cmd(
 @app.command()
 def ls(via: Via, json: Json = False) -> None:
     """The peer's VMs (state, uptime, memory, CPUs, dirty rate during a migration out,
-    accelerator, ports, worker pid) and its gateways; --json: {"vms": [...],
+    sync lag: bytes not uploaded yet and how long the oldest has waited, accelerator,
+    ports, worker pid) and its gateways; --json: {"vms": [...],
     "gateways": [...]}, the API's objects with `uptime_s`."""
     async def both(p: PeerClient) -> dict[str, Any]:
         return {"vms": listing.with_uptime([vm.model_dump(mode="json")

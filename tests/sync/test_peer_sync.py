@@ -52,8 +52,10 @@ def pair() -> Iterator[tuple[Peer, Peer]]:
 
 
 def sync_of(peer: Peer, name: str) -> dict[str, Any]:
-    """The VM's sync as `roam peer ls` shows it."""
-    listed = json.loads(roam("peer", "ls", "--via", str(peer.dir)).stdout)
+    """The VM's sync as `roam peer ls --json` shows it (and its table too)."""
+    table = roam("peer", "ls", "--via", str(peer.dir)).stdout
+    assert "SYNC" in table, table  # its column (80 characters wide: cells wrap)
+    listed = json.loads(roam("peer", "ls", "--via", str(peer.dir), "--json").stdout)
     (vm,) = [v for v in listed["vms"] if v["name"] == name]
     assert vm["sync"] is not None, vm
     sync: dict[str, Any] = vm["sync"]
