@@ -21,12 +21,13 @@ BELOW: dict[str, set[str]] = {
     "spot": {"errors"},
     "exposure": {"errors", "storage"},
     "migration": {"errors", "storage"},
+    "sync": {"errors", "storage"},
     "hypervisor": {"errors", "storage", "exposure", "guest"},
     "vm": {"errors", "storage", "exposure", "guest", "blueprint", "network", "hypervisor"},
     "peer": {"errors", "logs", "storage", "exposure", "guest", "blueprint", "network",
-             "migration", "hypervisor", "vm"},
+             "migration", "sync", "hypervisor", "vm"},
     "control": {"errors", "logs", "storage", "exposure", "guest", "blueprint", "network",
-                "migration", "hypervisor", "vm", "peer", "spot"},
+                "migration", "sync", "hypervisor", "vm", "peer", "spot"},
 }
 """Each part and what it may import; cli and demo sit on top and may import anything."""
 

@@ -43,11 +43,20 @@ def rate(bytes_per_second: float | None) -> str:
     return "-" if bytes_per_second is None else f"{bytes_per_second / 2**20:.1f} MiB/s"
 
 
+def sync_lag(sync: Info | None) -> str:
+    """A VM's sync as `peer ls` shows it: what is not uploaded yet and for how long, and
+    the sync's state unless it runs."""
+    if sync is None:
+        return "-"
+    lag = f"{sync['lag_bytes'] / 2**20:.1f} MiB {duration(sync['lag_seconds'])}"
+    return lag if sync["state"] == "running" else f"{sync['state']} {lag}"
+
+
 def table(vms: list[Info], *, states: bool) -> Table:
-    """The VMs (with `uptime_s`, see with_uptime) as a table; `states` adds STATE (a
-    peer's VMs may be starting, paused, in doubt...)."""
+    """The VMs (with `uptime_s`, see with_uptime) as a table; `states` (a peer's VMs)
+    adds STATE (they may be starting, paused, in doubt...) and SYNC LAG (docs/SYNC.md)."""
     grid = Table("NAME", *(["STATE"] if states else []), "UP", "MEMORY", "CPUS", "DIRTY",
-                 "ACCEL", "PUBLISH", "PID")
+                 *(["SYNC LAG"] if states else []), "ACCEL", "PUBLISH", "PID")
     for vm in vms:
         ports = ", ".join(f"{p['host_addr']}:{p['host_port']}->{p['guest_port']}/"
                           f"{p['protocol']}" for p in vm.get("publish") or [])
@@ -56,5 +65,6 @@ def table(vms: list[Info], *, states: bool) -> Table:
                      duration(vm.get("uptime_s")),
                      "-" if memory is None else f"{memory} MiB",
                      str(vm.get("cpus") or "-"), rate(vm.get("dirty_rate")),
+                     *([sync_lag(vm.get("sync"))] if states else []),
                      vm.get("accel") or "-", ports, str(vm.get("pid") or "-"))
     return grid

@@ -57,10 +57,12 @@ from roam.peer import serve as peer
 from roam.peer.client import PeerClient
 from roam.peer.models import (
     GatewayRequest,
+    GcRequest,
     MigrateRequest,
     MigrateResult,
     ProgressEvent,
     RunRequest,
+    SyncRequest,
 )
 from roam.peer.network import PEER_POOL, NetConfig
 from roam.peer.terminator import Backup
@@ -225,13 +227,69 @@ def run_vm(
              "runs on the peer with this --underlay address: its address and connections "
              "then survive migrations.")] = None,
     vni: Annotated[int | None, typer.Option(help="The VM's overlay segment.")] = None,
+    sync_to: Annotated[str | None, typer.Option(
+        help="Sync the VM continuously to s3://BUCKET/PREFIX (it lands in PREFIX/NAME; "
+             "see `roam peer sync`). A bucket that refuses the peer's credentials starts "
+             "no VM.")] = None,
+    endpoint_url: EndpointUrl = None,
 ) -> None:
     """Resume PACKAGE (or the registry's package) as a VM on the peer; returns once it
     runs."""
+    sync = None if sync_to is None else {"to": sync_to, "endpoint_url": endpoint_url}
     request = _request(RunRequest, name=name, publish=publish, gateway=gateway, vni=vni,
                        package=str(package.absolute()) if package else None,
-                       **{"from": from_})
+                       sync=sync, **{"from": from_})
     _print(_with_peer(via, lambda p: p.run(request)))
+
+
+EndpointUrl = Annotated[str | None, typer.Option(
+    help="The S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: the peer's "
+         "AWS_ENDPOINT_URL, else AWS). Credentials are the peer's AWS_ACCESS_KEY_ID and "
+         "AWS_SECRET_ACCESS_KEY.")]
+
+
+@app.command("sync")
+def sync_cmd(
+    name: Annotated[str, typer.Argument(help="A VM running on the peer.")],
+    via: Via,
+    to: Annotated[str | None, typer.Option(
+        help="Start syncing to s3://BUCKET/PREFIX (the VM lands in PREFIX/NAME; VMs "
+             "under one PREFIX share their objects).")] = None,
+    endpoint_url: EndpointUrl = None,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the VM's sync.")] = False,
+    gc: Annotated[bool, typer.Option(
+        "--gc", help="Delete the VM's sync points but the newest --keep, then every "
+                     "object under PREFIX that no sync point names.")] = False,
+    check_period: Annotated[float, typer.Option(
+        help="Seconds between collections of what changed.")] = 1.0,
+    max_age: Annotated[float, typer.Option(
+        help="Seconds a changed chunk may wait before it goes up.")] = 5.0,
+    min_changes: Annotated[int, typer.Option(
+        help="Changed blocks that send a chunk up before --max-age.")] = 16,
+    limit: Annotated[int, typer.Option(help="Chunks uploaded per check.")] = 256,
+    concurrency: Annotated[int, typer.Option(help="Uploads at once.")] = 8,
+    keep: Annotated[int, typer.Option(help="Sync points kept.")] = 3,
+    grace: Annotated[float, typer.Option(
+        help="With --gc: seconds an unnamed object is spared (another VM's sync may be "
+             "about to name it).")] = 600.0,
+) -> None:
+    """Sync a running VM continuously to an S3 bucket (AWS S3, MinIO, R2...), stop it, or
+    collect its garbage. Chunks of 1 MiB go up encrypted (the key is STATE_DIR/sync.key),
+    a sync point after each round of uploads; `roam peer ls` shows the lag. A VM that
+    syncs moves with `roam migrate` taking what the bucket holds from there."""
+    if sum((to is not None, stop, gc)) != 1:
+        raise typer.BadParameter("give one of --to, --stop and --gc")
+    if stop:
+        _with_peer(via, lambda p: p.sync_stop(name))
+        return
+    if gc:
+        gc_request = _request(GcRequest, keep=keep, grace=grace)
+        _print(_with_peer(via, lambda p: p.sync_gc(name, gc_request)))
+        return
+    request = _request(SyncRequest, to=to, endpoint_url=endpoint_url,
+                       check_period=check_period, max_age=max_age, min_changes=min_changes,
+                       limit=limit, concurrency=concurrency, keep=keep)
+    _print(_with_peer(via, lambda p: p.sync(name, request)))
 
 
 @app.command("gateway")
@@ -261,7 +319,8 @@ def gateway_cmd(
 @app.command()
 def ls(via: Via, json: Json = False) -> None:
     """The peer's VMs (state, uptime, memory, CPUs, dirty rate during a migration out,
-    accelerator, ports, worker pid) and its gateways; --json: {"vms": [...],
+    sync lag: bytes not uploaded yet and how long the oldest has waited, accelerator,
+    ports, worker pid) and its gateways; --json: {"vms": [...],
     "gateways": [...]}, the API's objects with `uptime_s`."""
     async def both(p: PeerClient) -> dict[str, Any]:
         return {"vms": listing.with_uptime([vm.model_dump(mode="json")

@@ -10,12 +10,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import blake3
 import numpy as np
 
+from roam.errors import ErrorCode as RoamCode
+from roam.errors import RoamError
 from roam.migration.blocks import block_hash, decompress
 from roam.migration.channel import POSTCOPY_QUEUE, Channel, PeerLost
 from roam.migration.content import CHUNK, ContentDigests, digest_provider
@@ -27,11 +30,13 @@ from roam.migration.errors import (
     RemoteError,
     wire_code,
 )
+from roam.migration.hybrid import ChunkFetcher, StoreOpener
 from roam.migration.wire import (
     ALL_CAPS,
     MAX_UNIT,
     VERSION,
     Blocks,
+    Caps,
     DeviceSpec,
     Dirty,
     Encoding,
@@ -45,6 +50,9 @@ from roam.migration.wire import (
     Message,
     MsgType,
     ProtocolError,
+    Safe,
+    Store,
+    StoreDescriptor,
     decode,
     encode_error,
     encode_event,
@@ -53,7 +61,7 @@ from roam.migration.wire import (
     encode_range,
 )
 from roam.storage.bitmap import block_runs, runs, zero_blocks
-from roam.storage.combinator import WriteCombinator
+from roam.storage.combinator import CombinatorInput, WriteCombinator
 from roam.storage.provider import Provider
 from roam.storage.waiting import WaitingCache
 
@@ -64,7 +72,11 @@ MAX_REFETCH = 3  # a block that fails verification this often is an error, not b
 HAVE_PER_FRAME = 4096  # digests per HAVE list
 ZEROES = bytes(4 * 1024 * 1024)  # written for zero runs on a device that is not all zero
 
-LOCAL, REMOTE = 1, 0  # write priorities: the VM's own writes beat blocks from the source
+# Write priorities: the VM's own writes beat blocks from the source, which beat blocks
+# from an object store (a block the source sent again is newer than the store's).
+LOCAL, REMOTE, STORE = 2, 1, 0
+STORE_CONCURRENCY = 8  # chunks fetched from an object store at once
+STORE_GIVE_UP = 8  # fetches in a row that find no store: the source sends the rest
 
 
 @dataclass
@@ -95,6 +107,10 @@ class DestinationResult:
     integrity_errors: int = 0
     dropped_blocks: int = 0  # arrived after the VM wrote its own copy
     verified_blocks: int = 0
+    store_bytes: int = 0  # taken from an object store (hybrid migration)
+    store_chunks: int = 0
+    store_fallback_chunks: int = 0  # missing, corrupt or unreachable: asked of the source
+    store_seconds: float = 0.0  # STORE received to the last chunk fetched
     seconds_to_authority: float = 0.0
     total_seconds: float = 0.0
     declined: bool = False
@@ -104,10 +120,13 @@ class DestinationResult:
 class Destination:
     def __init__(self, channel: Channel, make_device: DeviceFactory,
                  on_authority: Callable[[bytes, dict[str, WaitingCache]], Awaitable[None]]
-                 = _accept, *, prepares: bool = False, prepared_payload: bytes = b"") -> None:
+                 = _accept, *, prepares: bool = False, prepared_payload: bytes = b"",
+                 store: StoreOpener | None = None) -> None:
         """`prepares`: the application sends PREPARED itself (`prepared()`) once it can
         take authority at once; otherwise it goes out with READY, carrying
-        `prepared_payload` (e.g. a terminator saying that it takes a copy and declines)."""
+        `prepared_payload` (e.g. a terminator saying that it takes a copy and declines).
+        `store`: open the object store a source offers blocks from (hybrid migration,
+        roam.migration.hybrid); PREPARED then waits until those blocks are here."""
         self.channel = channel
         self.make_device = make_device
         self.on_authority = on_authority
@@ -125,6 +144,21 @@ class Destination:
         self._prepares = prepares
         self._prepared_payload = prepared_payload
         self._prepared_sent = False
+        self._open_store = store
+        self._peer_caps = Caps(0)
+        # Messages and blocks from the store are applied one at a time: a DIRTY is never
+        # interleaved with the write of a stale chunk from the store.
+        self._apply = asyncio.Lock()
+        self._store_inputs: dict[int, CombinatorInput] = {}
+        self._from_store: dict[int, np.ndarray] = {}  # per block: expected from the store
+        self._fetcher: ChunkFetcher | None = None
+        self._store_seen = False
+        self._store_expected = self._store_received = 0
+        self._fill_jobs: deque[tuple[int, int, int, bytes]] = deque()
+        self._filler: asyncio.Task[None] | None = None
+        self._held_prepared: bytes | None = None
+        self._store_started = 0.0
+        self.store_descriptor: StoreDescriptor | None = None  # what the source offered
 
     @property
     def authority_arrived(self) -> bool:
@@ -150,12 +184,14 @@ class Destination:
         if self._prepared_sent:
             raise RuntimeError("PREPARED sent twice")
         self._prepared_sent = True
-        self.channel.send(encode_event(EventKind.PREPARED, payload))
+        self._held_prepared = payload
+        self._release_prepared()
 
     async def run(self) -> DestinationResult:
         start = time.perf_counter()
         try:
-            self.channel.send(encode_hello(ALL_CAPS))
+            self.channel.send(encode_hello(ALL_CAPS if self._open_store is not None
+                                           else ALL_CAPS & ~Caps.STORE))
             self._start = start
             while not await self._step():
                 pass
@@ -177,6 +213,10 @@ class Destination:
         finally:
             if self._authority_task is not None and not self._authority_task.done():
                 self._authority_task.cancel()
+            if self._filler is not None and not self._filler.done():
+                self._filler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._filler
             if self._pending_recv is not None:
                 self._pending_recv.cancel()
             self.result.total_seconds = time.perf_counter() - start
@@ -184,20 +224,25 @@ class Destination:
         return self.result
 
     async def _step(self) -> bool:
-        """Handle the next message, or notice that authority was taken; True when done."""
-        task = self._authority_task
+        """Handle the next message, or notice that authority was taken or that the
+        store's chunks are all here; True when done."""
+        others = [t for t in (self._authority_task, self._filler)
+                  if t is not None and not t.done()]
         if self._pending_recv is None:
-            if task is None or task.done():
+            if not others:
                 kind, body = await self.channel.recv()
                 return await self._handle(decode(kind, body))
             # Kept across steps, never cancelled: a cancelled read could lose half a frame.
             self._pending_recv = asyncio.ensure_future(self.channel.recv())
         recv = self._pending_recv
-        if task is not None and not task.done():
-            await asyncio.wait([recv, task], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+        if others:
+            await asyncio.wait([recv, *others], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
             if not recv.done():
-                task.result()
-                return self._finished()
+                for task in others:
+                    if task.done():
+                        task.result()  # raises what it hit
+                async with self._apply:
+                    return self._finished()
         self._pending_recv = None
         kind, body = await recv
         return await self._handle(decode(kind, body))
@@ -210,6 +255,10 @@ class Destination:
 
     async def _handle(self, msg: Message) -> bool:
         """Apply one message; True when the migration is finished."""
+        async with self._apply:
+            return await self._apply_message(msg)
+
+    async def _apply_message(self, msg: Message) -> bool:
         if isinstance(msg, Blocks):
             await self._blocks(msg)
         elif isinstance(msg, Dirty):
@@ -218,6 +267,12 @@ class Destination:
             if len(blocks) and int(blocks.max()) >= spec.nblocks:
                 raise ProtocolError(f"DIRTY names a block beyond device {spec.name}")
             cache.mark_absent(blocks.astype(np.int64))
+            if msg.device in self._from_store:  # the store's copy is stale now
+                self._from_store[msg.device][blocks.astype(np.int64)] = False
+        elif isinstance(msg, Store):
+            await self._store_offered(msg)
+        elif isinstance(msg, Safe):
+            self._safe(msg)
         elif isinstance(msg, Hashes) and msg.kind == MsgType.HASHES:
             await self._verify(msg)
         elif isinstance(msg, Event):
@@ -225,6 +280,7 @@ class Destination:
         elif isinstance(msg, Hello):
             if msg.version != VERSION:
                 raise ProtocolError(f"source speaks version {msg.version}, not {VERSION}")
+            self._peer_caps = msg.caps
         elif isinstance(msg, Group):
             await self._group(msg)
         elif isinstance(msg, Error):
@@ -249,6 +305,7 @@ class Destination:
             combinator = WriteCombinator(made.provider, spec.block_size)
             cache = WaitingCache(combinator.input(LOCAL), combinator.input(REMOTE),
                                  spec.block_size)
+            self._store_inputs[spec.id] = combinator.input(STORE)
             cache.on_need = self._asker(spec.id, MsgType.NEED_AT)
             cache.on_dont_need = self._asker(spec.id, MsgType.DONT_NEED_AT)
             self.devices[spec.name] = cache
@@ -259,10 +316,158 @@ class Destination:
         self.ready.set()
         if self._prepares:
             self.channel.send(encode_event(EventKind.READY))
+        elif self._store_negotiated():  # PREPARED once the store's chunks are here
+            self.channel.send(encode_event(EventKind.READY))
+            self._prepared_sent = True
+            self._held_prepared = self._prepared_payload
         else:  # one write: a peer gone by now is noticed by the reader, with its reason
             self._prepared_sent = True
             self.channel.send(encode_event(EventKind.READY),
                               encode_event(EventKind.PREPARED, self._prepared_payload))
+
+    # -- hybrid migration: blocks from an object store -------------------------------
+
+    def _store_negotiated(self) -> bool:
+        return self._open_store is not None and Caps.STORE in self._peer_caps
+
+    def _store_pending(self) -> bool:
+        """Blocks offered from the store are still to be fetched (or the offer itself is
+        still to come): PREPARED waits, so the source pauses its VM only once the store
+        has given what it holds."""
+        if not self._store_negotiated():
+            return False
+        return (not self._store_seen or self._store_received < self._store_expected
+                or bool(self._fill_jobs) or (self._filler is not None
+                                             and not self._filler.done()))
+
+    def _release_prepared(self) -> None:
+        if self._held_prepared is not None and not self._store_pending():
+            payload, self._held_prepared = self._held_prepared, None
+            with contextlib.suppress(PeerLost):
+                self.channel.send(encode_event(EventKind.PREPARED, payload))
+
+    async def _store_offered(self, msg: Store) -> None:
+        if not self._store_negotiated() or self._store_seen or self.result.group is None \
+                or self._authority_task is not None:
+            raise ProtocolError("STORE unasked for, twice, before GROUP or after AUTHORITY")
+        self._store_seen = True
+        self._store_started = time.perf_counter()
+        descriptor = self.store_descriptor = msg.descriptor
+        if descriptor is not None and self._open_store is not None:
+            self._store_expected = descriptor.chunks
+            try:
+                self._fetcher = await self._open_store(descriptor)
+            except Exception as exc:  # an application's opener: any failure means "source"
+                log.warning("cannot open the object store %s (%s); taking every block "
+                            "from the source", descriptor.url, exc)
+        self._release_prepared()
+
+    def _safe(self, msg: Safe) -> None:
+        spec = self._device(msg.device)[0]
+        cb = msg.chunk_blocks
+        if not self._store_seen or self._authority_task is not None or \
+                self._store_received + len(msg.chunks) > self._store_expected:
+            raise ProtocolError("SAFE without STORE, beyond its count, or after AUTHORITY")
+        if int(msg.chunks[-1]) >= -(-spec.nblocks // cb):
+            raise ProtocolError(f"SAFE names a chunk beyond device {spec.name}")
+        self._store_received += len(msg.chunks)
+        expected = self._from_store.setdefault(msg.device,
+                                               np.zeros(spec.nblocks, dtype=np.bool_))
+        padded = np.zeros(-(-spec.nblocks // cb) * cb, dtype=np.bool_)
+        padded.reshape(-1, cb)[msg.chunks.astype(np.int64)] = True
+        expected |= padded[: spec.nblocks]
+        for i, chunk in enumerate(msg.chunks.tolist()):
+            first = chunk * cb
+            self._fill_jobs.append((msg.device, first, min(cb, spec.nblocks - first),
+                                    msg.address(i)))
+        if self._fetcher is None:
+            while self._fill_jobs:
+                self._from_source(*self._fill_jobs.popleft()[:3])
+        elif self._filler is None or self._filler.done():
+            self._filler = asyncio.create_task(self._fill(self._fetcher), name="store-fill")
+        self._release_prepared()
+
+    async def _fill(self, fetcher: ChunkFetcher) -> None:
+        """Fetch the offered chunks, STORE_CONCURRENCY at a time, while the source sends
+        the rest."""
+        failing = 0  # fetches in a row that failed for want of the store itself
+
+        async def worker() -> None:
+            nonlocal failing
+            while self._fill_jobs:
+                device, first, count, address = self._fill_jobs.popleft()
+                try:
+                    data = await fetcher.fetch(address)
+                except Exception as exc:  # missing, corrupt, unreachable: all mean "source"
+                    async with self._apply:
+                        self._from_source(device, first, count, exc)
+                        lost = not (isinstance(exc, RoamError) and exc.code in (
+                            RoamCode.NOT_FOUND, RoamCode.INTEGRITY))
+                        failing = failing + 1 if lost else 0
+                        if failing == STORE_GIVE_UP:
+                            # Down or unreachable from here: a timeout per chunk would
+                            # cost more than the source sending them all.
+                            log.warning("the object store fails; taking the rest from "
+                                        "the source")
+                            while self._fill_jobs:
+                                self._from_source(*self._fill_jobs.popleft()[:3], exc)
+                    continue
+                failing = 0
+                async with self._apply:
+                    await self._store_chunk(device, first, count, data)
+
+        try:
+            async with asyncio.TaskGroup() as workers:
+                for _ in range(min(STORE_CONCURRENCY, len(self._fill_jobs))):
+                    workers.create_task(worker())
+            result = self.result
+            result.store_seconds = time.perf_counter() - self._store_started
+            # Logged for benchmarks that drive the engine through a peer.
+            log.info("store: %d chunks, %d bytes in %.3f s; %d asked of the source instead",
+                     result.store_chunks, result.store_bytes, result.store_seconds,
+                     result.store_fallback_chunks)
+        finally:
+            self._release_prepared_later()
+
+    def _release_prepared_later(self) -> None:
+        """At the filler's end (it counts as running until it returns)."""
+        asyncio.get_running_loop().call_soon(self._release_prepared)
+
+    async def _store_chunk(self, device: int, first: int, count: int, data: bytes) -> None:
+        """Write the blocks of a fetched chunk that are still expected from the store."""
+        spec, cache, _ = self._device(device)
+        bs = spec.block_size
+        if len(data) != min(spec.size, (first + count) * bs) - first * bs:
+            self._from_source(device, first, count, "chunk of the wrong size")
+            return
+        expected = self._from_store[device]
+        view = memoryview(data)
+        for lo, n in runs(expected[first : first + count]):
+            self._written_ever[device][first + lo : first + lo + n] = True
+            await cache.write_remote(first + lo, view[lo * bs : (lo + n) * bs],
+                                     via=self._store_inputs[device])
+        expected[first : first + count] = False
+        self.result.store_bytes += len(data)
+        self.result.store_chunks += 1
+
+    def _from_source(self, device: int, first: int, count: int,
+                     why: object = "the object store is not open") -> None:
+        """A chunk the store could not give: ask the source for what is still wanted."""
+        spec = self._device(device)[0]
+        expected = self._from_store[device]
+        wanted = expected[first : first + count].copy()
+        expected[first : first + count] = False
+        self.result.store_fallback_chunks += 1
+        # The first says why; when the store is down, every chunk fails the same way.
+        log.log(logging.WARNING if self.result.store_fallback_chunks == 1 else logging.DEBUG,
+                "device %s blocks %d..%d not taken from the store (%s); asking the source",
+                spec.name, first, first + count - 1, why)
+        bs = spec.block_size
+        for lo, n in runs(wanted):
+            offset = (first + lo) * bs
+            with contextlib.suppress(PeerLost):
+                self.channel.send(encode_range(MsgType.NEED_AT, device, offset,
+                                               min(n * bs, spec.size - offset)))
 
     async def _offer_existing(self, spec: DeviceSpec, made: NewDevice) -> None:
         """Tell the source what we hold, so it sends "you have this" instead of data."""

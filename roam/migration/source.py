@@ -31,8 +31,11 @@ from roam.migration.errors import (
     RemoteError,
     wire_code,
 )
+from roam.migration.hybrid import StoreOffer
 from roam.migration.wire import (
     ALL_CAPS,
+    CONTENT_HASH_LEN,
+    MAX_SAFE,
     VERSION,
     Caps,
     DeviceSpec,
@@ -59,6 +62,8 @@ from roam.migration.wire import (
     encode_have_blocks,
     encode_hello,
     encode_raw_header,
+    encode_safe,
+    encode_store,
 )
 from roam.storage.bitmap import Blocks, Mask, runs, zero_blocks
 from roam.storage.dirty import DirtyTracker
@@ -167,6 +172,9 @@ class SourceHooks:
     authority: Callable[[], Awaitable[bytes]] = _no_payload  # payload for the destination
     resume: Callable[[], Awaitable[None]] = _nothing  # undo suspend (abort or decline)
     progress: Callable[[Progress], None] | None = None  # must not block: called inline
+    # What an object store holds of the devices now (roam.migration.hybrid): called once,
+    # inline, when the destination is ready; None offers nothing.
+    store_offer: Callable[[], StoreOffer | None] | None = None
 
 
 @dataclass
@@ -203,6 +211,7 @@ class SourceResult:
     payload: bytes = b""
     prepared: bytes = b""  # the destination's PREPARED payload
     decline_reason: str = ""  # what a destination that declined said
+    store_offered_bytes: int = 0  # left to the destination to take from the store
 
 
 class Source:
@@ -224,6 +233,9 @@ class Source:
         self._pending = [np.zeros(spec.nblocks, dtype=np.bool_) for spec in self.group.devices]
         self._owned_by_peer = [np.zeros(spec.nblocks, dtype=np.bool_)
                                for spec in self.group.devices]
+        # Offered from the store: the first pass leaves them out (hybrid migration).
+        self._from_store = [np.zeros(spec.nblocks, dtype=np.bool_)
+                            for spec in self.group.devices]
         self._order = [SendQueue() for _ in self.devices]
         self._priority: deque[tuple[int, int]] = deque()
         self._work = asyncio.Event()
@@ -284,6 +296,7 @@ class Source:
                 self._compressor = Compressor(self.policy.compression)
             else:
                 log.warning("peer cannot decode %s; sending raw", self.policy.compression.name)
+        self._offer_store()
 
         if not self.policy.precopy:
             await self._handover([np.arange(len(p)) for p in self._pending], reader)
@@ -293,11 +306,16 @@ class Source:
         # block read stale would be sent again at the first cycle.
         await self._check(self.hooks.before_collect(), reader)
         for i, dev in enumerate(self.devices):
-            blocks = np.arange(len(self._pending[i]), dtype=np.int64)
+            blocks = np.flatnonzero(~self._from_store[i])
             self._queue(i, dev.volatility.order_array(blocks) if dev.volatility else blocks)
         self._report("copy")
         await self._send_pending(reader)
         self._first_pass_done(time.perf_counter() - first_pass)
+        if self.result.store_offered_bytes and self.policy.await_prepared:
+            # The destination takes the offered chunks from the store and says PREPARED
+            # once they are in: cycling meanwhile would resend what the workload keeps
+            # rewriting. Serve its requests (chunks the store could not give) until then.
+            await self._send_pending(reader, until=self._prepared)
 
         carry = [NO_BLOCKS for _ in self.devices]
         while True:
@@ -327,6 +345,35 @@ class Source:
         self._send_dirty(last)
         await self._send_pending(reader)
         await self._handover([NO_BLOCKS for _ in self.devices], reader)
+
+    def _offer_store(self) -> None:
+        """To a destination that can take blocks from an object store: what the store
+        holds as the devices are now (STORE, SAFE). Those blocks are tracked from this
+        moment as if sent (no await between the offer and that), so a write to one
+        makes it dirty and it is sent like any other dirty block."""
+        if Caps.STORE not in self._caps:
+            return
+        offer = self.hooks.store_offer() if self.hooks.store_offer is not None else None
+        self.channel.send(encode_store(None if offer is None else offer.descriptor))
+        if offer is None:
+            return
+        for i, safe in enumerate(offer.devices):
+            if not len(safe.chunks):
+                continue
+            spec, cb = self.group.devices[i], safe.chunk_blocks
+            padded = np.zeros(-(-spec.nblocks // cb) * cb, dtype=np.bool_)
+            padded.reshape(-1, cb)[safe.chunks] = True
+            mask = padded[: spec.nblocks]
+            self.devices[i].tracker.view.track(mask)
+            self._from_store[i] = mask
+            self.result.store_offered_bytes += int(np.count_nonzero(mask)) * spec.block_size
+            chunks = safe.chunks.astype(np.uint64)
+            for start in range(0, len(chunks), MAX_SAFE):
+                end = start + MAX_SAFE
+                self.channel.send(encode_safe(
+                    i, cb, chunks[start:end],
+                    safe.addresses[start * CONTENT_HASH_LEN : end * CONTENT_HASH_LEN]))
+        log.info("offered %d bytes from the object store", self.result.store_offered_bytes)
 
     def _first_pass_done(self, seconds: float) -> None:
         result = self.result
@@ -459,7 +506,7 @@ class Source:
                 self._queue(i, blocks)
 
     async def _send_pending(self, reader: asyncio.Task[None],
-                            until: asyncio.Future[None] | None = None) -> None:
+                            until: asyncio.Future[Any] | None = None) -> None:
         """Send queued blocks, priority requests first; with `until`, also wait for more
         requests until that future is done."""
         while True:
@@ -650,6 +697,7 @@ class Source:
                     raise ProtocolError("PREPARED before READY or twice")
                 self.result.prepared = msg.payload
                 self._prepared.set_result(msg.payload)
+                self._work.set()
             elif msg.kind in (EventKind.AUTHORITY_ACK, EventKind.AUTHORITY_DECLINE):
                 if not self._authority_sent:
                     raise ProtocolError(f"{msg.kind.name} before authority was sent")

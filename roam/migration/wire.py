@@ -13,6 +13,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from roam import errors
@@ -43,6 +45,8 @@ class MsgType(enum.IntEnum):
     HASHES = 0x31
     HAVE = 0x32
     EVENT = 0x40
+    STORE = 0x50
+    SAFE = 0x51
     ERROR = 0x7F
 
 
@@ -50,9 +54,10 @@ class Caps(enum.IntFlag):
     ZSTD = 1
     LZ4 = 2
     CONTENT = 4  # HAVE lists and blocks sent as "you already have this"
+    STORE = 8  # the destination can take blocks from an object store (STORE, SAFE)
 
 
-ALL_CAPS = Caps.ZSTD | Caps.LZ4 | Caps.CONTENT
+ALL_CAPS = Caps.ZSTD | Caps.LZ4 | Caps.CONTENT | Caps.STORE
 
 
 class Encoding(enum.IntEnum):
@@ -120,6 +125,34 @@ class Group(BaseModel):
         if len({d.name for d in self.devices}) != len(self.devices):
             raise ValueError("device names must be unique")
         return self
+
+
+class StoreDescriptor(BaseModel):
+    """STORE: where the source's sync keeps the group's chunks, the key that opens them,
+    and how many SAFE entries follow."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(max_length=1100, pattern=(
+        r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._-]+)*$"))
+    endpoint_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://\S+$")
+    key: str = Field(pattern=r"^[0-9a-f]{64}$")  # the sync key (the channel carries memory)
+    chunks: int = Field(ge=0, le=1 << 32)  # SAFE entries that follow, over all devices
+
+
+@dataclass(frozen=True, slots=True)
+class Safe:
+    """SAFE: chunks of `chunk_blocks` blocks of one device that the store holds as the
+    device has them now: chunk i is blocks [i * chunk_blocks, (i + 1) * chunk_blocks),
+    cut by the end of the device; `addresses` holds one CONTENT_HASH_LEN address each."""
+
+    device: int
+    chunk_blocks: int
+    chunks: npt.NDArray[np.uint64]  # strictly ascending
+    addresses: bytes
+
+    def address(self, i: int) -> bytes:
+        return self.addresses[i * CONTENT_HASH_LEN : (i + 1) * CONTENT_HASH_LEN]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +225,14 @@ class Error:
     message: str
 
 
-Message = Hello | Group | Blocks | Range | Dirty | Hashes | Event | Error
+@dataclass(frozen=True, slots=True)
+class Store:
+    """STORE: the descriptor, or None (the source offers nothing this time)."""
+
+    descriptor: StoreDescriptor | None
+
+
+Message = Hello | Group | Blocks | Range | Dirty | Hashes | Event | Error | Store | Safe
 _Decoder = Callable[[memoryview], Message]
 
 # -- encoding ------------------------------------------------------------------------
@@ -206,6 +246,9 @@ _HAVE = struct.Struct("!HQII")
 _UNIT = struct.Struct("!I")
 _EVENT = struct.Struct("!B")
 _ERROR = struct.Struct("!H")
+_SAFE = struct.Struct("!HII")
+_SAFE_ENTRY = np.dtype([("chunk", ">u8"), ("address", "V32")])
+MAX_SAFE = 65536  # entries per SAFE frame
 
 
 def frame(kind: MsgType, body_len: int) -> bytes:
@@ -288,6 +331,21 @@ def encode_error(code: ErrorCode, message: str) -> bytes:
     text = message.encode()[:4096].decode(errors="ignore").encode()
     body = _ERROR.pack(code) + text
     return frame(MsgType.ERROR, len(body)) + body
+
+
+def encode_store(descriptor: StoreDescriptor | None) -> bytes:
+    body = b"" if descriptor is None else descriptor.model_dump_json().encode()
+    return frame(MsgType.STORE, len(body)) + body
+
+
+def encode_safe(device: int, chunk_blocks: int, chunks: npt.NDArray[np.uint64],
+                addresses: bytes) -> bytes:
+    """One SAFE frame (at most MAX_SAFE entries)."""
+    entries = np.empty(len(chunks), dtype=_SAFE_ENTRY)
+    entries["chunk"] = chunks
+    entries["address"] = np.frombuffer(addresses, dtype="V32")
+    body = _SAFE.pack(device, chunk_blocks, len(chunks)) + entries.tobytes()
+    return frame(MsgType.SAFE, len(body)) + body
 
 
 # -- decoding ------------------------------------------------------------------------
@@ -444,6 +502,31 @@ def _error(body: memoryview) -> Error:
     return Error(error_code, bytes(body[_ERROR.size :]).decode(errors="replace"))
 
 
+def _store(body: memoryview) -> Store:
+    if not body:
+        return Store(None)
+    try:
+        return Store(StoreDescriptor.model_validate(json.loads(bytes(body))))
+    except (ValueError, ValidationError) as e:
+        raise ProtocolError(f"STORE: invalid store description: {e}") from None
+    except RecursionError:
+        raise ProtocolError("STORE: invalid store description: nested too deeply") from None
+
+
+def _safe(body: memoryview) -> Safe:
+    device, chunk_blocks, count = _SAFE.unpack_from(body)
+    if not 1 <= chunk_blocks <= MAX_UNIT or chunk_blocks & (chunk_blocks - 1):
+        raise ProtocolError(f"SAFE: {chunk_blocks} blocks per chunk is not a power of two "
+                            f"up to {MAX_UNIT}")
+    if not 1 <= count <= MAX_SAFE or len(body) != _SAFE.size + count * _SAFE_ENTRY.itemsize:
+        raise ProtocolError(f"SAFE: body does not hold {count} entries (1 to {MAX_SAFE})")
+    entries = np.frombuffer(body[_SAFE.size :], dtype=_SAFE_ENTRY)
+    chunks = entries["chunk"].astype(np.uint64)
+    if len(chunks) > 1 and not (chunks[1:] > chunks[:-1]).all():
+        raise ProtocolError("SAFE: chunks are not strictly ascending")
+    return Safe(device, chunk_blocks, chunks, entries["address"].tobytes())
+
+
 _DECODERS: dict[MsgType, _Decoder] = {
     MsgType.HELLO: _hello,
     MsgType.GROUP: _group,
@@ -455,4 +538,6 @@ _DECODERS: dict[MsgType, _Decoder] = {
     MsgType.HAVE: _hashes(MsgType.HAVE),
     MsgType.EVENT: _event,
     MsgType.ERROR: _error,
+    MsgType.STORE: _store,
+    MsgType.SAFE: _safe,
 }

@@ -34,12 +34,16 @@ from roam.peer.models import (
     ExecResult,
     GatewayInfo,
     GatewayRequest,
+    GcRequest,
+    GcResult,
     LogChunk,
     LogName,
     MigrateRequest,
     MigrateResult,
     PeerInfo,
     RunRequest,
+    SyncInfo,
+    SyncRequest,
     VMInfo,
 )
 
@@ -63,6 +67,9 @@ class PeerService(Protocol):
 
     async def pause(self, name: str) -> VMInfo: ...
     async def migrate(self, name: str, request: MigrateRequest) -> MigrateResult: ...
+    async def sync(self, name: str, request: SyncRequest) -> SyncInfo: ...
+    async def sync_stop(self, name: str) -> None: ...
+    async def sync_gc(self, name: str, request: GcRequest) -> GcResult: ...
     def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk: ...
     def gateways(self) -> list[GatewayInfo]: ...
     def gateway(self, name: str) -> GatewayInfo: ...
@@ -172,6 +179,20 @@ def create_app(peer: PeerService) -> FastAPI:
     async def migrate_vm(name: VMName, request: MigrateRequest) -> MigrateResult:
         return await peer.migrate(name, request)
 
+    @app.put("/vms/{name}/sync", summary="Sync the VM continuously to an object store "
+                                         "(s3://BUCKET/PREFIX/NAME)")
+    async def sync_vm(name: VMName, request: SyncRequest) -> SyncInfo:
+        return await peer.sync(name, request)
+
+    @app.delete("/vms/{name}/sync", status_code=204, summary="Stop the VM's sync (what is "
+                                                             "in the store stays)")
+    async def stop_sync(name: VMName) -> None:
+        await peer.sync_stop(name)
+
+    @app.post("/vms/{name}/sync/gc", summary="Delete the VM's old sync points and every "
+                                             "object no sync point names")
+    async def sync_gc(name: VMName, request: GcRequest) -> GcResult:
+        return await peer.sync_gc(name, request)
     @app.get("/vms/{name}/logs/{log}", summary="A piece of one of the VM's logs (console, "
              "qemu, worker); follow it by asking again from next_offset")
     async def get_log(name: VMName, log: LogName,

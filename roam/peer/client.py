@@ -28,6 +28,8 @@ from roam.peer.models import (
     ExecResult,
     GatewayInfo,
     GatewayRequest,
+    GcRequest,
+    GcResult,
     LogChunk,
     LogName,
     MigrateRequest,
@@ -35,6 +37,8 @@ from roam.peer.models import (
     PeerInfo,
     RunRequest,
     SnapshotEvent,
+    SyncInfo,
+    SyncRequest,
     VMInfo,
 )
 from roam.peer.problems import Problem, code_for_status
@@ -132,6 +136,17 @@ class PeerClient:
     async def migrate(self, name: str, request: MigrateRequest) -> MigrateResult:
         return MigrateResult.model_validate((await self._request(
             "POST", f"/vms/{name}/migrate", request.model_dump(), MIGRATE_TIMEOUT)).json())
+
+    async def sync(self, name: str, request: SyncRequest) -> SyncInfo:
+        return SyncInfo.model_validate((await self._request(
+            "PUT", f"/vms/{name}/sync", request.model_dump(), RUN_TIMEOUT)).json())
+
+    async def sync_stop(self, name: str) -> None:
+        await self._request("DELETE", f"/vms/{name}/sync")
+
+    async def sync_gc(self, name: str, request: GcRequest) -> GcResult:
+        return GcResult.model_validate((await self._request(
+            "POST", f"/vms/{name}/sync/gc", request.model_dump(), MIGRATE_TIMEOUT)).json())
 
     async def gateways(self) -> list[GatewayInfo]:
         return TypeAdapter(list[GatewayInfo]).validate_python(

@@ -91,6 +91,7 @@ def describe(instance: Instance) -> VMInfo:
     """The instance as the API shows it (its `info` reply and every `VMEvent`)."""
     return VMInfo.model_validate({
         **instance.info, "name": instance.spec.name, "state": instance.state,
+        "sync": instance.sync.info() if instance.sync is not None else None,
         "ready": instance.agent_ready.is_set(),
         "publish": [asdict(f) for f in instance.spec.forwards()],
         "overlay": instance.spec.overlay})

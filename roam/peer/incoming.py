@@ -16,12 +16,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from roam.errors import ErrorCode
+from roam.errors import ErrorCode, RoamError
 from roam.hypervisor import HypervisorError, MemoryFeeder
 from roam.migration.channel import Channel
 from roam.migration.destination import Destination, NewDevice
 from roam.migration.errors import Decline
 from roam.migration.wire import DeviceSpec
+from roam.peer import syncing
 from roam.peer.errors import PeerError
 from roam.peer.instance import Instance, stacks
 from roam.peer.models import Prepared
@@ -32,6 +33,8 @@ from roam.storage.cow import CopyOnWrite
 from roam.storage.provider import Provider
 from roam.storage.sources import SparseFileSource
 from roam.storage.waiting import WaitingCache, block_runs
+from roam.sync.crypto import SyncKey
+from roam.sync.store import StoreURL
 from roam.vm import group
 from roam.vm.group import COW_BLOCK, Device
 from roam.vm.states import VMState
@@ -54,7 +57,8 @@ class Incoming:
             self.overrides["name"] = name
         if publish is not None:
             self.overrides["publish"] = publish
-        self.destination = Destination(channel, self._make, self._authority, prepares=True)
+        self.destination = Destination(channel, self._make, self._authority, prepares=True,
+                                       store=syncing.open_store)
         self.instance: Instance | None = None
         self.prepared: asyncio.Task[None] | None = None
         self.started = asyncio.Event()  # `prepared` exists
@@ -134,6 +138,20 @@ class Incoming:
                 (files / names[dev]).write_bytes(bytes(await cache.read_at(0, cache.size())))
         await self.instance.start_machine()
         self.destination.prepared(Prepared(underlay=self.netconf.underlay).model_dump_json().encode())
+
+    async def sync_on(self) -> None:
+        """A VM whose source synced to an object store syncs there from here too, with
+        the source's key (its objects are already there: unchanged chunks cost no PUT).
+        A store that refuses us now is logged; the VM runs on without a sync."""
+        descriptor = self.destination.store_descriptor
+        if descriptor is None or self.instance is None:
+            return
+        try:
+            await self.instance.start_sync(
+                StoreURL.parse(descriptor.url), descriptor.endpoint_url,
+                SyncKey(bytes.fromhex(descriptor.key)), syncing.SyncPolicy())
+        except RoamError as exc:
+            log.warning("%s does not sync on from here: %s", self.instance.spec.name, exc)
 
     async def _authority(self, payload: bytes, _: dict[str, WaitingCache]) -> None:
         await self.started.wait()

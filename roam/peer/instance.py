@@ -26,14 +26,16 @@ from roam.migration.errors import LostPeer
 from roam.migration.source import SourceDevice
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer import events
+from roam.peer import events, syncing
 from roam.peer.errors import PeerError
-from roam.peer.models import ExecRequest, MigrateRequest
+from roam.peer.models import ExecRequest, GcRequest, MigrateRequest, SyncRequest
 from roam.peer.network import NetConfig
 from roam.peer.outgoing import Outgoing, policy_from
 from roam.storage.cow import CopyOnWrite
 from roam.storage.provider import Provider
 from roam.storage.sources import SparseFileSource
+from roam.sync.crypto import SyncKey
+from roam.sync.store import StoreURL
 from roam.vm import control, group
 from roam.vm.group import COW_BLOCK, Device, VMSpec
 from roam.vm.lifecycle import VM, Resumed
@@ -68,6 +70,7 @@ class Instance:
         self.migrating = False
         self.fenced = False  # paused by its node's agent (handle_pause), not a migration
         self.agent_ready = asyncio.Event()
+        self.sync: syncing.SyncJob | None = None  # its continuous sync (roam.peer.syncing)
 
     @property
     def vm(self) -> VM:
@@ -172,6 +175,42 @@ class Instance:
         self.set_state(VMState.PAUSED)
         return events.describe(self).model_dump(mode="json")
 
+    async def handle_sync(self, params: control.Json) -> control.Json:
+        """Start syncing to an object store (params: the SyncRequest and the peer's key
+        file). A store that refuses us is this request's error; the VM runs on."""
+        request = SyncRequest.model_validate(params.get("request"))
+        if self.state not in (VMState.RUNNING, VMState.MIGRATING):
+            raise PeerError(f"{self.spec.name} is {self.state}, not running",
+                            code=ErrorCode.CONFLICT)
+        if self.sync is not None and self.sync.task is not None and not self.sync.task.done():
+            raise PeerError(f"{self.spec.name} syncs to {self.sync.info().to} already "
+                            "(stop that first)", code=ErrorCode.CONFLICT)
+        key = SyncKey.load(Path(str(params.get("key_file"))))
+        await self.start_sync(StoreURL.parse(request.to), request.endpoint_url, key,
+                              syncing.policy_of(request))
+        assert self.sync is not None
+        return self.sync.info().model_dump(mode="json")
+
+    async def start_sync(self, url: StoreURL, endpoint_url: str | None, key: SyncKey,
+                         policy: syncing.SyncPolicy) -> None:
+        self.sync = await syncing.start(self, url, endpoint_url, key, policy)
+        events.changed(self)
+
+    async def handle_sync_stop(self, _: control.Json) -> control.Json:
+        if self.sync is None:
+            raise PeerError(f"{self.spec.name} does not sync", code=ErrorCode.CONFLICT)
+        job, self.sync = self.sync, None
+        await job.stop()
+        events.changed(self)
+        return {}
+
+    async def handle_sync_gc(self, params: control.Json) -> control.Json:
+        if self.sync is None:
+            raise PeerError(f"{self.spec.name} does not sync: start its sync to collect "
+                            "garbage where it syncs", code=ErrorCode.CONFLICT)
+        result = await syncing.collect(self.sync, GcRequest.model_validate(params))
+        return result.model_dump(mode="json")
+
     async def handle_migrate(self, params: control.Json) -> control.Json:
         request = MigrateRequest.model_validate(params)
         if self.state in (VMState.STARTING, VMState.INCOMING):
@@ -196,6 +235,9 @@ class Instance:
         return asdict(result)
 
     async def close(self) -> None:
+        if self.sync is not None:
+            job, self.sync = self.sync, None
+            await job.stop()
         if self._vm is not None:
             await self._vm.close()
         if self.net is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -81,6 +82,35 @@ class PortForwardInfo(BaseModel):
     protocol: Literal["tcp", "udp"]
 
 
+def _store_url(text: str) -> str:
+    if not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._-]+)*/?$", text):
+        raise ValueError("must be s3://BUCKET/PREFIX (bucket: a-z 0-9 . -; prefix: "
+                         "letters, digits, . _ - and /)")
+    if any(part in (".", "..") for part in text.removeprefix("s3://").split("/")[1:]):
+        raise ValueError("a prefix has no . or .. parts")
+    return text.rstrip("/")
+
+
+StoreURLText = Annotated[str, AfterValidator(_store_url)]
+EndpointURL = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
+
+
+class SyncInfo(BaseModel):
+    """A VM's continuous sync to an object store (docs/SYNC.md)."""
+
+    to: str  # s3://BUCKET/PREFIX/NAME
+    state: Literal["first-pass", "running", "retrying", "stopped"]
+    lag_bytes: int  # changed (or never uploaded) and not uploaded yet
+    lag_seconds: float  # how long the oldest of that has waited
+    uploaded_bytes: int
+    objects_put: int
+    dedup_hits: int  # chunks the store held already
+    zero_chunks: int
+    requests: int  # to the store
+    sync_point: int | None  # the newest manifest written
+    error: str | None  # the last failure (retrying), or why it stopped
+
+
 class VMInfo(BaseModel):
     """A VM as its peer knows it. Timings are those of its arrival here."""
 
@@ -103,6 +133,39 @@ class VMInfo(BaseModel):
     load_state_ms: float | None = None
     cont_ms: float | None = None
     memory_checked: bool = False  # memory compared with the source's at the pause
+    sync: SyncInfo | None = None  # its continuous sync, if it has one
+
+
+class SyncRequest(_Request):
+    """Sync a running VM's devices to s3://BUCKET/PREFIX/NAME (Silo's knobs)."""
+
+    to: StoreURLText = Field(description="s3://BUCKET/PREFIX: the VM syncs to PREFIX/NAME; "
+                                         "every VM under PREFIX shares its objects")
+    endpoint_url: EndpointURL | None = Field(default=None, description=(
+        "the S3 endpoint (default: the peer's AWS_ENDPOINT_URL, else AWS)"))
+    check_period: Annotated[float, Field(gt=0, le=3600, description=(
+        "seconds between dirty collections"))] = 1.0
+    max_age: Annotated[float, Field(ge=0, le=86400, description=(
+        "seconds a changed chunk may wait"))] = 5.0
+    min_changes: Annotated[int, Field(ge=1, le=1 << 20, description=(
+        "changed blocks that send a chunk before max_age"))] = 16
+    limit: Annotated[int, Field(ge=1, le=1 << 20, description=(
+        "chunks uploaded per check, after the first pass"))] = 256
+    concurrency: Annotated[int, Field(ge=1, le=64, description="uploads at once")] = 8
+    keep: Annotated[int, Field(ge=1, le=1000, description="sync points kept")] = 3
+
+
+class GcRequest(_Request):
+    keep: Annotated[int, Field(ge=1, le=1000, description="this VM's sync points kept")] = 3
+    grace: Annotated[float, Field(ge=0, le=30 * 86400, description=(
+        "seconds an unnamed object is spared (another VM may be about to name it)"))] = 600.0
+
+
+class GcResult(BaseModel):
+    manifests_deleted: int
+    objects_deleted: int
+    bytes_freed: int
+    objects_kept: int
 
 
 class RunRequest(_Request):
@@ -120,6 +183,8 @@ class RunRequest(_Request):
     gateway: Annotated[IPv4Text | None, Field(
         description="the --underlay address of the peer that is its overlay gateway")] = None
     vni: Vni | None = None
+    sync: SyncRequest | None = Field(default=None, description=(
+        "sync it to an object store from the start"))
 
     @model_validator(mode="after")
     def _consistent(self) -> RunRequest:
@@ -201,6 +266,7 @@ class MigrateResult(BaseModel):
     first_pass_ms: float = 0.0
     first_pass_payload_bytes: int = 0
     have_bytes: int = 0
+    store_offered_bytes: int = 0  # hybrid: what the destination took from the store
 
 
 class GatewayRequest(_Request):

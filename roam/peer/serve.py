@@ -34,7 +34,7 @@ from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer import api, host, statedir, systemd
+from roam.peer import api, host, statedir, syncing, systemd
 from roam.peer.client import PEER_SOCKET
 from roam.peer.events import Hub
 from roam.peer.models import (
@@ -44,6 +44,8 @@ from roam.peer.models import (
     ExecResult,
     GatewayInfo,
     GatewayRequest,
+    GcRequest,
+    GcResult,
     LogChunk,
     LogName,
     MigrateRequest,
@@ -52,6 +54,8 @@ from roam.peer.models import (
     ProgressEvent,
     RunRequest,
     SnapshotEvent,
+    SyncInfo,
+    SyncRequest,
     VMEvent,
     VMInfo,
     VMRemovedEvent,
@@ -59,6 +63,8 @@ from roam.peer.models import (
 from roam.peer.network import NetConfig
 from roam.peer.packages import HeldPackages
 from roam.peer.table import VMTable, Worker
+from roam.sync.crypto import SyncKey
+from roam.sync.store import ObjectStore, StoreURL
 from roam.vm import control
 from roam.vm.package import Package, PackageError
 
@@ -276,6 +282,9 @@ class Peer:
         if self.table.taken(name):
             raise RoamError(f"a VM called {name!r} already runs on this peer",
                             code=ErrorCode.CONFLICT)
+        if request.sync is not None:  # a store that refuses us: no VM is started
+            await ObjectStore(StoreURL.parse(request.sync.to),
+                              request.sync.endpoint_url).check()
         args = ["--name", name]
         for spec in request.publish:
             args += ["--publish", spec]
@@ -307,6 +316,9 @@ class Peer:
             raise RoamError(f"{name} did not start:\n{worker.log_tail()}")
         if request.package is not None:  # indexed once the VM runs, not during its boot
             self._hold(Path(request.package))  # a VM from it coming back sends changes only
+        if request.sync is not None:
+            await self.sync(name, request.sync)
+            return self.vm(name)
         return worker.info
 
     async def exec(self, name: str, request: ExecRequest) -> ExecResult:
@@ -333,6 +345,29 @@ class Peer:
         worker = self.table.find_live(name)
         return MigrateResult.model_validate(
             await worker.call("migrate", request.model_dump(), MIGRATE_TIMEOUT))
+
+    async def sync(self, name: str, request: SyncRequest) -> SyncInfo:
+        worker = self.table.find_live(name)
+        self.state_dir.chmod(0o700)
+        key = syncing.key_file(self.state_dir)
+        SyncKey.load_or_create(key)
+        info = SyncInfo.model_validate(await worker.call("sync", {
+            "request": request.model_dump(), "key_file": str(key)}, timeout=120.0))
+        # The table learns it from the worker's event; wait for it so that a list right
+        # after this shows the sync.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await worker.wait_for(lambda w: w.info is not None and w.info.sync is not None)
+        return info
+
+    async def sync_stop(self, name: str) -> None:
+        worker = self.table.find_live(name)
+        await worker.call("sync_stop", timeout=60.0)
+
+    async def sync_gc(self, name: str, request: GcRequest) -> GcResult:
+        worker = self.table.find_live(name)
+        return GcResult.model_validate(await worker.call("sync_gc", request.model_dump(),
+                                                         timeout=600.0))
 
     def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk:
         """Up to `limit` bytes of the VM's `log` from `offset` (its worker's directory)."""

@@ -49,7 +49,9 @@ async def _control(instance: Instance, incoming: Incoming | None = None
     server = await control.serve(instance.workdir / control.SOCKET, {
         "info": instance.handle_info, "exec": instance.handle_exec,
         "migrate": instance.handle_migrate, "stop": instance.handle_stop,
-        "resume": instance.handle_resume, "pause": instance.handle_pause},
+        "resume": instance.handle_resume, "pause": instance.handle_pause,
+        "sync": instance.handle_sync, "sync_stop": instance.handle_sync_stop,
+        "sync_gc": instance.handle_sync_gc},
         {"events": events.stream(instance)})
     watching = asyncio.create_task(events.watch(instance, incoming))
     try:
@@ -143,6 +145,7 @@ async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
                 log.info("%s resumed here %.1f ms after its pause on the source",
                          instance.spec.name, instance.info.get("downtime_ms") or 0.0)
                 await instance.after_resume()
+                await incoming.sync_on()
                 await _serve(instance)
             finally:
                 if incoming.prepared is not None:

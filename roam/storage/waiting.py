@@ -105,20 +105,22 @@ class WaitingCache:
 
     # -- the migration side ------------------------------------------------------------
 
-    async def write_remote(self, block: int, data: Buffer) -> bool:
+    async def write_remote(self, block: int, data: Buffer,
+                           via: CombinatorInput | None = None) -> bool:
         """Store blocks from the source, from `block` on (data may span several: one
-        write for a run). False if the VM's own writes kept any of them."""
+        write for a run). False if the VM's own writes kept any of them. `via`: another
+        remote input than the source's (an object store, below the source)."""
         bs = self.block_size
         end = block + (len(data) + bs - 1) // bs
         if self._local_written[block:end].any():
             if end - block > 1:  # rare: split so the VM's blocks are skipped one by one
                 view = memoryview(data)
                 results = [await self.write_remote(b, view[(b - block) * bs :
-                                                            (b - block + 1) * bs])
+                                                            (b - block + 1) * bs], via)
                            for b in range(block, end)]
                 return all(results)
             return False
-        accepted = await self.remote.write_checked(block * bs, data)
+        accepted = await (via or self.remote).write_checked(block * bs, data)
         self._mark_range(block, end)
         if accepted and self.on_arrived is not None:
             self.on_arrived(block * bs, data)

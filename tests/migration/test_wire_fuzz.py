@@ -13,6 +13,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import xxhash
 from hypothesis import HealthCheck, event, given, settings
@@ -23,8 +24,10 @@ from roam.migration import wire as w
 from roam.migration.channel import FrameProtocol, PeerLost
 from roam.migration.destination import Destination, DestinationResult
 from roam.migration.errors import MigrationError
+from roam.migration.hybrid import StoreOpener
 from roam.migration.source import Source, SourceDevice, SourceResult
 from roam.migration.wire import Caps, Encoding, ErrorCode, EventKind, MsgType, ProtocolError
+from roam.peer.syncing import open_store
 from roam.storage.sources import MemorySource
 from tests.migration.conftest import memory_device
 
@@ -71,6 +74,14 @@ def _check_message(kind: MsgType, body: bytes, msg: w.Message) -> None:
         assert msg.kind == kind
     elif isinstance(msg, w.Event):
         assert isinstance(msg.kind, EventKind)
+    elif isinstance(msg, w.Safe):
+        assert 1 <= len(msg.chunks) <= w.MAX_SAFE
+        assert len(msg.addresses) == w.CONTENT_HASH_LEN * len(msg.chunks)
+        assert (msg.chunks[1:] > msg.chunks[:-1]).all()
+        assert 1 <= msg.chunk_blocks <= w.MAX_UNIT and not msg.chunk_blocks & (
+            msg.chunk_blocks - 1)
+    elif isinstance(msg, w.Store):
+        assert msg.descriptor is None or len(msg.descriptor.key) == 64
 
 
 def _decode_or_error(kind: MsgType, body: bytes) -> w.Message | None:
@@ -113,6 +124,8 @@ def test_decode_bodies_with_huge_counts(kind: MsgType, prefix: bytes, pad: int,
         struct.pack_into("!I", body, 2, count)
     elif kind in (MsgType.HASHES, MsgType.HAVE):
         struct.pack_into("!I", body, 10, count)
+    elif kind == MsgType.SAFE:
+        struct.pack_into("!I", body, 6, count)
     _decode_or_error(kind, bytes(body))
 
 
@@ -208,6 +221,17 @@ valid_frames = st.one_of(
               st.sampled_from(list(EventKind)), st.binary(max_size=100)),
     st.builds(lambda c, m: (w.encode_error(c, m), ("error", c, m)),
               st.sampled_from(list(ErrorCode)), st.text(max_size=100)),
+    st.builds(lambda d: (w.encode_store(d), ("store", d)), st.none() | st.builds(
+        w.StoreDescriptor, url=st.from_regex(r"s3://[a-z0-9]{3,10}(/[a-z0-9._-]{1,8}){0,2}",
+                                             fullmatch=True),
+        endpoint_url=st.none() | st.just("http://127.0.0.1:9000"),
+        key=st.binary(min_size=32, max_size=32).map(bytes.hex),
+        chunks=st.integers(0, 2**32))),
+    st.builds(lambda d, u, c, a: (w.encode_safe(d, 1 << u, np.array(sorted(c), dtype=np.uint64),
+                                                a[: 32 * len(c)]),
+                                  ("safe", d, 1 << u, sorted(c), a[: 32 * len(c)])),
+              u16, st.integers(0, 16), st.sets(u64, min_size=1, max_size=20),
+              st.binary(min_size=640, max_size=640)),
 )
 
 
@@ -249,6 +273,11 @@ def test_round_trip_every_encoder(case: tuple[bytes, tuple[object, ...]]) -> Non
         assert msg.unit == (want[4] if tag == "have" else 1)
     elif tag == "event":
         assert msg == w.Event(want[1], want[2])  # type: ignore[arg-type]
+    elif tag == "store":
+        assert msg == w.Store(want[1])  # type: ignore[arg-type]
+    elif tag == "safe":
+        assert isinstance(msg, w.Safe)
+        assert (msg.device, msg.chunk_blocks, msg.chunks.tolist(), msg.addresses) == want[1:]
     else:
         assert msg == w.Error(want[1], want[2])  # type: ignore[arg-type]
 
@@ -370,9 +399,10 @@ async def _finish(task: asyncio.Task[Outcome], peer: Peer, ours: FrameProtocol,
 
 
 async def destination_session(frames: list[bytes], *, close_peer: bool,
+                              store: StoreOpener | None = None,
                               ) -> tuple[Outcome, Peer, Destination]:
     src_ch, dst_ch = await _channel_pair()
-    dest = Destination(dst_ch, memory_device)
+    dest = Destination(dst_ch, memory_device, store=store)
     peer = Peer(src_ch).start()
     task: asyncio.Task[Outcome] = asyncio.create_task(dest.run())  # type: ignore[arg-type]
     peer.send(frames)
@@ -459,7 +489,63 @@ def _bad_destination_cases() -> dict[str, tuple[list[bytes], str]]:
                                      "HAVE lists' units"),
         "have list to destination": ([*PREFIX, w.encode_hashes(MsgType.HAVE, 0, 2,
                                                                [bytes(32)], 2)], "unexpected"),
+        "store unasked": ([*PREFIX, w.encode_store(None)], "STORE unasked"),
+        "safe without store": ([*PREFIX, _safe(0, [0])], "SAFE without STORE"),
     }
+
+
+def _safe(device: int, chunks: list[int], chunk_blocks: int = 2) -> bytes:
+    return w.encode_safe(device, chunk_blocks, np.array(chunks, dtype=np.uint64),
+                         bytes(32 * len(chunks)))
+
+
+def _store(chunks: int) -> bytes:
+    return w.encode_store(w.StoreDescriptor(url="s3://roam-fuzz/p", key="00" * 32,
+                                            endpoint_url="http://127.0.0.1:9",
+                                            chunks=chunks))
+
+
+def _bad_store_cases() -> dict[str, tuple[list[bytes], str]]:
+    authority = w.encode_event(EventKind.AUTHORITY, b"app")
+    return {
+        "store twice": ([*PREFIX, _store(0), _store(0)], "twice"),
+        "store before group": ([w.encode_hello(w.ALL_CAPS), _store(0)], "before GROUP"),
+        "store after authority": ([*PREFIX, authority, _store(0)], "after AUTHORITY"),
+        "safe beyond its count": ([*PREFIX, _store(1), _safe(0, [0, 1])], "beyond its count"),
+        "safe beyond the device": ([*PREFIX, _store(1), _safe(1, [1])], "beyond device b"),
+        "safe unknown device": ([*PREFIX, _store(1), _safe(4, [0])], "no device 4"),
+        "safe not ascending": ([*PREFIX, _store(2), w.encode_safe(
+            0, 2, np.array([1, 0], dtype=np.uint64), bytes(64))], "ascending"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_store_cases()))
+async def test_destination_with_a_store_refuses(case: str) -> None:
+    """A destination that can take blocks from an object store (its opener is real; the
+    store it names does not answer, so nothing is ever fetched)."""
+    frames, why = _bad_store_cases()[case]
+    outcome, peer, _ = await destination_session(frames, close_peer=False, store=open_store)
+    assert isinstance(outcome, ProtocolError | MigrationError), outcome
+    assert why in str(outcome) and any(why in m for m in peer.errors()), peer.errors()
+
+
+async def test_destination_asks_the_source_for_what_the_store_cannot_give() -> None:
+    src_ch, dst_ch = await _channel_pair()
+    dest = Destination(dst_ch, memory_device, store=open_store)
+    peer = Peer(src_ch).start()
+    task: asyncio.Task[Outcome] = asyncio.create_task(dest.run())  # type: ignore[arg-type]
+    peer.send([*PREFIX, _store(2), _safe(0, [0, 1])])
+
+    def asked() -> list[tuple[int, int]]:
+        ranges = [w.decode(k, memoryview(b)) for k, b in peer.frames if k == MsgType.NEED_AT]
+        return sorted((r.offset, r.length) for r in ranges if isinstance(r, w.Range))
+
+    async with asyncio.timeout(30):
+        while len(asked()) < 2:  # noqa: ASYNC110 (frames arrive on the peer's reader task)
+            await asyncio.sleep(0.02)
+    assert asked() == [(0, 2 * BS), (2 * BS, SIZES["a"] - 2 * BS)]
+    assert dest.result.store_fallback_chunks == 2
+    assert isinstance(await _finish(task, peer, dst_ch, True), MigrationError)
 
 
 @pytest.mark.parametrize("case", list(_bad_destination_cases()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 import socket
 import subprocess
@@ -45,7 +46,8 @@ class Peer:
     """A `roam peer serve` in this namespace; each gets its own range of transit subnets
     (they share the host's namespace)."""
 
-    def __init__(self, name: str, root: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, root: Path, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.dir = root / name
         self.dir.mkdir(exist_ok=True)  # a restart serves the same state directory
@@ -54,7 +56,8 @@ class Peer:
         self.process = subprocess.Popen(
             [*ROAM, "peer", "serve", "--listen", self.address, "--state-dir", str(self.dir),
              "--net-pool", f"10.240.{next(_pools) % 256}.0/24", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT,
+            env=None if env is None else {**os.environ, **env})
         deadline = time.monotonic() + 30
         while not _answers(self.dir / PEER_SOCKET):  # a killed peer's socket stays
             assert self.process.poll() is None and time.monotonic() < deadline, "peer down"

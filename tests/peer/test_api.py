@@ -34,6 +34,8 @@ from roam.peer.models import (
     ExecResult,
     GatewayInfo,
     GatewayRequest,
+    GcRequest,
+    GcResult,
     LogChunk,
     LogName,
     MigrateRequest,
@@ -41,6 +43,8 @@ from roam.peer.models import (
     PeerInfo,
     RunRequest,
     SnapshotEvent,
+    SyncInfo,
+    SyncRequest,
     VMInfo,
 )
 from roam.peer.problems import MEDIA_TYPE, STATUS, Problem
@@ -54,6 +58,10 @@ LOG = b"[    0.000000] Linux version 6.1\nroam-init: up\n"
 RESULT = MigrateResult(outcome="completed", bytes_sent=1, total_ms=1.0, cycles=1,
                        dirty_per_cycle=[1], final_dirty=0, handover_ms=1.0, state_save_ms=1.0,
                        downtime_ms=1.0, priority_blocks=0)
+
+SYNC = SyncInfo(to="s3://b/p/web", state="running", lag_bytes=0, lag_seconds=0.0,
+                uploaded_bytes=0, objects_put=0, dedup_hits=0, zero_chunks=0, requests=0,
+                sync_point=None, error=None)
 
 
 class Stub:
@@ -98,6 +106,18 @@ class Stub:
     async def migrate(self, name: str, request: MigrateRequest) -> MigrateResult:
         self._vm(name)
         return RESULT
+
+    async def sync(self, name: str, request: SyncRequest) -> SyncInfo:
+        self._vm(name)
+        return SYNC.model_copy(update={"to": f"{request.to}/{name}"})
+
+    async def sync_stop(self, name: str) -> None:
+        self._vm(name)
+
+    async def sync_gc(self, name: str, request: GcRequest) -> GcResult:
+        self._vm(name)
+        return GcResult(manifests_deleted=request.keep, objects_deleted=0, bytes_freed=0,
+                        objects_kept=0)
 
     def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk:
         self._vm(name)
@@ -187,6 +207,14 @@ def test_unexpected_exception_is_internal() -> None:
     ("POST", "/vms/web/exec", {"argv": []}, 422, ErrorCode.BAD_REQUEST),
     ("POST", "/vms/nope/exec", {"argv": ["true"]}, 404, ErrorCode.NOT_FOUND),
     ("DELETE", "/gateways/nope", None, 404, ErrorCode.NOT_FOUND),
+    ("PUT", "/vms/web/sync", {"to": "https://bucket/p"}, 422, ErrorCode.BAD_REQUEST),
+    ("PUT", "/vms/web/sync", {"to": "s3://Bad_Bucket/p"}, 422, ErrorCode.BAD_REQUEST),
+    ("PUT", "/vms/web/sync", {"to": "s3://bucket/../p"}, 422, ErrorCode.BAD_REQUEST),
+    ("PUT", "/vms/web/sync", {"to": "s3://bucket", "limit": 0}, 422, ErrorCode.BAD_REQUEST),
+    ("PUT", "/vms/web/sync", {"to": "s3://bucket", "endpoint_url": "ftp://x"}, 422,
+     ErrorCode.BAD_REQUEST),
+    ("POST", "/vms/web/sync/gc", {"keep": 0}, 422, ErrorCode.BAD_REQUEST),
+    ("DELETE", "/vms/nope/sync", None, 404, ErrorCode.NOT_FOUND),
     ("GET", "/vms/web/logs/nope", None, 422, ErrorCode.BAD_REQUEST),
     ("GET", "/vms/web/logs/console?offset=-1", None, 422, ErrorCode.BAD_REQUEST),
     ("GET", "/vms/web/logs/console?limit=0", None, 422, ErrorCode.BAD_REQUEST),
@@ -206,6 +234,13 @@ def test_requests_that_parse() -> None:
     assert request("POST", "/vms/web/migrate", {"to": "tcp://h:1"}).json() == \
         RESULT.model_dump(mode="json")
     assert request("POST", "/vms/web/stop").status_code == 204
+    assert request("PUT", "/vms/web/sync", {"to": "s3://bucket/fleet", "endpoint_url":
+                                            "http://127.0.0.1:9000"}).json()["to"] == \
+        "s3://bucket/fleet/web"
+    assert request("DELETE", "/vms/web/sync").status_code == 204
+    assert request("POST", "/vms/web/sync/gc", {"keep": 2}).json()["manifests_deleted"] == 2
+    assert request("POST", "/vms", {"name": "w", "package": "/p", "sync": {
+        "to": "s3://bucket/fleet"}}).status_code == 201
     assert request("GET", "/events").text.startswith("event: snapshot\n")
     chunk = LogChunk.model_validate(request("GET", "/vms/web/logs/console?offset=4&limit=5")
                                     .json())
@@ -216,7 +251,8 @@ def test_requests_that_parse() -> None:
 def test_openapi_describes_the_resources() -> None:
     spec = request("GET", "/openapi.json").json()
     assert {"/vms", "/vms/{name}", "/vms/{name}/exec", "/vms/{name}/stop",
-            "/vms/{name}/resume", "/vms/{name}/migrate", "/gateways", "/gateways/{name}",
+            "/vms/{name}/resume", "/vms/{name}/migrate", "/vms/{name}/sync",
+            "/vms/{name}/sync/gc", "/gateways", "/gateways/{name}",
             "/peer", "/events", "/vms/{name}/logs/{log}"} <= set(spec["paths"])
     assert "Problem" in spec["components"]["schemas"]
     assert "text/event-stream" in spec["paths"]["/events"]["get"]["responses"]["200"][
@@ -227,15 +263,19 @@ def test_openapi_describes_the_resources() -> None:
 
 FIELDS = ["name", "package", "from", "publish", "gateway", "vni", "argv", "timeout", "to",
           "postcopy", "max_cycles", "min_cycles", "max_dirty_blocks", "cycle_throttle",
-          "compression", "verify", "check_memory", "remove", "x"]
+          "compression", "verify", "check_memory", "remove", "sync", "endpoint_url",
+          "check_period", "max_age", "min_changes", "limit", "concurrency", "keep", "grace",
+          "x"]
 SCALARS = (st.none() | st.booleans() | st.integers() | st.floats()
            | st.text(max_size=12) | st.sampled_from(
-               ["web", "/p", "tcp://h:1", "unix:///s", "8080:80", "10.0.0.1", "zstd", ""]))
+               ["web", "/p", "tcp://h:1", "unix:///s", "8080:80", "10.0.0.1", "zstd", "",
+                "s3://bucket/p", "http://127.0.0.1:1"]))
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
                       | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 PATHS = st.sampled_from(
     ["/vms", "/vms/web", "/vms/web/exec", "/vms/web/stop", "/vms/web/resume",
-     "/vms/web/migrate", "/vms/nope/migrate", "/gateways", "/gateways/gw", "/peer",
+     "/vms/web/migrate", "/vms/nope/migrate", "/vms/web/sync", "/vms/web/sync/gc",
+     "/gateways", "/gateways/gw", "/peer",
      "/vms/web/logs/console", "/vms/web/logs/worker?offset=3&limit=2",
      "/vms/web/logs/qemu?offset=99999999999999999999", "/vms/web/logs/x?limit=a",
      "/problems/busy", "/problems/nope"]) | st.text(
