@@ -12,24 +12,26 @@ and the guest runs; the rest streams in behind it (post-copy).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
 from roam.errors import ErrorCode
-from roam.hypervisor import HypervisorError, MemoryFeeder
+from roam.hypervisor import HypervisorError
 from roam.migration.channel import Channel
 from roam.migration.destination import Destination, NewDevice
 from roam.migration.errors import Decline
 from roam.migration.wire import DeviceSpec
 from roam.peer.errors import PeerError
 from roam.peer.instance import Instance, stacks
+from roam.peer.memfill import MemoryFill
 from roam.peer.models import Prepared
 from roam.peer.network import NetConfig
 from roam.peer.outgoing import memory_digest
 from roam.storage.provider import Provider
 from roam.storage.sources import SparseFileSource
-from roam.storage.waiting import WaitingCache, block_runs
+from roam.storage.waiting import WaitingCache
 from roam.vm import group
 from roam.vm.group import Device
 from roam.vm.states import VMState
@@ -55,35 +57,43 @@ class Incoming:
         self.prepared: asyncio.Task[None] | None = None
         self.started = asyncio.Event()  # `prepared` exists
         self.resumed = asyncio.Event()
-        self._feeder: MemoryFeeder | None = None
+        self._fill: MemoryFill | None = None
+        self._filler: asyncio.Task[None] | None = None
 
     def fill_memory(self) -> None:
-        """Until the VM resumes, memory blocks go into the memory the machine maps as they
-        arrive, and blocks the source sends again are invalidated there: the resumed
-        guest then faults on almost nothing."""
+        """Until the VM resumes, every memory block the destination holds goes into the
+        memory the machine maps, zero blocks included, and blocks the source sends again
+        are dropped there (roam.peer.memfill): the resumed guest faults only on the
+        blocks still missing at authority."""
         assert self.instance is not None
         feeder = self.instance.vm.machine.memory_feeder()
         if feeder is None:
             return
         cache = self.destination.devices[Device.MEMORY]
-        size = cache.block_size
-
-        def stale(blocks: list[int]) -> None:
-            for first, count in block_runs(blocks):
-                feeder.invalidate(first * size, count * size)
-
-        cache.on_arrived = feeder.store
-        cache.on_stale = stale
-        self._feeder = feeder
+        self._fill = MemoryFill(feeder, cache)
+        cache.on_arrived = self._fill.arrived
+        cache.on_stale = self._fill.stale
 
     async def _stop_filling(self) -> None:
-        """Before the guest runs: after that, its own pages must not be replaced."""
-        if self._feeder is None:
+        """Before the guest runs: the last blocks in, then no more stores (the guest's
+        own pages must not be replaced)."""
+        if self._fill is None:
             return
-        cache = self.destination.devices[Device.MEMORY]
-        cache.on_arrived = cache.on_stale = None
-        feeder, self._feeder = self._feeder, None
-        await feeder.close()
+        fill, self._fill = self._fill, None
+        filler, self._filler = self._filler, None
+        try:
+            await fill.finish(filler)
+        finally:
+            cache = self.destination.devices[Device.MEMORY]
+            cache.on_arrived = cache.on_stale = None
+
+    async def close(self) -> None:
+        """Whatever ended the incoming VM: no filler outlives it."""
+        if self._filler is not None:
+            self._filler.cancel()
+            with contextlib.suppress(BaseException):
+                await self._filler
+            self._filler = None
 
     async def _make(self, spec: DeviceSpec) -> NewDevice:
         group.device(spec.name)  # a VM's device, or the group is refused
@@ -115,6 +125,8 @@ class Incoming:
                 cache = self.destination.devices[dev]
                 (files / names[dev]).write_bytes(bytes(await cache.read_at(0, cache.size())))
         await self.instance.start_machine()
+        if self._fill is not None:  # the machine holds its memory now: fill it
+            self._filler = asyncio.create_task(self._fill.run(), name="memory-fill")
         self.destination.prepared(Prepared(underlay=self.netconf.underlay).model_dump_json().encode())
 
     async def _authority(self, payload: bytes, _: dict[str, WaitingCache]) -> None:

@@ -85,11 +85,10 @@ class PageCacheFeeder:
         """Drop [offset, offset + length) from the page cache."""
         self._submit(self._invalidate, offset, length)
 
-    async def close(self, *, drop_stores: bool = True) -> None:
-        """Wait until every invalidation asked for is done, and the stores too unless
-        `drop_stores` (what is still queued then is left to readers: at a resume, waiting
-        for it would only lengthen the pause); PageCacheError if an invalidation failed
-        (stale pages may be left behind)."""
+    async def close(self, *, drop_stores: bool = False) -> None:
+        """Wait until every invalidation and every store asked for is done (with
+        `drop_stores`, stores still queued are left to readers instead); PageCacheError
+        if an invalidation failed (stale pages may be left behind)."""
         self._closing = drop_stores
         if self._last is not None:
             await asyncio.wait([self._last])
