@@ -104,10 +104,13 @@ class DestinationResult:
 class Destination:
     def __init__(self, channel: Channel, make_device: DeviceFactory,
                  on_authority: Callable[[bytes, dict[str, WaitingCache]], Awaitable[None]]
-                 = _accept, *, prepares: bool = False, prepared_payload: bytes = b"") -> None:
+                 = _accept, *, prepares: bool = False, prepared_payload: bytes = b"",
+                 done_payload: Callable[[], Awaitable[bytes]] | None = None) -> None:
         """`prepares`: the application sends PREPARED itself (`prepared()`) once it can
         take authority at once; otherwise it goes out with READY, carrying
-        `prepared_payload` (e.g. a terminator saying that it takes a copy and declines)."""
+        `prepared_payload` (e.g. a terminator saying that it takes a copy and declines).
+        `done_payload`, once authority is acknowledged: what DONE carries (e.g. when the
+        workload first answered after its resume); DONE waits for it."""
         self.channel = channel
         self.make_device = make_device
         self.on_authority = on_authority
@@ -125,6 +128,8 @@ class Destination:
         self._prepares = prepares
         self._prepared_payload = prepared_payload
         self._prepared_sent = False
+        self._done_payload = done_payload
+        self._done_bytes = b""
 
     async def abort(self, reason: str) -> None:
         """Give up before authority (the application cannot take the workload): the source
@@ -434,6 +439,8 @@ class Destination:
             return
         self.channel.send(encode_event(EventKind.AUTHORITY_ACK))
         await self.channel.drain()
+        if self._done_payload is not None:
+            self._done_bytes = await self._done_payload()
 
     def _finished(self) -> bool:
         if self.result.declined:
@@ -444,7 +451,7 @@ class Destination:
             return False
         if self._authority_task is not None and not self._authority_task.done():
             return False
-        self.channel.send(encode_event(EventKind.DONE))
+        self.channel.send(encode_event(EventKind.DONE, self._done_bytes))
         return True
 
     # -- helpers ---------------------------------------------------------------------

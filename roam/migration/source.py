@@ -178,6 +178,10 @@ class Policy:
     max_cycles: int = 20
     cycle_throttle: float = 0.0  # seconds to wait between dirty cycles
     postcopy: bool = True  # resume the destination before the last blocks arrive
+    # With post-copy, a final dirty set of at most this many bytes still goes before
+    # authority: a resumed workload then never waits for it (the pause grows by its
+    # transfer, about a millisecond per MiB here); only a larger one streams after.
+    pause_send_bytes: int = 4 << 20
     precopy: bool = True  # False: hand over at once, every block streams after (lazy start)
     compression: Encoding = Encoding.RAW  # RAW, ZSTD or LZ4
     verify: bool = False  # also send every block's hash at the end for a full comparison
@@ -196,6 +200,7 @@ class SourceResult:
     suspended_seconds: float = 0.0  # suspend called to authority acknowledged
     handover_seconds: float = 0.0  # suspend called to authority sent
     priority_blocks: int = 0
+    done: bytes = b""  # what the destination's DONE carried (application data)
     payload_bytes: int = 0  # data blocks sent, before compression (not zero, not HAVE)
     first_pass_seconds: float = 0.0  # READY to every block sent once
     first_pass_payload_bytes: int = 0
@@ -366,7 +371,8 @@ class Source:
             self.result.final_dirty = sum(map(len, final))
             self._report("handover", final)
             self._send_dirty(final)
-            if not self.policy.postcopy:
+            if (not self.policy.postcopy
+                    or self._dirty_bytes(final) <= self.policy.pause_send_bytes):
                 await self._send_pending(reader)
             payload = await self._check(self.hooks.authority(), reader)
             self.channel.send(encode_event(EventKind.AUTHORITY, payload))
@@ -656,6 +662,7 @@ class Source:
             elif msg.kind == EventKind.DONE:
                 if not self._complete_sent:
                     raise ProtocolError("DONE before the source sent COMPLETE")
+                self.result.done = bytes(msg.payload)
                 if not self._done.done():
                     self._done.set_result(None)
                 self._work.set()

@@ -26,7 +26,7 @@ from roam.migration.wire import DeviceSpec
 from roam.peer.errors import PeerError
 from roam.peer.instance import Instance, stacks
 from roam.peer.memfill import MemoryFill
-from roam.peer.models import Prepared
+from roam.peer.models import Done, Prepared
 from roam.peer.network import NetConfig
 from roam.peer.outgoing import memory_digest
 from roam.storage.provider import Provider
@@ -37,6 +37,8 @@ from roam.vm.group import Device
 from roam.vm.states import VMState
 
 log = logging.getLogger(__name__)
+
+LIVENESS_TIMEOUT = 10.0  # seconds after authority for the guest's first answer
 
 
 class Incoming:
@@ -52,7 +54,8 @@ class Incoming:
             self.overrides["name"] = name
         if publish is not None:
             self.overrides["publish"] = publish
-        self.destination = Destination(channel, self._make, self._authority, prepares=True)
+        self.destination = Destination(channel, self._make, self._authority, prepares=True,
+                                       done_payload=self._liveness)
         self.instance: Instance | None = None
         self.prepared: asyncio.Task[None] | None = None
         self.started = asyncio.Event()  # `prepared` exists
@@ -94,6 +97,15 @@ class Incoming:
             with contextlib.suppress(BaseException):
                 await self._filler
             self._filler = None
+
+    async def _liveness(self) -> bytes:
+        """DONE's payload: when the guest first answered here (Done), once it has, or
+        nothing after LIVENESS_TIMEOUT (DONE, and the source's `roam migrate`, wait)."""
+        assert self.instance is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.instance.agent_ready.wait(), LIVENESS_TIMEOUT)
+        return Done(first_response_ms=self.instance.info.get("first_response_ms")
+                    ).model_dump_json().encode()
 
     async def _make(self, spec: DeviceSpec) -> NewDevice:
         group.device(spec.name)  # a VM's device, or the group is refused
@@ -153,6 +165,7 @@ class Incoming:
         except HypervisorError as exc:  # the guest runs; others learn its place when it talks
             log.warning("announce failed: %s", exc)
         stop_wall = handover.authority.stop_wall
+        instance.paused_wall = stop_wall or None
         instance.info["downtime_ms"] = (resumed.wall - stop_wall) * 1000 if stop_wall else None
         instance.info["resumed_at"] = resumed.wall
         self.resumed.set()

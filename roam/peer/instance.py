@@ -67,6 +67,7 @@ class Instance:
         self.tls: TLSFiles | None = None  # the peer's files: outgoing migrations use them
         self.migrating = False
         self.agent_ready = asyncio.Event()
+        self.paused_wall: float | None = None  # time.time() of the pause before arriving
 
     @property
     def vm(self) -> VM:
@@ -122,7 +123,11 @@ class Instance:
         return resumed
 
     async def after_resume(self) -> None:
-        await self.vm.attach_agent()
+        answered = await self.vm.attach_agent()
+        if self.paused_wall is not None:  # arrived by migration: its liveness
+            self.info["first_response_ms"] = (answered - self.paused_wall) * 1000
+            log.info("%s answered %.1f ms after its pause on the source", self.spec.name,
+                     self.info["first_response_ms"])
         self.agent_ready.set()
 
     # -- control requests --------------------------------------------------------------

@@ -99,7 +99,8 @@ class MemoryFill:
             for first in range(lo, lo + n, per_run):
                 count = min(per_run, lo + n - first)
                 await self._store_back(first, count)
-                if self._finished:
+                await asyncio.sleep(0)  # a read of the page cache's size must not hold
+                if self._finished:      # the loop that receives the migration
                     return
 
     async def _store_back(self, first: int, count: int) -> None:
@@ -108,14 +109,14 @@ class MemoryFill:
         seen = self._version[first:end].copy()
         offset = first * bs
         length = min(self.cache.size(), end * bs) - offset
-        data = bytes(await self.cache.local.read_at(offset, length))
+        data = memoryview(await self.cache.local.read_at(offset, length))
         # Only what is present and unchanged since the read; the rest waits for its
         # arrival's own store or the next pass.
         keep = (self._version[first:end] == seen) & self.cache.present_mask()[first:end]
         for lo, n in runs(keep):
             start = lo * bs
             stop = min(length, (lo + n) * bs)
-            self.feeder.store(offset + start, memoryview(data)[start:stop])
+            self.feeder.store(offset + start, data[start:stop])  # copied now
             self._resident[first + lo : first + lo + n] = True
             self.filled += stop - start
 

@@ -73,7 +73,8 @@ def test_busy_guest_postcopy_verifier(peers: dict[str, Peer], snapshot: Path) ->
     a.run(snapshot, "busy")
     start_busy(a, "busy")
     seq_before = int(a.sh("busy", "cat /tmp/busy.log").split()[-1])
-    result = json.loads(a.migrate("busy", b, "--max-cycles", "4").stdout)
+    result = json.loads(a.migrate("busy", b, "--max-cycles", "4", "--pause-send-kib", "0"
+                                  ).stdout)
     assert result["outcome"] == "completed" and result["final_dirty"] > 0
     passes = wait_passes(b, "busy", 0)
     # The verifier kept its history across the hop: a later pass on B checked every page
