@@ -123,9 +123,15 @@ class Machine(Protocol):
 
     async def start_incoming(self, nic: Nic) -> None: ...
 
-    async def pause(self) -> None: ...
+    async def pause(self) -> float:
+        """Stop the guest; returns when it stopped (time.time(), as the hypervisor saw
+        it: the start of a handover's downtime)."""
+        ...
 
-    async def resume(self) -> None: ...
+    async def resume(self) -> float:
+        """Run the guest; returns when it ran again (time.time(), as the hypervisor saw
+        it: the end of a handover's downtime)."""
+        ...
 
     async def save_state(self, device: Provider) -> int:
         """Device state of the paused machine into `device`; returns its length."""

@@ -161,8 +161,8 @@ class Outgoing:
         # right before the pause: the flush inside it then carries only what the guest
         # dirtied in the few milliseconds between.
         await machine.flush_memory()
-        marks = self.marks = Marks(stop_wall=time.time(), stop=time.perf_counter())
-        await machine.pause()
+        marks = self.marks = Marks(stop=time.perf_counter())
+        marks.stop_wall = await machine.pause()
         instance.set_state(VMState.PAUSED)
         # The memory flush overlaps the state save; the engine's flush after this hook
         # then finds (almost) nothing left. The state goes below the tracker: it travels

@@ -56,8 +56,7 @@ class VM:
         started = time.perf_counter()
         await self.machine.load_state(state)
         loaded = time.perf_counter()
-        await self.machine.resume()
-        wall = time.time()
+        wall = await self.machine.resume()
         return Resumed((loaded - started) * 1000, (time.perf_counter() - loaded) * 1000, wall)
 
     async def attach_agent(self, timeout: float = AGENT_TIMEOUT) -> float:  # noqa: ASYNC109

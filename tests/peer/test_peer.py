@@ -63,6 +63,9 @@ def test_idle_chain_a_b_c_a(peers: dict[str, Peer], snapshot: Path) -> None:
         _gone(src, "chain")
         moved = dst.vms()["chain"]
         assert moved["state"] == "running" and moved["downtime_ms"] > 0
+        # The guest's first answer came after its resume, and the source heard of it.
+        assert result["first_response_ms"] == moved["first_response_ms"]
+        assert moved["first_response_ms"] >= moved["downtime_ms"]
         assert dst.sh("chain", "redis-cli get hop").strip() == src.name
         dst.sh("chain", f"redis-cli set hop {dst.name} >/dev/null")
     a.stop("chain")
