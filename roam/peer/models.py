@@ -235,7 +235,7 @@ class Done(BaseModel):
     """A destination peer's DONE payload: when the guest first answered after its resume
     there (its liveness), measured from the source's pause."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # a number, not text
 
     first_response_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
