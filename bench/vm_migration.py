@@ -50,7 +50,7 @@ from qemu.qmp import EventListener, QMPClient, QMPError
 from qemu.qmp.protocol import ConnectError
 
 from roam.blueprint import Blueprint, build, cache_root
-from roam.guest.client import GuestClient, fresh_session
+from roam.guest.client import GuestAgentError, GuestClient, fresh_session
 from roam.hypervisor import Nic
 from roam.hypervisor.accel import Accel
 from roam.hypervisor.qemu.cmdline import FileDisk, QemuConfig, qemu_argv
@@ -65,6 +65,7 @@ BUSY_ARGV = ["sh", "-c", 'nohup python3 -c "$0" > /tmp/busy.log 2>&1 &', BUSY]
 SETTLE = 3.0  # seconds of workload before each hop
 MAX_BANDWIDTH = 1 << 40  # bytes/s: "unlimited"
 DOWNTIME_LIMIT_MS = 50
+BOOT_ATTEMPTS = 3
 MEMORY_DIR = Path("/dev/shm")  # QEMU's guest RAM files: memory, not disk
 
 
@@ -171,6 +172,9 @@ class NativeQemu:
             self.process = await asyncio.create_subprocess_exec(
                 *qemu_argv(self.config), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         deadline = time.monotonic() + 30
+        # qemu.qmp logs each refused attempt; QEMU not listening yet is expected.
+        quiet = logging.getLogger(f"qemu.qmp.protocol.{self.client.name}")
+        quiet.setLevel(logging.CRITICAL)
         while True:
             try:
                 await self.client.connect(str(self.config.qmp_socket))
@@ -221,12 +225,22 @@ async def native_hops(blueprint: Blueprint, accel: Accel, memory_mib: int, workl
     """QEMU's own migration; with `postcopy`, it switches to post-copy once its first
     pass over RAM is done (as roam hands over after its first pass and cycles)."""
     disk = work / "disk.img"
-    shutil.copyfile(blueprint.rootfs, disk)
-    vm = NativeQemu(native_config(blueprint, accel, memory_mib, disk, work, 0, None),
-                    work / "q0.log")
-    await vm.start()
-    agent = await GuestClient.connect(work / "agent0.sock")
-    await agent.wait_ready(300)
+    for attempt in range(BOOT_ATTEMPTS):
+        shutil.copyfile(blueprint.rootfs, disk)
+        vm = NativeQemu(native_config(blueprint, accel, memory_mib, disk, work, 0, None),
+                        work / "q0.log")
+        await vm.start()
+        agent = await GuestClient.connect(work / "agent0.sock")
+        try:
+            await agent.wait_ready(300)
+            break
+        except GuestAgentError:
+            # Under TCG on a loaded host the guest kernel can panic at boot ("IO-APIC +
+            # timer doesn't work"): boot again.
+            await agent.close()
+            await vm.stop()
+            if attempt == BOOT_ATTEMPTS - 1:
+                raise
     if workload == "busy":
         await agent.exec(BUSY_ARGV)
     await agent.close()
@@ -319,6 +333,7 @@ async def measure(memory_mib: int, workloads: list[str], work: Path,
         for sub in ("roam", "qemu", "qemu-postcopy"):
             (case / sub).mkdir(parents=True)
         ours = await roam_hops(package, workload, hops, case / "roam")
+        print(f"{memory_mib} MiB {workload}: roam {summary(ours)} {ours}", flush=True)
         theirs = await native_hops(blueprint, accel, memory_mib, workload, hops,
                                    case / "qemu", postcopy=False)
         theirs_pc = await native_hops(blueprint, accel, memory_mib, workload, hops,

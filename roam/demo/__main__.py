@@ -73,7 +73,7 @@ async def wait_socket(path: Path, process: subprocess.Popen[str]) -> None:
         await asyncio.sleep(0.1)
 
 
-async def demo(work: Path, hosts: Lab, pkg: Path, hops_wanted: int) -> dict[str, Any]:
+async def demo(work: Path, hosts: Lab, pkg: Path, hops_wanted: int = 2) -> dict[str, Any]:
     peers: dict[str, subprocess.Popen[str]] = {}
     roles = (*HOSTS, GATEWAY)
     state = {h: work / h for h in roles}
