@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+import numpy as np
+
 from roam.errors import ErrorCode, RoamError
 from roam.guest.client import GuestClient
 from roam.storage.provider import Buffer, Provider
@@ -104,6 +106,19 @@ class MemoryFeeder(Protocol):
     def store(self, offset: int, data: Buffer) -> None: ...
 
     def invalidate(self, offset: int, length: int) -> None: ...
+
+    async def watch(self) -> None:
+        """From now on `resident` can tell what is in place."""
+        ...
+
+    def resident(self) -> np.ndarray | None:
+        """Per 4 KiB page of guest memory: in place now (None: cannot tell). What was
+        stored can be dropped again (QEMU: page cache the kernel reclaimed)."""
+        ...
+
+    def busy(self) -> bool:
+        """Stores asked for are not all done yet."""
+        ...
 
     async def close(self) -> None: ...
 

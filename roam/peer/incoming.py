@@ -91,12 +91,17 @@ class Incoming:
             cache.on_arrived = cache.on_stale = None
 
     async def close(self) -> None:
-        """Whatever ended the incoming VM: no filler outlives it."""
+        """Whatever ended the incoming VM: no filler outlives it, and the feeder lets go
+        of the memory file before the mount goes."""
         if self._filler is not None:
             self._filler.cancel()
             with contextlib.suppress(BaseException):
                 await self._filler
             self._filler = None
+        if self._fill is not None:
+            fill, self._fill = self._fill, None
+            with contextlib.suppress(Exception):  # what failed was reported already
+                await fill.feeder.close()
 
     async def _liveness(self) -> bytes:
         """DONE's payload: when the guest first answered here (Done), once it has, or

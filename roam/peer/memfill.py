@@ -39,6 +39,7 @@ from roam.storage.waiting import WaitingCache
 log = logging.getLogger(__name__)
 
 RUN_BYTES = 4 << 20  # one store at most: the feeder copies it once
+PAGE = 4096  # the feeder's residency is per page
 POLL = 0.02  # seconds between two looks for blocks present but not resident
 
 
@@ -51,9 +52,12 @@ class MemoryFill:
         self.block_size = cache.block_size
         self._resident = np.zeros(cache.nblocks, dtype=np.bool_)
         self._version = np.zeros(cache.nblocks, dtype=np.uint32)
+        self._passes = 0  # filler passes so far
+        self._since = np.zeros(cache.nblocks, dtype=np.int64)  # pass a block was stored in
         self._holding = False  # the machine holds its memory: stores take effect
         self._finished = False
         self.filled = 0  # bytes stored by the filler (not as they arrived)
+        self.dropped = 0  # bytes stored, then reclaimed by the kernel, then stored again
 
     # -- observers of the waiting cache ------------------------------------------------
 
@@ -65,6 +69,7 @@ class MemoryFill:
             return
         self.feeder.store(offset, data)
         self._resident[first:end] = self._holding
+        self._since[first:end] = self._passes
 
     def stale(self, blocks: list[int]) -> None:
         index = np.asarray(blocks, dtype=np.int64)
@@ -78,6 +83,7 @@ class MemoryFill:
     async def run(self) -> None:
         """From now on the machine holds its memory: store every present block, and go on
         storing what turns present without data, until `finish`."""
+        await self.feeder.watch()
         self._resident[:] = False  # stores before now were dropped by the feeder
         self._holding = True
         started = time.perf_counter()
@@ -89,7 +95,9 @@ class MemoryFill:
             await self.fill()
 
     async def fill(self) -> None:
-        """Store every block present now and not resident yet."""
+        """Store every block present now and not resident yet (or any more)."""
+        self._passes += 1
+        self._forget_reclaimed()
         todo = self.cache.present_mask() & ~self._resident
         if not todo.any():
             return
@@ -118,7 +126,26 @@ class MemoryFill:
             stop = min(length, (lo + n) * bs)
             self.feeder.store(offset + start, data[start:stop])  # copied now
             self._resident[first + lo : first + lo + n] = True
+            self._since[first + lo : first + lo + n] = self._passes
             self.filled += stop - start
+
+    def _forget_reclaimed(self) -> None:
+        """Blocks stored at least a pass ago that are no longer in place: the kernel
+        reclaimed them (stored pages are clean and never referenced). Only asked while
+        no store is queued, so a store still on its way is not taken for a loss."""
+        if self.feeder.busy():
+            return
+        pages = self.feeder.resident()
+        if pages is None:
+            return
+        per_block = max(1, self.block_size // PAGE)
+        padded = np.zeros(self.cache.nblocks * per_block, dtype=np.bool_)
+        padded[: len(pages)] = pages[: len(padded)]
+        there = padded.reshape(-1, per_block).all(axis=1)
+        lost = self._resident & ~there & (self._since < self._passes - 1)
+        if lost.any():
+            self._resident[lost] = False
+            self.dropped += int(np.count_nonzero(lost)) * self.block_size
 
     async def finish(self, filler: asyncio.Task[None] | None) -> None:
         """Before the guest runs: the last blocks, then wait for every store."""
@@ -132,4 +159,7 @@ class MemoryFill:
                 await self.fill()
         self._finished = True
         await self.feeder.close()
+        log.info("memory resident at authority: %.0f MiB stored by the filler, %.0f MiB of "
+                 "them again after the kernel reclaimed them", self.filled / 2**20,
+                 self.dropped / 2**20)
 

@@ -3,9 +3,10 @@
 A real FUSE mount serves a destination's memory device (a WaitingCache, as the peer
 makes it) while a child process holds the file, as QEMU does. Blocks arrive before and
 after the file is held, zero blocks are marked present without data, and a block the
-source sends again is invalidated while the filler runs. After `finish`, every present
-block is read without a request to the daemon and holds the newest content; a block
-still missing is read through the daemon once it arrives (post-copy), never as it was.
+source sends again is invalidated while the filler runs; stored pages dropped from the
+page cache (as reclaim does) are stored again. After `finish`, every present block is
+read without a request to the daemon and holds the newest content; a block still
+missing is read through the daemon once it arrives (post-copy), never as it was.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,23 @@ async def read_file(path: Path, offset: int, length: int) -> bytes:
     return out
 
 
+async def eventually(check: Callable[[], bool]) -> None:
+    for _ in range(3000):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 30 s")
+
+
+async def drop_cache(path: Path, offset: int, length: int) -> None:
+    """What reclaim does to clean pages, from another process: POSIX_FADV_DONTNEED."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+        "os.posix_fadvise(fd, int(sys.argv[2]), int(sys.argv[3]), os.POSIX_FADV_DONTNEED)",
+        str(path), str(offset), str(length))
+    assert await asyncio.wait_for(child.wait(), 30) == 0
+
+
 def page(tag: int) -> bytes:
     return tag.to_bytes(2, "little") * (PAGE // 2)
 
@@ -87,6 +105,11 @@ async def test_present_pages_resident_none_stale(mnt: Path) -> None:
         await asyncio.to_thread(holder.__enter__)
         try:
             filler = asyncio.create_task(fill.run())
+            await eventually(lambda: fill.filled >= 400 * PAGE)  # early data, zero pages
+            # The kernel reclaims stored pages (clean, never referenced) when it needs
+            # memory: they are stored again.
+            await drop_cache(path, 100 * PAGE, 200 * PAGE)
+            await eventually(lambda: fill.dropped > 0)
             await cache.write_remote(400, b"".join(page(p + 1) for p in range(400, 500)))
             cache.mark_range_present(500, PAGES - 500)
             await asyncio.sleep(0)
