@@ -279,7 +279,14 @@ async def native_hops(blueprint: Blueprint, accel: Accel, memory_mib: int, workl
                 raise RuntimeError(f"QEMU migration {info['status']}: {info}")
             stopped = await vm.event_time("STOP", 5)
             resumed = await target.event_time("RESUME")
-            answered = await first_answer(work / f"agent{hop}.sock")
+            try:
+                answered = await first_answer(work / f"agent{hop}.sock")
+            except GuestAgentError:  # the guest panicked right after the hop (TCG)
+                console = (work / f"console{hop}.log").read_text(errors="replace")
+                results.append({"failed": console.strip().splitlines()[-3:]})
+                await vm.stop()
+                vm = target
+                break
             results.append({
                 "downtime_ms": (resumed - stopped) * 1000 if stopped and resumed else None,
                 "qemu_downtime_ms": info.get("downtime"),

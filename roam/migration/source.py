@@ -180,8 +180,10 @@ class Policy:
     postcopy: bool = True  # resume the destination before the last blocks arrive
     # With post-copy, a final dirty set of at most this many bytes still goes before
     # authority: a resumed workload then never waits for it (the pause grows by its
-    # transfer, about a millisecond per MiB here); only a larger one streams after.
-    pause_send_bytes: int = 4 << 20
+    # transfer, about a millisecond per MiB here); only a larger one streams after. The
+    # default is the default handover threshold (256 x 64 KiB): a handover that converged
+    # never leaves its guest waiting for the network; one forced by max_cycles does.
+    pause_send_bytes: int = 16 << 20
     precopy: bool = True  # False: hand over at once, every block streams after (lazy start)
     compression: Encoding = Encoding.RAW  # RAW, ZSTD or LZ4
     verify: bool = False  # also send every block's hash at the end for a full comparison
