@@ -179,11 +179,10 @@ class Policy:
     cycle_throttle: float = 0.0  # seconds to wait between dirty cycles
     postcopy: bool = True  # resume the destination before the last blocks arrive
     # With post-copy, a final dirty set of at most this many bytes still goes before
-    # authority: a resumed workload then never waits for it (the pause grows by its
-    # transfer, about a millisecond per MiB here); only a larger one streams after. The
-    # default is the default handover threshold (256 x 64 KiB): a handover that converged
-    # never leaves its guest waiting for the network; one forced by max_cycles does.
-    pause_send_bytes: int = 16 << 20
+    # authority: a resumed workload then never waits for it; a larger one streams after.
+    # Scattered 4 KiB pages cost a frame each (about 70 us per page at both ends on this
+    # machine, docs/BENCHMARKS.md), so the pause grows by about 35 ms at this bound.
+    pause_send_bytes: int = 2 << 20
     precopy: bool = True  # False: hand over at once, every block streams after (lazy start)
     compression: Encoding = Encoding.RAW  # RAW, ZSTD or LZ4
     verify: bool = False  # also send every block's hash at the end for a full comparison
