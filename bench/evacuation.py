@@ -12,12 +12,16 @@ Each migration is one hop A->B between two `roam peer serve` subprocesses (UNIX 
 is measured right before each hop. Reported per hop:
 
 - first pass: the source's non-zero payload bytes of its first pass over every device
-  divided by that pass's duration, and that throughput as a ratio of raw TCP;
+  divided by that pass's duration (both from the migration's result), and that
+  throughput as a ratio of raw TCP;
 - migrate to cont: wall time from the `migrate` call to QMP `cont` returning on the
   destination;
-- bytes on the wire (the whole group: memory, disk, kernel files, device state).
+- bytes on the wire (the whole group: memory, disk, kernel files, device state), and
+  bytes named by HAVE instead: both peers hold the package (A runs the VM from it, B is
+  given it with `--package`; not with `--not-given`), so what still matches it is not
+  sent.
 
-Run as root: .venv/bin/python -m bench.evacuation [--large] [--hops 2] [--json]
+Run as root: .venv/bin/python -m bench.evacuation [--large] [--hops 2] [--not-given] [--json]
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import shutil
 import signal
 import statistics
@@ -44,13 +47,13 @@ import uvloop
 from bench.migrate_throughput import raw_tcp
 from bench.vm_migration import BUSY_ARGV
 from roam.blueprint import build, cache_root
-from roam.peer import serve as peer
+from roam.peer.client import PEER_SOCKET, PeerClient
+from roam.peer.models import MigrateRequest, RunRequest
 from roam.vm.snapshot import SnapshotOptions, take_snapshot
 
 GIB = 1 << 30
 RAW_TCP_BYTES = GIB
 SETTLE = 3.0  # seconds of workload before each hop
-FIRST_PASS = re.compile(r"first pass: (\d+) bytes of payload .* in ([0-9.]+) s")
 
 HOLDER = """
 import os, sys, time
@@ -72,7 +75,9 @@ def holder_argv(size: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def peers(work: Path) -> Iterator[list[str]]:
+def peers(work: Path, package: Path, given: bool) -> Iterator[list[str]]:
+    """Peers a and b; with `given`, b is given `package` (a holds it by running the VM
+    from it)."""
     processes = []
     dirs = []
     try:
@@ -83,10 +88,11 @@ def peers(work: Path) -> Iterator[list[str]]:
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "roam.cli.main", "peer", "serve", "--listen",
                  f"unix://{work}/{name}.mig", "--state-dir", str(state),
-                 "--net-pool", f"10.242.{len(dirs)}.0/24"],
+                 "--net-pool", f"10.242.{len(dirs)}.0/24",
+                 *(["--package", str(package)] if given and name == "b" else [])],
                 stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT))
         for path in dirs:
-            while not (Path(path) / peer.PEER_SOCKET).exists():
+            while not (Path(path) / PEER_SOCKET).exists():
                 time.sleep(0.05)
         yield dirs
     finally:
@@ -95,75 +101,66 @@ def peers(work: Path) -> Iterator[list[str]]:
             process.wait(timeout=120)
 
 
-def first_pass(state_dir: Path) -> tuple[int, float]:
-    """The source worker's last "first pass" log line: payload bytes and seconds."""
-    logs = sorted(state_dir.rglob("worker.log"), key=lambda p: p.stat().st_mtime)
-    for path in reversed(logs):
-        found = FIRST_PASS.findall(path.read_text(errors="replace"))
-        if found:
-            nbytes, seconds = found[-1]
-            return int(nbytes), float(seconds)
-    raise RuntimeError(f"no first-pass line in the worker logs under {state_dir}")
-
-
-async def wait_holder(via: str, name: str) -> None:
+async def wait_holder(client: PeerClient, name: str) -> None:
     deadline = time.monotonic() + 900
     while True:
-        out = await peer.call(via, "exec", {
-            "name": name, "timeout": 30, "argv": ["cat", "/tmp/holder.ready", "/tmp/holder.log"]})
-        if "ready" in out["stdout"]:
+        out = (await client.exec(name, ["cat", "/tmp/holder.ready", "/tmp/holder.log"])).stdout
+        if "ready" in out:
             return
-        if "Error" in out["stdout"] or time.monotonic() > deadline:
-            raise RuntimeError(f"the holder did not fill its memory: {out['stdout'][-300:]}")
+        if "Error" in out or time.monotonic() > deadline:
+            raise RuntimeError(f"the holder did not fill its memory: {out[-300:]}")
         await asyncio.sleep(2)
 
 
-async def hops(package: Path, held: int, busy: bool, count: int, work: Path
-               ) -> list[dict[str, Any]]:
+async def hops(package: Path, held: int, busy: bool, count: int, work: Path,
+               given: bool) -> list[dict[str, Any]]:
     results = []
-    with peers(work) as (a, b):
-        await peer.call(a, "run", {"package": str(package), "name": "evac"}, timeout=300)
-        await peer.call(a, "exec", {"name": "evac", "argv": holder_argv(held), "timeout": 30})
-        await wait_holder(a, "evac")
-        if busy:
-            await peer.call(a, "exec", {"name": "evac", "argv": BUSY_ARGV, "timeout": 30})
-        here, there = a, b
-        for _ in range(count):
-            await asyncio.sleep(SETTLE)
-            raw = RAW_TCP_BYTES / raw_tcp(RAW_TCP_BYTES)
-            started = time.time()
-            result = await peer.call(here, "migrate", {
-                "name": "evac", "to": f"unix://{Path(there).parent}/{Path(there).name}.mig"},
-                timeout=peer.MIGRATE_TIMEOUT)
-            info = await peer.call(there, "info", {"name": "evac"})
-            payload, seconds = first_pass(Path(here))
-            results.append({
-                "raw_tcp_gbs": raw / 1e9,
-                "first_pass_gbs": payload / seconds / 1e9,
-                "first_pass_ratio": payload / seconds / raw,
-                "first_pass_s": seconds, "first_pass_mib": payload / 2**20,
-                "migrate_to_cont_s": info["resumed_at"] - started,
-                "total_s": result["total_ms"] / 1000, "downtime_ms": info["downtime_ms"],
-                "mib": result["bytes_sent"] / 2**20, "cycles": result["cycles"]})
-            print(f"  hop: {json.dumps(results[-1])}", flush=True)
-            here, there = there, here
-        if busy:
-            log = await peer.call(here, "exec", {"name": "evac",
-                                                 "argv": ["cat", "/tmp/busy.log"]})
-            if "FAIL" in log["stdout"] or "ok" not in log["stdout"]:
-                raise RuntimeError(f"in-guest verifier: {log['stdout'][-300:]}")
-        await peer.call(here, "stop", {"name": "evac"})
+    with peers(work, package, given) as (a, b):
+        async with PeerClient(a) as first, PeerClient(b) as second:
+            await first.run(RunRequest(name="evac", package=str(package)))
+            await first.exec("evac", holder_argv(held))
+            await wait_holder(first, "evac")
+            if busy:
+                await first.exec("evac", BUSY_ARGV)
+            ends = [(first, a), (second, b)]  # (client, state directory): source first
+            for _ in range(count):
+                (here, _), (there, there_dir) = ends
+                await asyncio.sleep(SETTLE)
+                raw = RAW_TCP_BYTES / raw_tcp(RAW_TCP_BYTES)
+                started = time.time()
+                result = await here.migrate("evac", MigrateRequest(
+                    to=f"unix://{Path(there_dir).parent}/{Path(there_dir).name}.mig"))
+                info = await there.vm("evac")
+                assert info.resumed_at is not None
+                payload, seconds = result.first_pass_payload_bytes, result.first_pass_ms / 1000
+                results.append({
+                    "raw_tcp_gbs": raw / 1e9,
+                    "first_pass_gbs": payload / seconds / 1e9,
+                    "first_pass_ratio": payload / seconds / raw,
+                    "first_pass_s": seconds, "first_pass_mib": payload / 2**20,
+                    "migrate_to_cont_s": info.resumed_at - started,
+                    "total_s": result.total_ms / 1000, "downtime_ms": info.downtime_ms,
+                    "mib": result.bytes_sent / 2**20, "cycles": result.cycles,
+                    "have_mib": result.have_bytes / 2**20})
+                print(f"  hop: {json.dumps(results[-1])}", flush=True)
+                ends.reverse()
+            here = ends[0][0]
+            if busy:
+                log = (await here.exec("evac", ["cat", "/tmp/busy.log"])).stdout
+                if "FAIL" in log or "ok" not in log:
+                    raise RuntimeError(f"in-guest verifier: {log[-300:]}")
+            await here.stop("evac")
     return results
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
     keys = ("first_pass_ratio", "first_pass_gbs", "raw_tcp_gbs", "migrate_to_cont_s",
-            "downtime_ms", "mib")
+            "downtime_ms", "mib", "have_mib")
     return {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
 
 
-async def measure(cases: list[tuple[int, int, bool]], count: int, work: Path
-                  ) -> list[dict[str, Any]]:
+async def measure(cases: list[tuple[int, int, bool]], count: int, work: Path,
+                  given: bool) -> list[dict[str, Any]]:
     blueprint = build(cache=cache_root())
     rows = []
     packages: dict[int, Path] = {}
@@ -176,7 +173,7 @@ async def measure(cases: list[tuple[int, int, bool]], count: int, work: Path
         print(name, flush=True)
         case = work / f"{memory_gib}-{held_gib}-{int(busy)}"
         case.mkdir()
-        runs = await hops(packages[memory_gib], held_gib * GIB, busy, count, case)
+        runs = await hops(packages[memory_gib], held_gib * GIB, busy, count, case, given)
         rows.append({"case": name, **summary(runs), "runs": runs})
         print(f"{name}: {summary(runs)}", flush=True)
     return rows
@@ -189,6 +186,8 @@ def main() -> None:
     parser.add_argument("--only-large", action="store_true")
     parser.add_argument("--workload", nargs="+", default=["idle", "busy"])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--not-given", action="store_true",
+                        help="b is not given the package: its first hop sends it all")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cases = [] if args.only_large else [(2, 1, w == "busy") for w in args.workload]
@@ -196,7 +195,7 @@ def main() -> None:
         cases.append((4, 3, False))
     work = Path(tempfile.mkdtemp(prefix="rev-"))  # short: UNIX socket paths
     try:
-        rows = uvloop.run(measure(cases, args.hops, work))
+        rows = uvloop.run(measure(cases, args.hops, work, not args.not_given))
     except BaseException:
         print(f"failed; logs are in {work}", file=sys.stderr)
         raise

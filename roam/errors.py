@@ -26,6 +26,7 @@ class ErrorCode(enum.StrEnum):
     LOST_PEER = "lost_peer"  # the other end went away before authority moved
     INTEGRITY = "integrity"  # data failed verification more often than a retry explains
     TIMEOUT = "timeout"  # no answer in time; the operation may still be going on
+    UNAUTHORIZED = "unauthorized"  # no credentials, or wrong ones (a control-plane token)
     INTERNAL = "internal"  # anything else: a bug, or a failure of a part we depend on
 
 

@@ -13,16 +13,20 @@ ROAM = Path(__file__).resolve().parent.parent / "roam"
 
 BELOW: dict[str, set[str]] = {
     "errors": set(),
+    "logs": set(),
     "storage": {"errors"},
     "guest": {"errors"},
     "blueprint": {"errors", "guest"},
     "network": {"errors"},
+    "spot": {"errors"},
     "exposure": {"errors", "storage"},
     "migration": {"errors", "storage"},
     "hypervisor": {"errors", "storage", "exposure", "guest"},
     "vm": {"errors", "storage", "exposure", "guest", "blueprint", "network", "hypervisor"},
-    "peer": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
-             "hypervisor", "vm"},
+    "peer": {"errors", "logs", "storage", "exposure", "guest", "blueprint", "network",
+             "migration", "hypervisor", "vm"},
+    "control": {"errors", "logs", "storage", "exposure", "guest", "blueprint", "network",
+                "migration", "hypervisor", "vm", "peer", "spot"},
 }
 """Each part and what it may import; cli and demo sit on top and may import anything."""
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from roam import errors
+
 MAGIC = b"ROAM"
 VERSION = 2
 MAX_BODY = 64 * 1024 * 1024
@@ -25,8 +27,10 @@ MAX_UNIT = 1 << 16  # blocks per HAVE digest
 HEADER = struct.Struct("!BBHI")
 
 
-class ProtocolError(Exception):
+class ProtocolError(errors.RoamError):
     """The peer sent something this protocol does not allow."""
+
+    code = errors.ErrorCode.BAD_REQUEST
 
 
 class MsgType(enum.IntEnum):
@@ -105,6 +109,9 @@ class Group(BaseModel):
 
     name: str = Field(default="", max_length=255)
     devices: list[DeviceSpec] = Field(max_length=1024)
+    # The package the workload was made from (a peer's package id, roam.peer.packages):
+    # a destination that holds it offers its files' content (HAVE lists). Empty: none.
+    package: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")
 
     @model_validator(mode="after")
     def _unique(self) -> Group:

@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, Protocol
 
 import uvicorn
-from fastapi import FastAPI, Path, Request, Response
+from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -28,11 +28,14 @@ import roam
 from roam.errors import ErrorCode, RoamError
 from roam.peer import problems
 from roam.peer.models import (
+    MAX_LOG_CHUNK,
     Event,
     ExecRequest,
     ExecResult,
     GatewayInfo,
     GatewayRequest,
+    LogChunk,
+    LogName,
     MigrateRequest,
     MigrateResult,
     PeerInfo,
@@ -58,6 +61,7 @@ class PeerService(Protocol):
     async def stop(self, name: str) -> None: ...
     async def resume(self, name: str) -> VMInfo: ...
     async def migrate(self, name: str, request: MigrateRequest) -> MigrateResult: ...
+    def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk: ...
     def gateways(self) -> list[GatewayInfo]: ...
     def gateway(self, name: str) -> GatewayInfo: ...
     async def add_gateway(self, request: GatewayRequest) -> GatewayInfo: ...
@@ -70,7 +74,7 @@ def _response(problem: problems.Problem) -> JSONResponse:
                         status_code=problem.status, media_type=problems.MEDIA_TYPE)
 
 
-class _Route(APIRoute):
+class ProblemRoute(APIRoute):
     """Answers an unexpected exception as an `internal` problem instead of letting it
     reach the server (which would answer plain text and log it once more)."""
 
@@ -90,16 +94,17 @@ class _Route(APIRoute):
         return guarded
 
 
-_PROBLEM: dict[int | str, dict[str, Any]] = {"default": {
+PROBLEM: dict[int | str, dict[str, Any]] = {"default": {
     "model": problems.Problem, "description": "a problem document (RFC 9457)",
     "content": {problems.MEDIA_TYPE: {}}}}
 VMName = Annotated[str, Path(description="the VM's name")]
 
 
-def create_app(peer: PeerService) -> FastAPI:
-    app = FastAPI(title="roam peer", version=roam.__version__, responses=_PROBLEM,
-                  description="Runs VMs on this host and migrates them (docs/API.md).")
-    app.router.route_class = _Route
+def answer_problems(app: FastAPI) -> None:
+    """Make every error of `app` a problem document: RoamErrors by their code, invalid
+    requests as `bad_request` (422, field by field), HTTP errors by their status. The
+    control plane's API answers the same way."""
+    app.router.route_class = ProblemRoute
 
     @app.exception_handler(RoamError)
     async def roam_error(request: Request, exc: RoamError) -> Response:
@@ -118,6 +123,12 @@ def create_app(peer: PeerService) -> FastAPI:
         return _response(problems.problem(problems.code_for_status(exc.status_code),
                                           str(exc.detail), request.url.path,
                                           status=exc.status_code))
+
+
+def create_app(peer: PeerService) -> FastAPI:
+    app = FastAPI(title="roam peer", version=roam.__version__, responses=PROBLEM,
+                  description="Runs VMs on this host and migrates them (docs/API.md).")
+    answer_problems(app)
 
     @app.get("/peer", summary="This peer: version, capacity, accelerator, CPU model")
     async def get_peer() -> PeerInfo:
@@ -153,6 +164,15 @@ def create_app(peer: PeerService) -> FastAPI:
                                              "when it is over; progress is on /events)")
     async def migrate_vm(name: VMName, request: MigrateRequest) -> MigrateResult:
         return await peer.migrate(name, request)
+
+    @app.get("/vms/{name}/logs/{log}", summary="A piece of one of the VM's logs (console, "
+             "qemu, worker); follow it by asking again from next_offset")
+    async def get_log(name: VMName, log: LogName,
+                      offset: Annotated[int, Query(ge=0, description="byte offset")] = 0,
+                      limit: Annotated[int, Query(ge=1, le=MAX_LOG_CHUNK,
+                                                  description="bytes at most")] = 65536
+                      ) -> LogChunk:
+        return peer.log(name, log, offset, limit)
 
     @app.get("/gateways", summary="The overlay gateways this peer holds")
     async def list_gateways() -> list[GatewayInfo]:

@@ -40,6 +40,18 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags (/proc/cpuinfo): what a VM's saved CPU state may use."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags":
+                return sorted(value.split())
+    except OSError:
+        pass
+    return []
+
+
 def _meminfo() -> dict[str, int]:
     """/proc/meminfo in bytes."""
     found = {}

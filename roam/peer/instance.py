@@ -118,6 +118,7 @@ class Instance:
         """Load the state device into the started machine and run it."""
         resumed = await self.vm.load_and_run(self.tracker(Device.STATE))
         self.info["load_state_ms"] = resumed.load_state_ms
+        self.info["resumed_at"] = resumed.wall
         self.info["cont_ms"] = resumed.cont_ms
         self.set_state(VMState.RUNNING)
         return resumed

@@ -8,6 +8,7 @@ Requests refuse unknown fields, so a misspelt option is an error instead of a de
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from typing import Annotated, Literal
 
@@ -96,7 +97,8 @@ class VMInfo(BaseModel):
     qemu_pid: int | None = None
     publish: list[PortForwardInfo] = []
     overlay: OverlaySpec | None = None
-    resumed_at: float | None = None  # wall clock, on arrival by migration or registry
+    resumed_at: float | None = None  # wall clock: since then it runs on this host
+    dirty_rate: float | None = None  # bytes/s dirtied, by the last cycle of a migration out
     downtime_ms: float | None = None  # QMP stop on the source to QMP cont here
     # QMP stop on the source to the guest agent's first answer here: the guest runs again
     first_response_ms: float | None = None
@@ -163,6 +165,29 @@ class MigrateRequest(_Request):
     check_memory: bool = False
 
 
+class LogName(enum.StrEnum):
+    """The logs a peer keeps of each VM, in its directory (STATE_DIR/vms/N/NAME.log)."""
+
+    CONSOLE = "console"  # the guest's serial console: kernel, init, the agent's messages
+    QEMU = "qemu"  # QEMU's own output
+    WORKER = "worker"  # the worker process: the VM's life and migrations on this peer
+
+
+MAX_LOG_CHUNK = 1 << 20
+
+
+class LogChunk(BaseModel):
+    """A piece of a VM's log: bytes [offset, next_offset) of the file, as text (invalid
+    UTF-8 replaced). Ask again from `next_offset` to follow it; `size` is the file's."""
+
+    vm: str
+    log: LogName
+    offset: int
+    next_offset: int
+    size: int
+    text: str
+
+
 class MigrateResult(BaseModel):
     """What the source learnt. `declined` is only a result for destinations that decline
     on purpose (a live backup); any other decline is a `declined` problem."""
@@ -180,6 +205,9 @@ class MigrateResult(BaseModel):
     # The destination's: the pause here to the guest agent's first answer there (None
     # when the destination did not say: an older peer, or no answer in time).
     first_response_ms: float | None = None
+    first_pass_ms: float = 0.0
+    first_pass_payload_bytes: int = 0
+    have_bytes: int = 0
 
 
 class GatewayRequest(_Request):

@@ -32,6 +32,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.LOST_PEER: 502,
     ErrorCode.INTEGRITY: 502,
     ErrorCode.TIMEOUT: 504,
+    ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -46,11 +47,12 @@ TITLE: dict[ErrorCode, str] = {
     ErrorCode.LOST_PEER: "Lost the other peer; the VM runs on here",
     ErrorCode.INTEGRITY: "Data failed verification; the VM runs on here",
     ErrorCode.TIMEOUT: "No answer in time",
+    ErrorCode.UNAUTHORIZED: "No valid credentials",
     ErrorCode.INTERNAL: "Internal error",
 }
 
-_BY_STATUS = {404: ErrorCode.NOT_FOUND, 409: ErrorCode.CONFLICT, 423: ErrorCode.BUSY,
-              504: ErrorCode.TIMEOUT}
+_BY_STATUS = {401: ErrorCode.UNAUTHORIZED, 404: ErrorCode.NOT_FOUND, 409: ErrorCode.CONFLICT,
+              423: ErrorCode.BUSY, 504: ErrorCode.TIMEOUT}
 
 
 class Problem(BaseModel):

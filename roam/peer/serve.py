@@ -34,7 +34,7 @@ from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer import api, host
+from roam.peer import api, host, statedir, systemd
 from roam.peer.client import PEER_SOCKET
 from roam.peer.events import Hub
 from roam.peer.models import (
@@ -44,16 +44,20 @@ from roam.peer.models import (
     ExecResult,
     GatewayInfo,
     GatewayRequest,
+    LogChunk,
+    LogName,
     MigrateRequest,
     MigrateResult,
     PeerInfo,
+    ProgressEvent,
     RunRequest,
     SnapshotEvent,
     VMEvent,
     VMInfo,
     VMRemovedEvent,
 )
-from roam.peer.network import NetConfig, NetworkConfigError
+from roam.peer.network import NetConfig
+from roam.peer.packages import HeldPackages
 from roam.peer.table import VMTable, Worker
 from roam.vm import control
 from roam.vm.package import Package, PackageError
@@ -82,7 +86,10 @@ class Peer:
     (it implements roam.peer.api.PeerService)."""
 
     def __init__(self, state_dir: Path, listen: Address, tls: TLSFiles | None = None,
-                 netconf: NetConfig | None = None, api_listen: Address | None = None) -> None:
+                 netconf: NetConfig | None = None, api_listen: Address | None = None,
+                 packages: list[Path] | None = None) -> None:
+        """`packages`: package directories this peer holds from the start (besides those
+        it runs VMs from): VMs made from them arrive without their content being sent."""
         if api_listen is not None and tls is None:
             raise ValueError("the TCP API needs the peer's TLS files (mutual TLS)")
         self.state_dir = state_dir
@@ -93,17 +100,28 @@ class Peer:
         self.gateways_here: dict[str, Gateway] = {}
         self.tls = tls  # migrations in and out use mutual TLS with these files
         self.vms_dir = state_dir / "vms"
+        self.held = HeldPackages(state_dir / "packages")
+        self.given = packages or []
         self.table = VMTable()
         self.events = Hub()
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, stop: asyncio.Event) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.state_dir.chmod(0o700)  # the API socket is this peer's whole authority
-        shutil.rmtree(self.vms_dir, ignore_errors=True)
-        self.vms_dir.mkdir()
-        await self._sweep()
+        """Serve until `stop` is set; StateDirBusy at once if another peer serves the
+        state directory. What a killed peer left there is removed first."""
+        with statedir.claim(self.state_dir):
+            await statedir.clean(self.vms_dir)
+            self.vms_dir.mkdir()
+            await self._sweep()
+            for directory in self.given:
+                self._hold(directory)
+            await self._serve(stop)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        sockets = [self.state_dir / PEER_SOCKET]
+        if self.listen.scheme == "unix":
+            sockets.append(Path(self.listen.path))
         listener = _listening_socket(self.listen)
         app = api.create_app(self)
         servers = [(api.server(app), _listening_socket(Address(
@@ -117,9 +135,11 @@ class Peer:
         accepting = asyncio.create_task(self._accept(listener))
         log.info("peer serving %s, API on %s%s", self.listen, self.state_dir / PEER_SOCKET,
                  f" and {self.api_listen} (mutual TLS)" if self.api_listen else "")
+        systemd.notify(f"READY=1\nSTATUS=serving {self.listen}")
         try:
             await stop.wait()
         finally:
+            systemd.notify("STOPPING=1")
             accepting.cancel()
             listener.close()
             for worker in list(self.table.workers.values()):
@@ -129,10 +149,24 @@ class Peer:
             for server, _ in servers:
                 server.should_exit = True
             await asyncio.wait(serving, timeout=api.GRACE + 5)
+            for path in sockets:  # no stale sockets: a client finds no peer, not a dead one
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=30)
             for name in list(self.gateways_here):
                 await self._remove_gateway(name)
+
+    def _hold(self, directory: Path) -> None:
+        """Record a held package and index it in the background (VMs arriving before
+        that is done index it themselves: the cache keeps whichever finishes)."""
+        try:
+            ident = self.held.hold(directory)
+        except (OSError, PackageError) as exc:  # changed since it was checked: not held
+            log.warning("cannot hold the package in %s: %s", directory, exc)
+            return
+        log.info("holding package %s (%s)", ident, directory)
+        self._task(self.held.warm(directory))
 
     def _task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -156,7 +190,9 @@ class Peer:
                      name: str | None = None) -> Worker:
         workdir = self.vms_dir / str(next(self._ids))
         workdir.mkdir()
-        args = [*args, "--net", self.netconf.model_dump_json()]
+        level = logging.getLevelName(logging.getLogger("roam").getEffectiveLevel())
+        args = [*args, "--net", self.netconf.model_dump_json(), "--log-level", level,
+                "--packages", str(self.held.root)]
         if self.tls:
             args = [*args, "--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key),
                     "--tls-ca", str(self.tls.ca)]
@@ -180,6 +216,9 @@ class Peer:
                     event = EventEnvelope.model_validate({"event": raw}).event
                     if isinstance(event, VMEvent):
                         worker.update(event.vm)
+                    elif isinstance(event, ProgressEvent) and worker.info is not None:
+                        worker.info = worker.info.model_copy(
+                            update={"dirty_rate": event.dirty_rate})
                     self.events.publish(event)
                 return
             except control.ControlError as exc:
@@ -242,10 +281,7 @@ class Peer:
             args += ["--publish", spec]
         if request.gateway is not None and request.vni is not None:
             overlay = OverlaySpec(vni=request.vni, gateway=request.gateway)
-            try:
-                self.netconf.segment(overlay)  # this peer must be on the overlay
-            except NetworkConfigError as exc:
-                raise RoamError(str(exc), code=ErrorCode.CONFLICT) from None
+            self.netconf.segment(overlay)  # this peer must be on the overlay (conflict)
             args += ["--overlay", overlay.model_dump_json()]
         if request.from_ is not None:  # lazy start from a registry (our TLS files, if any)
             worker = await self._spawn([*args, "--from", request.from_], name=name)
@@ -269,6 +305,8 @@ class Peer:
                             code=ErrorCode.TIMEOUT) from None
         if worker.info is None or worker.exited or worker.info.state != "running":
             raise RoamError(f"{name} did not start:\n{worker.log_tail()}")
+        if request.package is not None:  # indexed once the VM runs, not during its boot
+            self._hold(Path(request.package))  # a VM from it coming back sends changes only
         return worker.info
 
     async def exec(self, name: str, request: ExecRequest) -> ExecResult:
@@ -292,6 +330,20 @@ class Peer:
         return MigrateResult.model_validate(
             await worker.call("migrate", request.model_dump(), MIGRATE_TIMEOUT))
 
+    def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk:
+        """Up to `limit` bytes of the VM's `log` from `offset` (its worker's directory)."""
+        path = self.table.find(name).workdir / f"{log}.log"
+        try:
+            with path.open("rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                file.seek(min(offset, size))
+                data = file.read(limit)
+        except FileNotFoundError:  # not written yet (QEMU not started)
+            size, data = 0, b""
+        start = min(offset, size)
+        return LogChunk(vm=name, log=log, offset=start, next_offset=start + len(data),
+                        size=size, text=data.decode(errors="replace"))
+
     def gateways(self) -> list[GatewayInfo]:
         return [g.info(name) for name, g in self.gateways_here.items()]
 
@@ -314,10 +366,7 @@ class Peer:
             raise RoamError(f"segment {overlay.vni} already has a gateway here",
                             code=ErrorCode.CONFLICT)
         forwards = [PortForward.parse(p) for p in request.publish]
-        try:
-            net = await self.netconf.gateway(name, overlay, forwards)
-        except NetworkConfigError as exc:
-            raise RoamError(str(exc), code=ErrorCode.CONFLICT) from None
+        net = await self.netconf.gateway(name, overlay, forwards)  # NetworkConfigError
         self.gateways_here[name] = Gateway(overlay, forwards, net)
         log.info("gateway of %s (segment %d) up; publishing %s", name, overlay.vni,
                  ", ".join(request.publish) or "nothing")

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pyfuse3
 
+from roam.errors import RoamError
 from roam.storage.provider import Buffer
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-class PageCacheError(Exception):
+class PageCacheError(RoamError):
     """The page cache could not be kept right: the file must not be used by a VM."""
 
 
