@@ -25,7 +25,6 @@ reach the memory device through the exposure, which is the dirty set of the next
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -148,17 +147,26 @@ class MemoryFill:
             self.dropped += int(np.count_nonzero(lost)) * self.block_size
 
     async def finish(self, filler: asyncio.Task[None] | None) -> None:
-        """Before the guest runs: the last blocks, then wait for every store."""
-        if filler is not None:
+        """Before the guest runs: the last blocks, then wait for every store. A filler
+        that failed only leaves pages to be read through the exposure (logged); a failed
+        invalidation is raised by the feeder's close (stale pages may be left)."""
+        try:
+            if filler is not None:
+                self._finished = True
+                filler.cancel()
+                try:
+                    await filler
+                except asyncio.CancelledError:
+                    pass
+                except Exception as exc:  # a filler's failure costs reads only
+                    log.warning("memory filler failed, the guest reads the rest: %s", exc)
+                    self._holding = False
+                self._finished = False
+                if self._holding:
+                    await self.fill()
+        finally:
             self._finished = True
-            filler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await filler
-            self._finished = False
-            if self._holding:
-                await self.fill()
-        self._finished = True
-        await self.feeder.close()
+            await self.feeder.close()
         log.info("memory resident at authority: %.0f MiB stored by the filler, %.0f MiB of "
                  "them again after the kernel reclaimed them", self.filled / 2**20,
                  self.dropped / 2**20)
