@@ -307,6 +307,8 @@ def hop(source: str | None, to: str, outcome: OutcomeEvent, began: float,
         ended: float) -> dict[str, Any]:
     return {"from": (source or "?").upper(), "to": to.upper(),
             "downtime_ms": round(outcome.downtime_ms or 0.0, 1),
+            "first_response_ms": (None if outcome.first_response_ms is None
+                                  else round(outcome.first_response_ms, 1)),
             "total_ms": round(outcome.duration_ms, 1), "bytes_sent": outcome.bytes_sent or 0,
             "cycles": outcome.cycles, "final_dirty_blocks": outcome.final_dirty,
             "window": (began, ended)}
@@ -344,7 +346,8 @@ async def tour(fleet: FleetDemo, vms: dict[str, tuple[int, int]], *,
         moved = await fleet.migrate(name, "b")
         hops[name].append(moved)
         say(f"{name}: moved {moved['from']} -> B through the API: downtime "
-            f"{moved['downtime_ms']} ms, total {moved['total_ms'] / 1000:.1f} s")
+            f"{moved['downtime_ms']} ms, guest answered after {moved['first_response_ms']} ms, "
+            f"total {moved['total_ms'] / 1000:.1f} s")
     await asyncio.sleep(pause)
 
     seen = len(fleet.events)
@@ -391,6 +394,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     gaps = [1000 * (b - a) for c in clients for a, b in c["gaps"]]
     return {
         "downtime_ms": [h["downtime_ms"] for h in hops],
+        "first_response_ms": [h["first_response_ms"] for h in hops],
         "total_ms": round(sum(h["total_ms"] for h in hops), 1),
         "bytes_sent": sum(h["bytes_sent"] for h in hops),
         "acked_writes": sum(c["acked"] for c in clients),

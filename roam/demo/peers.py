@@ -14,6 +14,7 @@ the figures.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -21,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,7 +75,7 @@ async def wait_socket(path: Path, process: subprocess.Popen[str]) -> None:
         await asyncio.sleep(0.1)
 
 
-async def demo(work: Path, hosts: Lab, pkg: Path) -> dict[str, Any]:
+async def demo(work: Path, hosts: Lab, pkg: Path, hops_wanted: int = 2) -> dict[str, Any]:
     peers: dict[str, subprocess.Popen[str]] = {}
     roles = (*HOSTS, GATEWAY)
     state = {h: work / h for h in roles}
@@ -104,7 +106,8 @@ async def demo(work: Path, hosts: Lab, pkg: Path) -> dict[str, Any]:
                        "--out", str(acked), stdout=subprocess.PIPE)
         await asyncio.sleep(WRITE_SECONDS)
         hops: list[dict[str, Any]] = []
-        for src, dst in (("a", "b"), ("b", "a")):
+        for index in range(hops_wanted):
+            src, dst = HOSTS[index % 2], HOSTS[(index + 1) % 2]
             began = time.monotonic()
             async with PeerClient(state[src]) as here, PeerClient(state[dst]) as there:
                 result = await here.migrate(VM, MigrateRequest(
@@ -112,11 +115,13 @@ async def demo(work: Path, hosts: Lab, pkg: Path) -> dict[str, Any]:
                 moved = await there.vm(VM)
             hops.append({"from": src.upper(), "to": dst.upper(),
                          "downtime_ms": round(moved.downtime_ms or 0.0, 1),
+                         "first_response_ms": _rounded(result.first_response_ms),
                          "total_ms": round(result.total_ms, 1),
                          "bytes_sent": result.bytes_sent, "cycles": result.cycles,
                          "final_dirty_blocks": result.final_dirty,
                          "window": (began, time.monotonic())})
             print(f"hop {src.upper()} -> {dst.upper()}: downtime {hops[-1]['downtime_ms']} ms, "
+                  f"guest answered after {hops[-1]['first_response_ms']} ms, "
                   f"total {hops[-1]['total_ms'] / 1000:.1f} s, "
                   f"{result.bytes_sent / 2**20:.0f} MiB sent, {result.cycles} cycles",
                   flush=True)
@@ -154,7 +159,23 @@ async def demo(work: Path, hosts: Lab, pkg: Path) -> dict[str, Any]:
                 process.kill()
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _p50(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 1) if known else None
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m roam.demo.peers",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--hops", type=int, default=2,
+                        help="handovers A -> B -> A ... (default 2; 10 for the benchmark)")
+    args = parser.parse_args()
+    if args.hops < 1:
+        parser.error("--hops must be at least 1")
     if os.geteuid() != 0:
         sys.exit("the demo creates network namespaces: run it as root")
     logging.basicConfig(level=logging.WARNING)
@@ -163,7 +184,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rd-"))  # short: UNIX socket paths
     try:
         with lab(*HOSTS, GATEWAY, CLIENT, tag=f"rd{os.getpid() % 10000}", net=NET) as hosts:
-            report = asyncio.run(demo(work, hosts, pkg))
+            report = asyncio.run(demo(work, hosts, pkg, args.hops))
     except BaseException:
         print(f"demo failed; peer logs are in {work}", file=sys.stderr)
         raise
@@ -178,8 +199,17 @@ def main() -> None:
     print("client blackout per hop (longest wait for an acknowledgement): "
           + ", ".join(f"{h['from']} -> {h['to']} {h['client_blackout_ms']:.0f} ms" for h in hops))
     print(f"demo took {time.monotonic() - started:.0f} s; accelerator {report['accel']}")
+    print("p50 per hop: downtime "
+          f"{_p50([h['downtime_ms'] for h in hops])} ms, guest answered after "
+          f"{_p50([h['first_response_ms'] for h in hops])} ms, client blackout "
+          f"{_p50([h['client_blackout_ms'] for h in hops])} ms")
     print(json.dumps({
         "downtime_ms": [h["downtime_ms"] for h in hops],
+        "first_response_ms": [h["first_response_ms"] for h in hops],
+        "client_blackout_per_hop_ms": [h["client_blackout_ms"] for h in hops],
+        "downtime_p50_ms": _p50([h["downtime_ms"] for h in hops]),
+        "first_response_p50_ms": _p50([h["first_response_ms"] for h in hops]),
+        "client_blackout_p50_ms": _p50([h["client_blackout_ms"] for h in hops]),
         "total_ms": round(sum(h["total_ms"] for h in hops), 1),
         "bytes_sent": sum(h["bytes_sent"] for h in hops),
         "acked_writes": report["acked"], "lost_writes": report["lost"],

@@ -71,6 +71,7 @@ class Instance:
         self.fenced = False  # paused by its node's agent (handle_pause), not a migration
         self.agent_ready = asyncio.Event()
         self.sync: syncing.SyncJob | None = None  # its continuous sync (roam.peer.syncing)
+        self.paused_wall: float | None = None  # time.time() of the pause before arriving
 
     @property
     def vm(self) -> VM:
@@ -127,7 +128,11 @@ class Instance:
         return resumed
 
     async def after_resume(self) -> None:
-        await self.vm.attach_agent()
+        answered = await self.vm.attach_agent()
+        if self.paused_wall is not None:  # arrived by migration: its liveness
+            self.info["first_response_ms"] = (answered - self.paused_wall) * 1000
+            log.info("%s answered %.1f ms after its pause on the source", self.spec.name,
+                     self.info["first_response_ms"])
         self.agent_ready.set()
 
     # -- control requests --------------------------------------------------------------

@@ -150,6 +150,7 @@ async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
             finally:
                 if incoming.prepared is not None:
                     incoming.prepared.cancel()
+                await incoming.close()
                 await instance.close()
     finally:
         if not received.done():

@@ -37,3 +37,5 @@ def test_client_keeps_its_connection_over_a_b_a(snapshot: Path) -> None:
     assert report["lost"] == 0
     assert report["connections"] == 1  # the same connection throughout
     assert [(h["from"], h["to"]) for h in report["hops"]] == [("A", "B"), ("B", "A")]
+    # The destination saw the guest answer after its resume, and the source heard of it.
+    assert all(h["first_response_ms"] >= h["downtime_ms"] > 0 for h in report["hops"])
