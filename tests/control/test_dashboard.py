@@ -257,6 +257,14 @@ async def test_a_node_under_notice_counts_down_to_its_deadline(
     record = board.notice("a")
     assert record is not None and f'data-until="{record.deadline}"' in row
     assert board.evacuation is record
+
+    def resumed_on_b(r: VMRecord) -> VMRecord:
+        r.status.node = "b"
+        return r
+    moved = await control.fleet.update(Keys.vm("web"), VMRecord, resumed_on_b)
+    assert moved is not None
+    assert await board.apply(control.fleet, Keys.vm("web"), moved.model_dump_json().encode())
+    assert (board.nodes["a"].vms, board.nodes["b"].vms) == ([], ["web"])  # rows follow VMs
     assert 'aria-label="evacuation of a before its deadline"' in page
     assert 'class="deadline"' in page
 

@@ -255,6 +255,8 @@ def scenario(fleet: TwoNodes, out: Path) -> dict[str, Any]:
             expect(timeline.locator("rect.bar")).to_have_count(1)
             expect(timeline.locator("text.margin")).to_contain_text(" s")
             expect(page.locator('tr[data-node="a"] [data-state]')).to_have_text("cordoned")
+            expect(page.locator('tr[data-node="a"] .vm-count')).to_have_text("0")
+            expect(page.locator('tr[data-node="b"] .vm-count')).to_have_text("1")
             page.screenshot(path=out / "9-evacuated.png", full_page=True)
             return {"progress": progress, "downtime": downtime.inner_text(),
                     "notice": page.evaluate("() => window.noticeSeen"),

@@ -131,18 +131,23 @@ class Board:
                 self.flights.pop(name, None)
             else:
                 self._vm(vm_view(VMRecord.model_validate_json(value)))
+            await self._nodes(fleet)  # a node's VMs and use follow its VMs' records
         elif key.startswith(NOTICES):
             if value is None:
                 self.notices.pop(key.removeprefix(NOTICES), None)
             else:
                 self._notice(value)
         elif key.startswith((Keys.NODES, Keys.ALIVE, Keys.DRAINS)):
-            # a node's view mixes its record, its lease and its drain: read them again
-            view = await fleet.view()
-            self.nodes = {n: view.node_view(n) for n in sorted(view.nodes)}
+            await self._nodes(fleet)
         else:
             return False  # tokens, the leader: nothing shown
         return True
+
+    async def _nodes(self, fleet: Fleet) -> None:
+        """Read the nodes again: a node's view mixes its record, its lease, its drain
+        and the VMs placed on it."""
+        view = await fleet.view()
+        self.nodes = {n: view.node_view(n) for n in sorted(view.nodes)}
 
     # -- folding -----------------------------------------------------------------------
 
