@@ -172,7 +172,8 @@ def notice(record: NoticeRecord, started: Callable[[str], float | None],
             body.append(scale.label(i, end, f"{margin:+.1f} s", "margin"))
         elif leaving.state == Leaving.MOVING:
             body.append(scale.bar(i, begin, max(now - received, begin), "bar moving",
-                                  f"{escape(name)}: moving to {escape(leaving.to or '?')}"))
+                                  f"{escape(name)}: moving since {begin:.1f} s after "
+                                  "the notice"))
         elif leaving.state == Leaving.LOST:
             end = min(now, record.deadline) - received
             body.append(scale.bar(i, begin, max(end, begin), "bar lost",
