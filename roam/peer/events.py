@@ -124,7 +124,9 @@ def migration_ended(instance: Instance, to: str, started: float,
                              first_response_ms=ended.first_response_ms,
                              bytes_sent=ended.bytes_sent,
                              cycles=ended.cycles, final_dirty=ended.final_dirty,
-                             duration_ms=duration_ms)
+                             first_pass_ms=ended.first_pass_ms,
+                             first_pass_payload_bytes=ended.first_pass_payload_bytes,
+                             have_bytes=ended.have_bytes, duration_ms=duration_ms)
     else:
         code = ended.code if isinstance(ended, RoamError) else ErrorCode.INTERNAL
         event = OutcomeEvent(vm=instance.spec.name, to=to, duration_ms=duration_ms,

@@ -398,6 +398,9 @@ class OutcomeEvent(BaseModel):
     bytes_sent: int | None = None
     cycles: int | None = None  # pre-copy passes, when it completed
     final_dirty: int | None = None  # blocks still dirty at the pause
+    first_pass_ms: float | None = None  # the destination ready to every block sent once
+    first_pass_payload_bytes: int | None = None  # data the first pass sent (not zero, not held)
+    have_bytes: int | None = None  # named, not sent: the destination held them
     duration_ms: float
 
 

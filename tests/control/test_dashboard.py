@@ -4,7 +4,8 @@ without a session, a bad token gets no cookie, the cookie is HttpOnly and SameSi
 refused and changes nothing (fuzzed with hypothesis), a good one is the API's request;
 the stream sends the sections that changed and ends once the token is revoked; the
 board folds the event log into migrations, history and evacuations, and the plots draw
-one mark per migration.
+one mark per migration; a node under notice shows its deadline to count down to, and
+the notice's evacuation is drawn against its deadline.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from roam.control.dashboard import plots, session
 from roam.control.dashboard.board import Board
 from roam.control.dashboard.routes import SECTIONS
 from roam.control.models import ControlKind, Keys, NodeRecord, RelayedEvent, VMPhase, VMRecord
+from roam.control.notice import Leaving, NoticeRecord, VMEvacuation
 from roam.control.serve import listen_socket
 from roam.peer import api as peer_api
 from roam.peer.models import OutcomeEvent, ProgressEvent
@@ -239,6 +241,51 @@ async def test_the_board_folds_the_log_into_flights_history_and_evacuations(
     assert plots.throughput(board.history).count("<rect") == 1
     assert plots.evacuation(drain).count("<rect") == 1
     assert "No completed migration" in plots.downtime([])
+
+
+async def test_a_node_under_notice_counts_down_to_its_deadline(
+        control: Control, browser: httpx.AsyncClient) -> None:
+    await running_on_a(control)
+    await control.call("POST", "/nodes/a/notice",
+                       {"deadline_seconds": 60, "cloud": "aws", "action": "terminate"},
+                       expect=202)
+    await log_in(control, browser)
+    page = (await browser.get("/")).text
+    row = page[page.index('data-node="a"'):page.index('data-node="b"')]
+    assert 'data-state="notice received"' in row and "aws terminate at" in row
+    board, _ = await Board.load(control.fleet)
+    record = board.notice("a")
+    assert record is not None and f'data-until="{record.deadline}"' in row
+    assert board.evacuation is record
+
+    def resumed_on_b(r: VMRecord) -> VMRecord:
+        r.status.node = "b"
+        return r
+    moved = await control.fleet.update(Keys.vm("web"), VMRecord, resumed_on_b)
+    assert moved is not None
+    assert await board.apply(control.fleet, Keys.vm("web"), moved.model_dump_json().encode())
+    assert (board.nodes["a"].vms, board.nodes["b"].vms) == ([], ["web"])  # rows follow VMs
+    assert 'aria-label="evacuation of a before its deadline"' in page
+    assert 'class="deadline"' in page
+
+
+def test_the_notice_plot_draws_the_deadline_margins_and_the_lost() -> None:
+    received = 1000.0
+    record = NoticeRecord(
+        node="a", cloud="gcp", action="preempt", event_id="", deadline=received + 30,
+        received=received, max_parallel=2, finished=received + 31, vms={
+            "db": VMEvacuation(state=Leaving.EVACUATED, priority=5, memory_mib=256, to="b",
+                               resumed_at=received + 12, margin_ms=18_000.0),
+            "big": VMEvacuation(state=Leaving.LOST, memory_mib=8192, warned=True,
+                                detail="the deadline passed before it resumed elsewhere")})
+    started = {"db": received + 1, "big": received + 14}
+    svg = plots.notice(record, started.get, now=received + 40)
+    assert svg.count('<line class="deadline"') == 1
+    assert svg.count('class="bar"') == 1 and svg.count('class="bar lost"') == 1
+    assert "+18.0 s" in svg and ">lost<" in svg
+    assert svg.index(">db<") < svg.index(">big<")  # by priority, as it moved them
+    assert "no VM to move" in plots.notice(record.model_copy(update={"vms": {}}),
+                                           started.get, now=received)
 
 
 def test_ticks_are_round_and_cover_the_range() -> None:

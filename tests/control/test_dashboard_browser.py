@@ -6,7 +6,10 @@ The browser logs in with a token, sees both nodes, migrates the VM to B from the
 (confirming in the dialog), watches its progress bar fill from the nodes' progress
 events and the VM's row change node, sees the migration's downtime in the history and
 the plot, then drains B from the page and sees the VM come back and the evacuation drawn.
-Screenshots of each step are saved in the test's tmp directory.
+Then B is uncordoned from the page and A gets a spot notice through the API (a 60 s
+deadline): A's row says "notice received" and counts down, the VM evacuates to B, and
+the plot draws its move against the deadline. Screenshots of each step are saved in the
+test's tmp directory.
 
 The browser runs inside P's namespace (Playwright's driver and chromium are started from
 a thread that entered it), where the control plane listens: nothing leaves the lab.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -30,10 +34,12 @@ from roam.control import auth
 from roam.control.client import ControlClient
 from roam.control.fleet import Fleet as ControlFleet
 from roam.control.models import NodeView, VMPhase, VMSpec
+from roam.control.notice import NoticeRequest
 from roam.control.sqlite import SqliteStore
 from roam.errors import RoamError
 from roam.network import ns
 from roam.network.lab import lab
+from roam.spot import Action, Cloud
 from tests.blueprint.boot import short_dir
 from tests.control.test_fleet import CONTROL, PEER_PORT, PORT, Fleet
 from tests.vm.conftest import run_dir, snapshot
@@ -94,7 +100,9 @@ async def _token(data: Path) -> str:
 
 
 @pytest.fixture
-def fleet(snapshot: Path) -> Iterator[TwoNodes]:
+def fleet(snapshot: Path, tmp_path: Path) -> Iterator[TwoNodes]:
+    """The fleet; its logs (control plane, nodes, VMs) are kept in the test's tmp
+    directory, beside the screenshots."""
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
     if not Path(CHROMIUM).exists():
@@ -119,6 +127,11 @@ def fleet(snapshot: Path) -> Iterator[TwoNodes]:
             yield the_fleet
         finally:
             the_fleet.close()
+            for log_file in work.glob("**/*.log"):
+                if log_file.is_file():
+                    kept = tmp_path / "logs" / log_file.relative_to(work)
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(log_file, kept)
 
 
 async def _count(nodes: Awaitable[list[NodeView]], count: int) -> bool:
@@ -139,6 +152,21 @@ RECORD_PROGRESS = """() => {
   };
   new MutationObserver(record).observe(document.getElementById('migrations'),
                                        {childList: true, subtree: true});
+}"""
+
+
+RECORD_NOTICE = """() => {
+  window.noticeSeen = {states: [], left: []};
+  const record = () => {
+    const row = document.querySelector('tr[data-node="a"]');
+    if (!row) return;
+    const add = (list, value) => { if (list[list.length - 1] !== value) list.push(value); };
+    add(window.noticeSeen.states, row.querySelector('[data-state]').dataset.state);
+    const until = row.querySelector('[data-until]');
+    if (until && until.dataset.left) add(window.noticeSeen.left, Number(until.dataset.left));
+  };
+  new MutationObserver(record).observe(document.getElementById('nodes'),
+      {childList: true, subtree: true, attributes: true, attributeFilter: ['data-left']});
 }"""
 
 
@@ -212,18 +240,44 @@ def scenario(fleet: TwoNodes, out: Path) -> dict[str, Any]:
             expect(page.locator('svg[aria-label="downtime per migration over time"] '
                                 'circle')).to_have_count(2)
             page.screenshot(path=out / "7-drained.png", full_page=True)
+
+            page.locator('tr[data-node="b"] button', has_text="Uncordon").click()
+            confirm(page)
+            expect(page.locator('tr[data-node="b"] [data-state]')).to_have_text("ready")
+            page.evaluate(RECORD_NOTICE)
+            fleet.api(lambda c: c.give_notice("a", NoticeRequest(
+                deadline_seconds=60, cloud=Cloud.AWS, action=Action.TERMINATE)))
+            page.wait_for_function("() => window.noticeSeen.left.length >= 2")
+            page.screenshot(path=out / "8-notice.png", full_page=True)
+            expect(vm.locator(".vm-node")).to_have_text("b")
+            timeline = page.locator('svg[aria-label="evacuation of a before its deadline"]')
+            expect(timeline.locator("line.deadline")).to_have_count(1)
+            expect(timeline.locator("rect.bar")).to_have_count(1)
+            expect(timeline.locator("text.margin")).to_contain_text(" s")
+            expect(page.locator('tr[data-node="a"] [data-state]')).to_have_text("cordoned")
+            expect(page.locator('tr[data-node="a"] .vm-count')).to_have_text("0")
+            expect(page.locator('tr[data-node="b"] .vm-count')).to_have_text("1")
+            page.screenshot(path=out / "9-evacuated.png", full_page=True)
             return {"progress": progress, "downtime": downtime.inner_text(),
+                    "notice": page.evaluate("() => window.noticeSeen"),
+                    "margin": timeline.locator("text.margin").text_content(),
                     "errors": errors}
         finally:
             context.close()
 
 
 @pytest.mark.timeout(300)
-def test_a_migration_and_a_drain_from_the_page(fleet: TwoNodes, tmp_path: Path) -> None:
+def test_a_migration_a_drain_and_a_notice_from_the_page(fleet: TwoNodes, tmp_path: Path) -> None:
     seen = ns.call_in(fleet.hosts.nodes[CONTROL], lambda: scenario(fleet, tmp_path))
     print(f"\nprogress seen {seen['progress']}, downtime {seen['downtime']}; "
           f"screenshots in {tmp_path}")
+    left = seen["notice"]["left"]
+    print(f"countdown seen {left}, margin {seen['margin']}")
     assert any(0 < value for value in seen["progress"])
+    assert "notice received" in seen["notice"]["states"]
+    assert left[0] <= 60 and min(left) < left[0]  # counted down
     assert not seen["errors"], seen["errors"]
     status = fleet.api(lambda c: c.vm("web")).status
-    assert status.node == "a" and status.epoch == 3  # placed, moved to b and back
+    assert status.node == "b" and status.epoch == 4  # placed, to b, back, evacuated to b
+    notice = fleet.api(lambda c: c.notice("a"))
+    assert notice.finished is not None and notice.evacuated == ["web"]

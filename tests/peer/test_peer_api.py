@@ -78,6 +78,9 @@ def test_events_during_a_migration(peers: dict[str, Peer], snapshot: Path) -> No
     assert (outcome.outcome, outcome.code, outcome.to) == ("completed", None, b.address)
     assert outcome.bytes_sent == result.bytes_sent and outcome.downtime_ms == result.downtime_ms
     assert outcome.duration_ms >= result.total_ms > 0
+    assert (outcome.first_pass_ms, outcome.first_pass_payload_bytes, outcome.have_bytes) == (
+        result.first_pass_ms, result.first_pass_payload_bytes, result.have_bytes)
+    assert outcome.first_pass_ms is not None and outcome.first_pass_ms > 0
     assert _states(received, "watched") == ["incoming", "running"]
     arrived = received[-1]
     assert isinstance(arrived, VMEvent) and (arrived.vm.downtime_ms or 0) > 0

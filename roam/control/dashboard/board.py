@@ -3,10 +3,11 @@
 The API's records say where things are; the event log says how they got there. A
 `Board` holds both as the page needs them: the nodes and VMs as they are now, the
 migrations in flight with their last `progress` event, the finished ones with their
-outcome (downtime, bytes, duration), and each drain's evacuation (when it began and when
-each VM it moved arrived). It is built once per browser connection from the store (the
-log keeps the last 2,000 events) and then folded forward, change by change, from the
-same watch GET /events streams.
+outcome (downtime, bytes, duration), each drain's evacuation (when it began and when
+each VM it moved arrived), and each node's last spot notice as the control plane keeps
+it (roam.control.notice: its deadline, and where each VM of its evacuation is). It is
+built once per browser connection from the store (the log keeps the last 2,000 events)
+and then folded forward, change by change, from the same watch GET /events streams.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from roam.control.models import (
     VMRecord,
     VMView,
 )
+from roam.control.notice import NOTICES, NoticeRecord
 from roam.peer.models import OutcomeEvent, ProgressEvent
 
 HISTORY = 200
@@ -93,6 +95,8 @@ class Board:
     flights: dict[str, Flight] = field(default_factory=dict)
     history: list[Finished] = field(default_factory=list)
     evacuations: list[Evacuation] = field(default_factory=list)
+    notices: dict[str, NoticeRecord] = field(default_factory=dict)
+    """Each node's last notice, the latest received last."""
     _started: dict[str, tuple[float, str | None]] = field(default_factory=dict)
     """Per VM: when its last migration_started was logged, and the node it went to."""
 
@@ -108,7 +112,10 @@ class Board:
             board._vm(vm_view(vm.value))
         for record in logged.records:
             board._log(record.value)
-        return board, logged.revision
+        noticed = await fleet.store.range(NOTICES)
+        for record in noticed.records:
+            board._notice(record.value)
+        return board, logged.revision  # what was read after it is folded again: the same
 
     async def apply(self, fleet: Fleet, key: str, value: bytes | None) -> bool:
         """Fold one change of the store's watch (`value` None: the key was deleted) into
@@ -124,13 +131,23 @@ class Board:
                 self.flights.pop(name, None)
             else:
                 self._vm(vm_view(VMRecord.model_validate_json(value)))
+            await self._nodes(fleet)  # a node's VMs and use follow its VMs' records
+        elif key.startswith(NOTICES):
+            if value is None:
+                self.notices.pop(key.removeprefix(NOTICES), None)
+            else:
+                self._notice(value)
         elif key.startswith((Keys.NODES, Keys.ALIVE, Keys.DRAINS)):
-            # a node's view mixes its record, its lease and its drain: read them again
-            view = await fleet.view()
-            self.nodes = {n: view.node_view(n) for n in sorted(view.nodes)}
+            await self._nodes(fleet)
         else:
             return False  # tokens, the leader: nothing shown
         return True
+
+    async def _nodes(self, fleet: Fleet) -> None:
+        """Read the nodes again: a node's view mixes its record, its lease, its drain
+        and the VMs placed on it."""
+        view = await fleet.view()
+        self.nodes = {n: view.node_view(n) for n in sorted(view.nodes)}
 
     # -- folding -----------------------------------------------------------------------
 
@@ -145,6 +162,31 @@ class Board:
             started = self._started.get(vm.name)
             self.flights[vm.name] = Flight(vm.name, status.node, status.target,
                                            None if started is None else started[0])
+
+    def _notice(self, value: bytes) -> None:
+        record = NoticeRecord.model_validate_json(value)
+        self.notices.pop(record.node, None)
+        self.notices[record.node] = record
+        self.notices = dict(sorted(self.notices.items(), key=lambda item: item[1].received))
+
+    def notice(self, node: str) -> NoticeRecord | None:
+        """The node's notice while its evacuation goes on."""
+        record = self.notices.get(node)
+        return record if record is not None and record.finished is None else None
+
+    def started(self, vm: str) -> float | None:
+        """When the VM's last migration_started was logged."""
+        found = self._started.get(vm)
+        return None if found is None else found[0]
+
+    @property
+    def evacuation(self) -> Evacuation | NoticeRecord | None:
+        """What the evacuation plot draws: the latest drain or notice."""
+        drain = self.evacuations[-1] if self.evacuations else None
+        notice = list(self.notices.values())[-1] if self.notices else None
+        if drain is None or (notice is not None and notice.received >= drain.started):
+            return notice
+        return drain
 
     def _log(self, value: bytes) -> None:
         event = FleetEventEnvelope.model_validate({"event": json.loads(value)}).event

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from markupsafe import Markup, escape
 
 from roam.control.dashboard.board import Evacuation, Finished
+from roam.control.notice import Leaving, NoticeRecord, order
 
 WIDTH, HEIGHT = 400, 230
 LEFT, RIGHT, TOP, BOTTOM = 44, 12, 26, 30
@@ -122,49 +123,115 @@ def throughput(history: Sequence[Finished], bars: int = 16) -> Markup:
 
 
 def evacuation(drain: Evacuation) -> Markup:
-    """When each VM of a drain arrived, against the time since the drain began (a spot
-    notice's deadline drawn across it is **(planned)**: the control plane has no notices
-    yet)."""
+    """When each VM of a drain arrived, against the time since the drain began."""
     if not drain.arrivals:
         return _empty(f"Draining {drain.node}: no VM moved yet")
     ends = [a.ended for a in drain.arrivals]
     horizon = max([*ends, drain.finished or 0]) - drain.started
-    x_ticks = ticks(max(horizon, 1.0) * 1.05, 5)
-    inner = WIDTH - LEFT - RIGHT - 14  # room for the last tick's label
-    per_second = inner / x_ticks[-1]
-    row = min(28.0, (HEIGHT - BOTTOM - TOP) / len(drain.arrivals))
+    scale = _Timeline(horizon, len(drain.arrivals))
     body = []
     for i, arrival in enumerate(drain.arrivals):
-        y = TOP + i * row
         begin = (arrival.started or drain.started) - drain.started
         end = arrival.ended - drain.started
-        kind = "bar" if arrival.ok else "bar failed"
-        body.append(f'<text class="tick" x="{LEFT - 6}" y="{y + row / 2 + 4:.1f}" '
-                    f'text-anchor="end">{escape(arrival.vm)}</text>'
-                    f'<rect class="{kind}" x="{LEFT + begin * per_second:.1f}" '
-                    f'y="{y + row * 0.2:.1f}" width="{max((end - begin) * per_second, 2):.1f}" '
-                    f'height="{row * 0.6:.1f}" rx="2"><title>{escape(arrival.vm)}: '
-                    f'{"arrived" if arrival.ok else "failed"} {end:.1f} s after the drain '
-                    'began</title></rect>')
-    labels = [(LEFT + t * per_second, f"{_number(t)} s") for t in x_ticks]
+        body.append(scale.row(i, arrival.vm) + scale.bar(
+            i, begin, end, "bar" if arrival.ok else "bar failed",
+            f'{escape(arrival.vm)}: {"arrived" if arrival.ok else "failed"} {end:.1f} s '
+            'after the drain began'))
     if drain.finished is not None:
-        fx = LEFT + (drain.finished - drain.started) * per_second
-        body.append(f'<line class="finish" x1="{fx:.1f}" x2="{fx:.1f}" y1="{TOP - 8}" '
-                    f'y2="{HEIGHT - BOTTOM}"/><text class="unit" x="{fx:.1f}" y="{TOP - 12}" '
-                    'text-anchor="middle">drained</text>')
-    body.append(f'<text class="unit" x="{WIDTH - RIGHT}" y="{HEIGHT - 2}" text-anchor="end">'
-                'since the drain began</text>')
-    parts = [f'<svg class="plot" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-             f'aria-label="evacuation of {escape(drain.node)}">']
-    for t in x_ticks:
-        gx = LEFT + t * per_second
-        parts.append(f'<line class="grid" x1="{gx:.1f}" x2="{gx:.1f}" y1="{TOP}" '
-                     f'y2="{HEIGHT - BOTTOM}"/>')
-    for lx, text in labels:
-        parts.append(f'<text class="tick" x="{lx:.1f}" y="{HEIGHT - BOTTOM + 16}" '
-                     f'text-anchor="middle">{escape(text)}</text>')
-    parts.append(f'<line class="axis" x1="{LEFT}" x2="{LEFT + inner}" y1="{HEIGHT - BOTTOM}" '
-                 f'y2="{HEIGHT - BOTTOM}"/>')
-    parts.extend(body)
-    parts.append("</svg>")
-    return Markup("".join(parts))
+        body.append(scale.marker(drain.finished - drain.started, "finish", "drained"))
+    return scale.svg(f"evacuation of {drain.node}", body, "since the drain began")
+
+
+def notice(record: NoticeRecord, started: Callable[[str], float | None],
+           now: float) -> Markup:
+    """A notice's evacuation against the seconds since it was received: the deadline
+    drawn across, each VM's move from when it started to when it resumed elsewhere (its
+    margin, the deadline minus that, written beside it), a move under way up to now, and
+    the VMs lost (or to be lost) marked so."""
+    names = order(record)
+    if not names:
+        return _empty(f"Notice on {record.node}: no VM to move")
+    received, deadline = record.received, record.deadline - record.received
+    moments = [deadline] + [v.resumed_at - received for v in record.vms.values()
+                            if v.resumed_at is not None]
+    if not record.finished and any(not v.state.final for v in record.vms.values()):
+        moments.append(now - received)
+    scale = _Timeline(max(moments), len(names))
+    body = []
+    for i, name in enumerate(names):
+        leaving = record.vms[name]
+        body.append(scale.row(i, name))
+        moved = started(name)
+        begin = max(0.0, (moved if moved is not None else received) - received)
+        if leaving.state == Leaving.EVACUATED and leaving.resumed_at is not None:
+            end = leaving.resumed_at - received
+            margin = (leaving.margin_ms or 0) / 1000
+            body.append(scale.bar(i, begin, end, "bar", f"{escape(name)}: resumed on "
+                                  f"{escape(leaving.to or '?')} {end:.1f} s after the "
+                                  f"notice, {margin:.1f} s before the deadline"))
+            body.append(scale.label(i, end, f"{margin:+.1f} s", "margin"))
+        elif leaving.state == Leaving.MOVING:
+            body.append(scale.bar(i, begin, max(now - received, begin), "bar moving",
+                                  f"{escape(name)}: moving since {begin:.1f} s after "
+                                  "the notice"))
+        elif leaving.state == Leaving.LOST:
+            end = min(now, record.deadline) - received
+            body.append(scale.bar(i, begin, max(end, begin), "bar lost",
+                                  f"{escape(name)}: lost ({escape(leaving.detail or '')})"))
+            body.append(scale.label(i, max(end, begin), "lost", "lost"))
+        else:
+            text = "gone" if leaving.state == Leaving.GONE else (
+                "will be lost" if leaving.warned else "waiting")
+            body.append(scale.label(i, begin, text, "lost" if leaving.warned else "muted"))
+    body.append(scale.marker(deadline, "deadline", "deadline"))
+    return scale.svg(f"evacuation of {record.node} before its deadline", body,
+                     "since the notice")
+
+
+class _Timeline:
+    """Rows of a timeline plot: seconds from 0 to `horizon` across, one row per VM."""
+
+    def __init__(self, horizon: float, rows: int) -> None:
+        self.x_ticks = ticks(max(horizon, 1.0) * 1.05, 5)
+        self.inner = WIDTH - LEFT - RIGHT - 14  # room for the last tick's label
+        self.per_second = self.inner / self.x_ticks[-1]
+        self.height = min(28.0, (HEIGHT - BOTTOM - TOP) / rows)
+
+    def x(self, seconds: float) -> float:
+        return LEFT + seconds * self.per_second
+
+    def row(self, i: int, name: str) -> str:
+        return (f'<text class="tick" x="{LEFT - 6}" y="{TOP + (i + 0.5) * self.height + 4:.1f}" '
+                f'text-anchor="end">{escape(name)}</text>')
+
+    def bar(self, i: int, begin: float, end: float, kind: str, title: str) -> str:
+        return (f'<rect class="{kind}" x="{self.x(begin):.1f}" '
+                f'y="{TOP + (i + 0.2) * self.height:.1f}" '
+                f'width="{max((end - begin) * self.per_second, 2):.1f}" '
+                f'height="{self.height * 0.6:.1f}" rx="2"><title>{title}</title></rect>')
+
+    def label(self, i: int, at: float, text: str, kind: str) -> str:
+        return (f'<text class="value {kind}" x="{self.x(at) + 4:.1f}" '
+                f'y="{TOP + (i + 0.5) * self.height + 4:.1f}">{escape(text)}</text>')
+
+    def marker(self, at: float, kind: str, text: str) -> str:
+        x = self.x(at)
+        return (f'<line class="{kind}" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP - 8}" '
+                f'y2="{HEIGHT - BOTTOM}"/><text class="unit {kind}" x="{x:.1f}" '
+                f'y="{TOP - 12}" text-anchor="middle">{escape(text)}</text>')
+
+    def svg(self, label: str, body: list[str], unit: str) -> Markup:
+        bottom = HEIGHT - BOTTOM
+        parts = [f'<svg class="plot" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
+                 f'aria-label="{escape(label)}">']
+        for t in self.x_ticks:
+            gx = self.x(t)
+            parts.append(f'<line class="grid" x1="{gx:.1f}" x2="{gx:.1f}" y1="{TOP}" '
+                         f'y2="{bottom}"/><text class="tick" x="{gx:.1f}" y="{bottom + 16}" '
+                         f'text-anchor="middle">{_number(t)} s</text>')
+        parts.append(f'<line class="axis" x1="{LEFT}" x2="{LEFT + self.inner}" '
+                     f'y1="{bottom}" y2="{bottom}"/>')
+        parts.extend(body)
+        parts.append(f'<text class="unit" x="{WIDTH - RIGHT}" y="{HEIGHT - 2}" '
+                     f'text-anchor="end">{escape(unit)}</text></svg>')
+        return Markup("".join(parts))

@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from roam.control import auth
+from roam.control import auth, notice
 from roam.control.dashboard import plots, session
 from roam.control.dashboard.board import Board
 from roam.control.fleet import Fleet
@@ -61,6 +61,7 @@ def _environment() -> Environment:
     env.filters["size"] = _size
     env.filters["clock"] = plots.clock
     env.globals["plots"] = plots
+    env.globals["summary"] = notice.summary
     return env
 
 

@@ -1,5 +1,6 @@
 // roam dashboard: swaps the sections the server sends on /ui/stream, ticks the clocks
-// of [data-since] elements, and confirms every action before it is posted. The server
+// of [data-since] elements (time since) and [data-until] ones (a notice's countdown to
+// its deadline, from the absolute time the server wrote, so every swap stays exact), and confirms every action before it is posted. The server
 // renders all HTML; this script renders none.
 "use strict";
 
@@ -36,6 +37,11 @@ function tick() {
   const now = Date.now() / 1000;
   for (const element of document.querySelectorAll("[data-since]")) {
     element.textContent = elapsed(now - Number(element.dataset.since));
+  }
+  for (const element of document.querySelectorAll("[data-until]")) {
+    const left = Number(element.dataset.until) - now;
+    element.textContent = left > 0 ? `${elapsed(left)} left` : "deadline passed";
+    element.dataset.left = String(Math.max(0, Math.ceil(left)));
   }
 }
 
