@@ -19,12 +19,17 @@ Each migration is one hop A->B between two `roam peer serve` subprocesses (UNIX 
 is measured right before each hop. Reported per hop:
 
 - first pass: the source's non-zero payload bytes of its first pass over every device
-  divided by that pass's duration, and that throughput as a ratio of raw TCP;
+  divided by that pass's duration (both from the migration's result), and that
+  throughput as a ratio of raw TCP;
 - migrate to cont: wall time from the `migrate` call to QMP `cont` returning on the
   destination;
-- bytes on the wire (the whole group: memory, disk, kernel files, device state).
+- bytes on the wire (the whole group: memory, disk, kernel files, device state), and
+  bytes named by HAVE instead: both peers hold the package (A runs the VM from it, B is
+  given it with `--package`; not with `--not-given`), so what still matches it is not
+  sent.
 
-Run as root: .venv/bin/python -m bench.evacuation [--large] [--s3] [--hops 2] [--json]
+Run as root: .venv/bin/python -m bench.evacuation [--large] [--s3] [--hops 2] [--not-given]
+[--json]
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from bench.migrate_throughput import raw_tcp
 from bench.vm_migration import BUSY_ARGV
 from roam.blueprint import build, cache_root
 from roam.peer import serve as peer
-from roam.peer.client import PeerClient
+from roam.peer.client import PEER_SOCKET, PeerClient
 from roam.peer.models import MigrateRequest, RunRequest
 from roam.vm.snapshot import SnapshotOptions, take_snapshot
 from tests.sync.s3 import CREDENTIALS, MotoServer
@@ -61,7 +66,6 @@ from tests.sync.s3 import CREDENTIALS, MotoServer
 GIB = 1 << 30
 RAW_TCP_BYTES = GIB
 SETTLE = 3.0  # seconds of workload before each hop
-FIRST_PASS = re.compile(r"first pass: (\d+) bytes of payload .* in ([0-9.]+) s")
 STORE_FILL = re.compile(r"store: (\d+) chunks, (\d+) bytes in ([0-9.]+) s")
 SYNC_MORE = 30.0  # seconds of sync after it first caught up
 
@@ -106,7 +110,10 @@ def holder_argv(size: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def peers(work: Path, env: dict[str, str] | None = None) -> Iterator[list[str]]:
+def peers(work: Path, package: Path | None = None, given: bool = False,
+          env: dict[str, str] | None = None) -> Iterator[list[str]]:
+    """Peers a and b; with `given`, b is given `package` (a holds it by running the VM
+    from it); `env` adds to their environment (the store's credentials)."""
     processes = []
     dirs = []
     try:
@@ -117,11 +124,13 @@ def peers(work: Path, env: dict[str, str] | None = None) -> Iterator[list[str]]:
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "roam.cli.main", "peer", "serve", "--listen",
                  f"unix://{work}/{name}.mig", "--state-dir", str(state),
-                 "--net-pool", f"10.242.{len(dirs)}.0/24"],
+                 "--net-pool", f"10.242.{len(dirs)}.0/24",
+                 *(["--package", str(package)] if given and package and name == "b"
+                   else [])],
                 stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT,
                 env=None if env is None else {**os.environ, **env}))
         for path in dirs:
-            while not (Path(path) / peer.PEER_SOCKET).exists():
+            while not (Path(path) / PEER_SOCKET).exists():
                 time.sleep(0.05)
         yield dirs
     finally:
@@ -130,64 +139,55 @@ def peers(work: Path, env: dict[str, str] | None = None) -> Iterator[list[str]]:
             process.wait(timeout=120)
 
 
-def first_pass(state_dir: Path) -> tuple[int, float]:
-    """The source worker's last "first pass" log line: payload bytes and seconds."""
-    logs = sorted(state_dir.rglob("worker.log"), key=lambda p: p.stat().st_mtime)
-    for path in reversed(logs):
-        found = FIRST_PASS.findall(path.read_text(errors="replace"))
-        if found:
-            nbytes, seconds = found[-1]
-            return int(nbytes), float(seconds)
-    raise RuntimeError(f"no first-pass line in the worker logs under {state_dir}")
-
-
-async def wait_holder(via: str, name: str) -> None:
+async def wait_holder(client: PeerClient, name: str) -> None:
     deadline = time.monotonic() + 900
     while True:
-        out = await call(via, "exec", {
-            "name": name, "timeout": 30, "argv": ["cat", "/tmp/holder.ready", "/tmp/holder.log"]})
-        if "ready" in out["stdout"]:
+        out = (await client.exec(name, ["cat", "/tmp/holder.ready", "/tmp/holder.log"])).stdout
+        if "ready" in out:
             return
-        if "Error" in out["stdout"] or time.monotonic() > deadline:
-            raise RuntimeError(f"the holder did not fill its memory: {out['stdout'][-300:]}")
+        if "Error" in out or time.monotonic() > deadline:
+            raise RuntimeError(f"the holder did not fill its memory: {out[-300:]}")
         await asyncio.sleep(2)
 
 
-async def hops(package: Path, held: int, busy: bool, count: int, work: Path
-               ) -> list[dict[str, Any]]:
+async def hops(package: Path, held: int, busy: bool, count: int, work: Path,
+               given: bool) -> list[dict[str, Any]]:
     results = []
-    with peers(work) as (a, b):
-        await call(a, "run", {"package": str(package), "name": "evac"}, seconds=300)
-        await call(a, "exec", {"name": "evac", "argv": holder_argv(held), "timeout": 30})
-        await wait_holder(a, "evac")
-        if busy:
-            await call(a, "exec", {"name": "evac", "argv": BUSY_ARGV, "timeout": 30})
-        here, there = a, b
-        for _ in range(count):
-            await asyncio.sleep(SETTLE)
-            raw = RAW_TCP_BYTES / raw_tcp(RAW_TCP_BYTES)
-            started = time.time()
-            result = await call(here, "migrate", {
-                "name": "evac", "to": f"unix://{Path(there).parent}/{Path(there).name}.mig"},
-                seconds=peer.MIGRATE_TIMEOUT)
-            info = await call(there, "info", {"name": "evac"})
-            payload, seconds = first_pass(Path(here))
-            results.append({
-                "raw_tcp_gbs": raw / 1e9,
-                "first_pass_gbs": payload / seconds / 1e9,
-                "first_pass_ratio": payload / seconds / raw,
-                "first_pass_s": seconds, "first_pass_mib": payload / 2**20,
-                "migrate_to_cont_s": info["resumed_at"] - started,
-                "total_s": result["total_ms"] / 1000, "downtime_ms": info["downtime_ms"],
-                "mib": result["bytes_sent"] / 2**20, "cycles": result["cycles"]})
-            print(f"  hop: {json.dumps(results[-1])}", flush=True)
-            here, there = there, here
-        if busy:
-            log = await call(here, "exec", {"name": "evac",
-                                                 "argv": ["cat", "/tmp/busy.log"]})
-            if "FAIL" in log["stdout"] or "ok" not in log["stdout"]:
-                raise RuntimeError(f"in-guest verifier: {log['stdout'][-300:]}")
-        await call(here, "stop", {"name": "evac"})
+    with peers(work, package, given) as (a, b):
+        async with PeerClient(a) as first, PeerClient(b) as second:
+            await first.run(RunRequest(name="evac", package=str(package)))
+            await first.exec("evac", holder_argv(held))
+            await wait_holder(first, "evac")
+            if busy:
+                await first.exec("evac", BUSY_ARGV)
+            ends = [(first, a), (second, b)]  # (client, state directory): source first
+            for _ in range(count):
+                (here, _), (there, there_dir) = ends
+                await asyncio.sleep(SETTLE)
+                raw = RAW_TCP_BYTES / raw_tcp(RAW_TCP_BYTES)
+                started = time.time()
+                result = await here.migrate("evac", MigrateRequest(
+                    to=f"unix://{Path(there_dir).parent}/{Path(there_dir).name}.mig"))
+                info = await there.vm("evac")
+                assert info.resumed_at is not None
+                payload, seconds = result.first_pass_payload_bytes, result.first_pass_ms / 1000
+                results.append({
+                    "raw_tcp_gbs": raw / 1e9,
+                    "first_pass_gbs": payload / seconds / 1e9,
+                    "first_pass_ratio": payload / seconds / raw,
+                    "first_pass_s": seconds, "first_pass_mib": payload / 2**20,
+                    "migrate_to_cont_s": info.resumed_at - started,
+                    "total_s": result.total_ms / 1000, "downtime_ms": info.downtime_ms,
+                    "mib": result.bytes_sent / 2**20, "cycles": result.cycles,
+                    "have_mib": result.have_bytes / 2**20})
+                print(f"  hop: {json.dumps(results[-1])}", flush=True)
+                ends.reverse()
+            here = ends[0][0]
+            if busy:
+                log = (await here.exec("evac", ["cat", "/tmp/busy.log"])).stdout
+                if "FAIL" in log or "ok" not in log:
+                    raise RuntimeError(f"in-guest verifier: {log[-300:]}")
+            await here.stop("evac")
     return results
 
 
@@ -214,12 +214,13 @@ async def s3_case(package: Path, held: int, busy: bool, work: Path) -> dict[str,
     store = MotoServer()
     try:
         bucket = store.bucket("roam-bench")
-        with peers(work, CREDENTIALS) as (a, b):
+        with peers(work, env=CREDENTIALS) as (a, b):
             started = time.monotonic()
             await call(a, "run", {"package": str(package), "name": "evac", "sync": {
                 "to": f"s3://{bucket}/fleet", "endpoint_url": store.endpoint}}, seconds=300)
             await call(a, "exec", {"name": "evac", "argv": holder_argv(held), "timeout": 30})
-            await wait_holder(a, "evac")
+            async with PeerClient(a) as client:
+                await wait_holder(client, "evac")
             if busy:
                 await call(a, "exec", {"name": "evac", "argv": BUSY_ARGV, "timeout": 30})
             # Until every chunk went up once, then until the lag first reaches 0 (a busy
@@ -253,7 +254,7 @@ async def s3_case(package: Path, held: int, busy: bool, work: Path) -> dict[str,
             plain = await call(b, "migrate", {"name": "evac", "to": f"unix://{work}/a.mig"},
                                seconds=peer.MIGRATE_TIMEOUT)
             back = await call(a, "info", {"name": "evac"})
-            payload, seconds = first_pass(Path(b))
+            payload, seconds = plain["first_pass_payload_bytes"], plain["first_pass_ms"] / 1000
             plain_rate = payload / seconds
             hybrid_cont = info["resumed_at"] - t0
             row = {
@@ -282,12 +283,12 @@ async def s3_case(package: Path, held: int, busy: bool, work: Path) -> dict[str,
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
     keys = ("first_pass_ratio", "first_pass_gbs", "raw_tcp_gbs", "migrate_to_cont_s",
-            "downtime_ms", "mib")
+            "downtime_ms", "mib", "have_mib")
     return {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
 
 
 async def measure(cases: list[tuple[int, int, bool]], count: int, work: Path,
-                  s3: bool = False) -> list[dict[str, Any]]:
+                  given: bool, s3: bool = False) -> list[dict[str, Any]]:
     blueprint = build(cache=cache_root())
     rows = []
     packages: dict[int, Path] = {}
@@ -304,7 +305,7 @@ async def measure(cases: list[tuple[int, int, bool]], count: int, work: Path,
             rows.append({"case": f"{name}, syncing to S3 (moto)", **await s3_case(
                 packages[memory_gib], held_gib * GIB, busy, case)})
             continue
-        runs = await hops(packages[memory_gib], held_gib * GIB, busy, count, case)
+        runs = await hops(packages[memory_gib], held_gib * GIB, busy, count, case, given)
         rows.append({"case": name, **summary(runs), "runs": runs})
         print(f"{name}: {summary(runs)}", flush=True)
     return rows
@@ -319,6 +320,8 @@ def main() -> None:
     parser.add_argument("--s3", action="store_true",
                         help="the 2 GiB cases syncing to S3, with a hybrid hop")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--not-given", action="store_true",
+                        help="b is not given the package: its first hop sends it all")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cases = [] if args.only_large else [(2, 1, w == "busy") for w in args.workload]
@@ -326,7 +329,7 @@ def main() -> None:
         cases.append((4, 3, False))
     work = Path(tempfile.mkdtemp(prefix="rev-"))  # short: UNIX socket paths
     try:
-        rows = uvloop.run(measure(cases, args.hops, work, args.s3))
+        rows = uvloop.run(measure(cases, args.hops, work, not args.not_given, args.s3))
     except BaseException:
         print(f"failed; logs are in {work}", file=sys.stderr)
         raise

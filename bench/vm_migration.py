@@ -4,7 +4,9 @@ For each guest size and workload (idle, or busy: tests/peer/busy_guest.py rewrit
 random 4 KiB pages of a 64 MiB buffer at about 20 MiB/s):
 
 - roam: a snapshot of that size resumed on peer A (`roam peer serve` subprocesses on
-  UNIX sockets), then hops A->B->A... with `roam migrate` defaults (post-copy on).
+  UNIX sockets), then hops A->B->A... with `roam migrate` defaults (post-copy on). Both
+  peers hold the package (B is given it with `--package`), as QEMU's hosts share the
+  disk: what still matches the package is named by HAVE, not sent (`have_mib`).
   Downtime: QMP stop on the source to QMP cont returning on the destination.
 - QEMU: the same blueprint booted with private guest RAM (memory-backend-ram) and the
   disk on a shared file, migrated between two QEMU processes over TCP on loopback with
@@ -69,7 +71,9 @@ def hops_for(memory_mib: int, workload: str) -> int:
 
 
 @contextlib.contextmanager
-def peers(work: Path) -> Iterator[list[str]]:
+def peers(work: Path, package: Path) -> Iterator[list[str]]:
+    """Peers a and b, both holding `package` (a runs the VM from it, b is given it): like
+    QEMU's shared disk, what the package holds need not travel."""
     processes = []
     dirs = []
     try:
@@ -80,7 +84,7 @@ def peers(work: Path) -> Iterator[list[str]]:
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "roam.cli.main", "peer", "serve", "--listen",
                  f"unix://{work}/{name}.mig", "--state-dir", str(state),
-                 "--net-pool", f"10.241.{len(dirs)}.0/24"],
+                 "--net-pool", f"10.241.{len(dirs)}.0/24", "--package", str(package)],
                 stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT))
         for path in dirs:
             while not (Path(path) / PEER_SOCKET).exists():
@@ -94,7 +98,7 @@ def peers(work: Path) -> Iterator[list[str]]:
 
 async def roam_hops(package: Path, workload: str, hops: int, work: Path) -> list[dict[str, Any]]:
     results = []
-    with peers(work) as (a, b):
+    with peers(work, package) as (a, b):
         async with PeerClient(a) as first, PeerClient(b) as second:
             await first.run(RunRequest(name="bench", package=str(package)))
             if workload == "busy":
@@ -108,6 +112,7 @@ async def roam_hops(package: Path, workload: str, hops: int, work: Path) -> list
                 info = await there.vm("bench")
                 results.append({"downtime_ms": info.downtime_ms,
                                 "total_ms": result.total_ms, "bytes": result.bytes_sent,
+                                "have_bytes": result.have_bytes,
                                 "cycles": result.cycles, "final_dirty": result.final_dirty})
                 ends.reverse()
             here = ends[0][0]
@@ -243,7 +248,8 @@ def summary(all_runs: list[dict[str, Any]]) -> dict[str, float]:
             "downtime_p50_ms": statistics.median(r["downtime_ms"] for r in runs),
             "downtime_max_ms": max(r["downtime_ms"] for r in runs),
             "total_p50_ms": statistics.median(r["total_ms"] for r in runs),
-            "mib_p50": statistics.median(r["bytes"] for r in runs) / 2**20}
+            "mib_p50": statistics.median(r["bytes"] for r in runs) / 2**20,
+            "have_mib_p50": statistics.median(r.get("have_bytes", 0) for r in runs) / 2**20}
 
 
 async def measure(memory_mib: int, workloads: list[str], work: Path) -> list[dict[str, Any]]:

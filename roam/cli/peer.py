@@ -129,6 +129,10 @@ def serve(
     overlay_peers: OverlayPeers = "",
     net_prefix: NetPrefix = None,
     net_pool: NetPool = PEER_POOL,
+    package: Annotated[list[Path] | None, typer.Option(
+        help="A package directory this peer holds (repeatable): a VM made from it "
+             "migrating here gets only what differs from its files. Packages the peer "
+             "runs VMs from are held too.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Serve this host until SIGINT/SIGTERM (which stops its VMs).
@@ -148,13 +152,19 @@ def serve(
                                  "options (the TCP API always uses mutual TLS)")
     directory = state_dir.absolute()
     netconf = net_config(directory, underlay, overlay_peers, net_prefix, net_pool)
+    held = [p.absolute() for p in package or []]
+    for given in held:
+        try:
+            Package.load(given)
+        except PackageError as exc:
+            raise typer.BadParameter(f"--package: {exc}") from None
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await peer.Peer(directory, addr, tls, netconf, api_addr).serve(stop)
+        await peer.Peer(directory, addr, tls, netconf, api_addr, held).serve(stop)
 
     try:
         run(main())

@@ -1,7 +1,8 @@
 """The control plane's HTTP API (docs/CONTROL.md): FastAPI over the fleet's store.
 
 Every route but /healthz, /openapi.json and /problems needs a token
-(`Authorization: Bearer TOKEN`). Errors are problem documents with a stable code, as the
+(`Authorization: Bearer TOKEN`); the dashboard's (roam.control.dashboard) take its
+session cookie instead. Errors are problem documents with a stable code, as the
 peer's API answers them (roam.peer.problems): a request that does not parse is
 `bad_request` (422) and changes nothing; an unknown VM or node is `not_found`; a request
 the current state refuses is `conflict` (or `busy` while the VM moves); a missing or
@@ -26,7 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 import roam
-from roam.control import auth, nodes
+from roam.control import auth, dashboard, nodes
 from roam.control.election import Election
 from roam.control.fleet import Fleet, vm_view
 from roam.control.metrics import CONTENT_TYPE, FleetMetrics
@@ -246,6 +247,7 @@ def create_app(plane: Plane) -> FastAPI:
         return Response(plane.metrics.render(await fleet.view()), media_type=CONTENT_TYPE)
 
     app.include_router(api)
+    dashboard.mount(app, fleet)  # the page at /, on the same server (docs/DASHBOARD.md)
     return app
 
 

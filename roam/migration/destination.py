@@ -60,7 +60,7 @@ from roam.migration.wire import (
     encode_hello,
     encode_range,
 )
-from roam.storage.bitmap import block_runs, runs
+from roam.storage.bitmap import block_runs, runs, zero_blocks
 from roam.storage.combinator import CombinatorInput, WriteCombinator
 from roam.storage.provider import Provider
 from roam.storage.waiting import WaitingCache
@@ -159,6 +159,12 @@ class Destination:
         self._held_prepared: bytes | None = None
         self._store_started = 0.0
         self.store_descriptor: StoreDescriptor | None = None  # what the source offered
+
+    @property
+    def authority_arrived(self) -> bool:
+        """AUTHORITY has come: from now on the migration ends by accepting or declining it
+        (on_authority decides), never by abort()."""
+        return self._authority_task is not None
 
     async def abort(self, reason: str) -> None:
         """Give up before authority (the application cannot take the workload): the source
@@ -495,11 +501,18 @@ class Destination:
             await self._compressed(msg)
 
     async def _zero(self, device: int, first: int, count: int) -> None:
-        """Zero blocks: a fresh device's are zero already, unless the source wrote them."""
+        """Zero blocks: a fresh device's are zero already, unless the source wrote them;
+        a device with older content (a held package's file under copy-on-write) is read
+        and only its non-zero blocks are written: most of a guest's free memory is zero
+        in its package too, and writing zeros over it would copy it up for nothing."""
         spec, cache, made = self._device(device)
         bs = spec.block_size
         written = self._written_ever[device][first : first + count]
-        need = written if made.fresh else np.ones(count, dtype=np.bool_)
+        if made.fresh:
+            need = written
+        else:
+            end = min(spec.size, (first + count) * bs)
+            need = ~zero_blocks(await made.provider.read_at(first * bs, end - first * bs), bs)
         for lo, n in runs(~need):
             cache.mark_range_present(first + lo, n)
         for lo, n in runs(need):
@@ -522,6 +535,8 @@ class Destination:
             local = await made.provider.read_at(lo * bs, min(spec.size, hi * bs) - lo * bs)
             if blake3.blake3(local).digest() == msg.hash(i):
                 cache.mark_range_present(lo, hi - lo)
+                if cache.on_arrived is not None:  # whoever caches arrivals (guest memory
+                    cache.on_arrived(lo * bs, local)  # filled before it runs) gets it too
             else:
                 self._refetch(msg.device, list(range(lo, hi)),
                               "content hash does not match local data")

@@ -205,6 +205,7 @@ class SourceResult:
     handover_seconds: float = 0.0  # suspend called to authority sent
     priority_blocks: int = 0
     payload_bytes: int = 0  # data blocks sent, before compression (not zero, not HAVE)
+    have_bytes: int = 0  # named by HAVE (the destination held them): not sent
     first_pass_seconds: float = 0.0  # READY to every block sent once
     first_pass_payload_bytes: int = 0
     payload: bytes = b""
@@ -216,12 +217,14 @@ class SourceResult:
 class Source:
     def __init__(self, channel: Channel, devices: Sequence[SourceDevice],
                  hooks: SourceHooks | None = None, policy: Policy | None = None,
-                 group_name: str = "") -> None:
+                 group_name: str = "", package: str = "") -> None:
+        """`package`: the id of the package the workload was made from, if any (a
+        destination holding it offers that content, roam.peer.packages)."""
         self.channel = channel
         self.devices = list(devices)
         self.hooks = hooks or SourceHooks()
         self.policy = policy or Policy()
-        self.group = Group(name=group_name, devices=[
+        self.group = Group(name=group_name, package=package, devices=[
             DeviceSpec(id=i, name=d.name, size=d.tracker.size(), block_size=d.block_size,
                        sized_at_handover=d.sized_at_handover)
             for i, d in enumerate(self.devices)
@@ -545,6 +548,7 @@ class Source:
                 proof = b"".join(digests[u] for u in range((first + lo) // unit,
                                                           -(-(first + lo + n) // unit)))
                 self.channel.send(encode_have_blocks(dev, first + lo, n, unit, proof))
+                self.result.have_bytes += min(end, (first + lo + n) * bs) - (first + lo) * bs
             else:
                 self._send_data(dev, first + lo, view[lo * bs : (lo + n) * bs], zero[lo : lo + n])
         self.result.blocks_sent += count

@@ -110,6 +110,9 @@ class Group(BaseModel):
 
     name: str = Field(default="", max_length=255)
     devices: list[DeviceSpec] = Field(max_length=1024)
+    # The package the workload was made from (a peer's package id, roam.peer.packages):
+    # a destination that holds it offers its files' content (HAVE lists). Empty: none.
+    package: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")
 
     @model_validator(mode="after")
     def _unique(self) -> Group:

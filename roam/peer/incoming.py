@@ -28,13 +28,15 @@ from roam.peer.instance import Instance, stacks
 from roam.peer.models import Prepared
 from roam.peer.network import NetConfig
 from roam.peer.outgoing import memory_digest
+from roam.peer.packages import HeldPackages
+from roam.storage.cow import CopyOnWrite
 from roam.storage.provider import Provider
 from roam.storage.sources import SparseFileSource
 from roam.storage.waiting import WaitingCache, block_runs
 from roam.sync.crypto import SyncKey
 from roam.sync.store import StoreURL
 from roam.vm import group
-from roam.vm.group import Device
+from roam.vm.group import COW_BLOCK, Device
 from roam.vm.states import VMState
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,13 @@ log = logging.getLogger(__name__)
 
 class Incoming:
     """Receive a VM into `workdir`. `name` and `publish` replace the sender's (a
-    registry's package has neither)."""
+    registry's package has neither). `held`: the packages this peer holds."""
 
     def __init__(self, channel: Channel, workdir: Path, netconf: NetConfig,
-                 name: str | None = None, publish: list[str] | None = None) -> None:
+                 name: str | None = None, publish: list[str] | None = None,
+                 held: HeldPackages | None = None) -> None:
         self.workdir = workdir
+        self.held = held  # the packages this peer holds (their content is not sent)
         self.netconf = netconf
         self.overrides: dict[str, Any] = {}
         if name is not None:
@@ -90,7 +94,21 @@ class Incoming:
         await feeder.close()
 
     async def _make(self, spec: DeviceSpec) -> NewDevice:
-        group.device(spec.name)  # a VM's device, or the group is refused
+        """A sparse file per device; memory and disk of a VM made from a package this
+        peer holds are copy-on-write over the package's files instead, offered to the
+        source by digest (it sends only what differs from them)."""
+        device = group.device(spec.name)  # a VM's device, or the group is refused
+        sent = self.destination.result.group
+        if (self.held is not None and sent is not None and sent.package
+                and device in (Device.MEMORY, Device.DISK)):
+            held = await self.held.offer(sent.package, device, spec.size)
+            if held is not None:
+                log.info("%s: copy-on-write over the held package's %s", device, held.path)
+                return NewDevice(CopyOnWrite(
+                    SparseFileSource(held.path, spec.size, create=False),
+                    SparseFileSource(self.workdir / f"{device}.upper", spec.size),
+                    self.workdir / f"{device}.map", COW_BLOCK),
+                    fresh=False, existing=True, digests=held.digests)
         return NewDevice(SparseFileSource(self.workdir / f"{spec.name}.img", spec.size))
 
     async def setup(self) -> Instance:

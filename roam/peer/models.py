@@ -239,6 +239,9 @@ class MigrateResult(BaseModel):
     downtime_ms: float
     priority_blocks: int
     store_offered_bytes: int = 0  # hybrid: what the destination took from the store
+    first_pass_ms: float = 0.0
+    first_pass_payload_bytes: int = 0
+    have_bytes: int = 0
 
 
 class GatewayRequest(_Request):

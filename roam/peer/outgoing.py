@@ -35,6 +35,7 @@ from roam.network import overlay
 from roam.peer import events, syncing
 from roam.peer.errors import PeerError
 from roam.peer.models import Prepared
+from roam.peer.packages import package_id
 from roam.storage.provider import Provider
 from roam.vm import group
 from roam.vm.group import Authority, Device
@@ -64,6 +65,9 @@ class Migrated:
     downtime_ms: float  # pause to the destination's acknowledgement (an upper bound)
     priority_blocks: int
     store_offered_bytes: int  # left to the destination to take from the object store
+    first_pass_ms: float  # the destination ready to every block sent once
+    first_pass_payload_bytes: int  # data (not zero, not held) sent by the first pass
+    have_bytes: int  # named, not sent: the destination held them (a package's files)
 
 
 @dataclass
@@ -112,7 +116,8 @@ class Outgoing:
             channel = await connect(Address.parse(to), instance.tls)
             try:
                 self.source = Source(channel, [instance.devices[n] for n in instance.order],
-                                     self._hooks(), self.policy, group_name=instance.spec.name)
+                                     self._hooks(), self.policy, group_name=instance.spec.name,
+                                     package=package_id(instance.spec.config))
                 instance.set_state(VMState.MIGRATING)
                 result = await self._settle(self.source)
             finally:
@@ -217,7 +222,10 @@ class Outgoing:
             downtime_ms=_ack_downtime(marks, result.suspended_seconds,
                                       result.handover_seconds),
             priority_blocks=result.priority_blocks,
-            store_offered_bytes=result.store_offered_bytes)
+            store_offered_bytes=result.store_offered_bytes,
+            first_pass_ms=result.first_pass_seconds * 1000,
+            first_pass_payload_bytes=result.first_pass_payload_bytes,
+            have_bytes=result.have_bytes)
 
 
 async def memory_digest(device: Provider) -> str:

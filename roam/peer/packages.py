@@ -8,14 +8,24 @@ guest has not changed since the snapshot. Hashing a package's files costs a full
 them, so each file's digests are computed once per version of the file (path, size,
 modification time, inode) and kept in `cache_dir`.
 
-A package is named by `package_id`, a hash of its config.json: the source can pass it
-with the group (its name) so that the destination offers the right package's files.
+A package is named by `package_id`, a hash of its config.json: the source names it in
+the group (`Group.package`) so that the destination offers the right package's files.
+Digests, not ids, decide what is substituted: a destination holding another package under
+the same id offers digests that do not match, and the source sends those chunks.
+
+Where a peer keeps this (`HeldPackages`, STATE_DIR/packages): `held/ID`, a symlink to the
+directory of each package the peer holds (it ran a VM from it, or was given it with
+`roam peer serve --package`), and `digests/`, the index's cache. Package directories stay
+where they are and are only read: an arriving VM's memory and disk are copy-on-write
+overlays over their files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +33,11 @@ from pathlib import Path
 import blake3
 
 from roam.migration.content import CHUNK, ContentDigests, digest_chunks
-from roam.vm.package import Package, PackageConfig
+from roam.vm.package import Package, PackageConfig, PackageError
 
+log = logging.getLogger(__name__)
+
+ID = re.compile(r"[0-9a-f]{32}")
 MAGIC = b"RDIG1"
 _HEAD = struct.Struct("!5sIQ")  # magic, chunk, size
 _NONE = bytes(32)  # a zero chunk (blake3 never gives 32 zero bytes in practice)
@@ -85,6 +98,63 @@ class PackageIndex:
         digests = digest_file(path, chunk)
         _save(cached, digests)
         return digests
+
+
+class HeldPackages:
+    """The packages this peer holds, recorded under `root` (STATE_DIR/packages), and
+    their index. Held means: recorded here, and the directory still holds a package with
+    that id; a package moved away or replaced is simply no longer offered."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.index = PackageIndex(root / "digests")
+
+    @property
+    def _held(self) -> Path:
+        return self.root / "held"
+
+    def hold(self, directory: Path) -> str:
+        """Record that this peer holds the package in `directory`; returns its id."""
+        ident = package_id(Package.load(directory).config)
+        self._held.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o700)
+        link = self._held / ident
+        tmp = self._held / f".{ident}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(directory.resolve())
+        os.replace(tmp, link)  # a package copied elsewhere under the same id: the latest
+        return ident
+
+    def held(self) -> dict[str, Path]:
+        """Id to directory of every package recorded here (whether still there or not)."""
+        if not self._held.is_dir():
+            return {}
+        return {link.name: Path(os.readlink(link)) for link in self._held.iterdir()
+                if ID.fullmatch(link.name) and link.is_symlink()}
+
+    async def warm(self, directory: Path) -> None:
+        """Hash the package's files now (in a thread) so that the first VM that arrives
+        does not wait for it; a failure only means the hashing happens then."""
+        try:
+            await self.index.add(directory)
+        except (OSError, PackageError) as exc:
+            log.warning("cannot index the package in %s: %s", directory, exc)
+
+    async def offer(self, package: str, device: str, size: int) -> HeldFile | None:
+        """The held file that can back `device` (of `size` bytes) of a VM made from
+        `package`, its digests from the cache or computed now; None when this peer does
+        not hold that package."""
+        if not ID.fullmatch(package):
+            return None
+        directory = self.held().get(package)
+        if directory is None:
+            return None
+        try:
+            ident = await self.index.add(directory)
+        except (OSError, PackageError) as exc:
+            log.warning("held package %s in %s is unusable: %s", package, directory, exc)
+            return None
+        return self.index.lookup(package, device, size) if ident == package else None
 
 
 def digest_file(path: Path, chunk: int = CHUNK) -> ContentDigests:

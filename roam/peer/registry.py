@@ -12,6 +12,7 @@ from pathlib import Path
 
 from roam.migration.channel import Channel
 from roam.migration.source import Policy, Source, SourceDevice, SourceHooks, SourceResult
+from roam.peer.packages import package_id
 from roam.storage.provider import Provider
 from roam.storage.sources import MemorySource, SparseFileSource
 from roam.vm import group
@@ -44,7 +45,8 @@ async def serve_package(package_dir: Path, channel: Channel) -> SourceResult:
                for name, provider in providers.items()]
     try:
         return await Source(channel, devices, SourceHooks(authority=_authority),
-                            Policy(precopy=False), group_name=package_dir.resolve().name).run()
+                            Policy(precopy=False), group_name=package_dir.resolve().name,
+                            package=package_id(package.config)).run()
     finally:
         for device in devices:
             await device.tracker.close()

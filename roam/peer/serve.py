@@ -58,6 +58,7 @@ from roam.peer.models import (
     VMRemovedEvent,
 )
 from roam.peer.network import NetConfig, NetworkConfigError
+from roam.peer.packages import HeldPackages
 from roam.peer.table import VMTable, Worker
 from roam.sync.crypto import SyncKey
 from roam.sync.store import ObjectStore, StoreURL
@@ -88,7 +89,10 @@ class Peer:
     (it implements roam.peer.api.PeerService)."""
 
     def __init__(self, state_dir: Path, listen: Address, tls: TLSFiles | None = None,
-                 netconf: NetConfig | None = None, api_listen: Address | None = None) -> None:
+                 netconf: NetConfig | None = None, api_listen: Address | None = None,
+                 packages: list[Path] | None = None) -> None:
+        """`packages`: package directories this peer holds from the start (besides those
+        it runs VMs from): VMs made from them arrive without their content being sent."""
         if api_listen is not None and tls is None:
             raise ValueError("the TCP API needs the peer's TLS files (mutual TLS)")
         self.state_dir = state_dir
@@ -99,6 +103,8 @@ class Peer:
         self.gateways_here: dict[str, Gateway] = {}
         self.tls = tls  # migrations in and out use mutual TLS with these files
         self.vms_dir = state_dir / "vms"
+        self.held = HeldPackages(state_dir / "packages")
+        self.given = packages or []
         self.table = VMTable()
         self.events = Hub()
         self._ids = itertools.count(1)
@@ -110,6 +116,8 @@ class Peer:
         shutil.rmtree(self.vms_dir, ignore_errors=True)
         self.vms_dir.mkdir()
         await self._sweep()
+        for directory in self.given:
+            self._hold(directory)
         listener = _listening_socket(self.listen)
         app = api.create_app(self)
         servers = [(api.server(app), _listening_socket(Address(
@@ -140,6 +148,17 @@ class Peer:
             for name in list(self.gateways_here):
                 await self._remove_gateway(name)
 
+    def _hold(self, directory: Path) -> None:
+        """Record a held package and index it in the background (VMs arriving before
+        that is done index it themselves: the cache keeps whichever finishes)."""
+        try:
+            ident = self.held.hold(directory)
+        except (OSError, PackageError) as exc:  # changed since it was checked: not held
+            log.warning("cannot hold the package in %s: %s", directory, exc)
+            return
+        log.info("holding package %s (%s)", ident, directory)
+        self._task(self.held.warm(directory))
+
     def _task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -162,7 +181,8 @@ class Peer:
                      name: str | None = None) -> Worker:
         workdir = self.vms_dir / str(next(self._ids))
         workdir.mkdir()
-        args = [*args, "--net", self.netconf.model_dump_json()]
+        args = [*args, "--net", self.netconf.model_dump_json(),
+                "--packages", str(self.held.root)]
         if self.tls:
             args = [*args, "--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key),
                     "--tls-ca", str(self.tls.ca)]
@@ -278,6 +298,8 @@ class Peer:
                             code=ErrorCode.TIMEOUT) from None
         if worker.info is None or worker.exited or worker.info.state != "running":
             raise RoamError(f"{name} did not start:\n{worker.log_tail()}")
+        if request.package is not None:  # indexed once the VM runs, not during its boot
+            self._hold(Path(request.package))  # a VM from it coming back sends changes only
         if request.sync is not None:
             await self.sync(name, request.sync)
             return self.vm(name)

@@ -1,8 +1,8 @@
 """A peer's worker process: one VM, resumed from a package or received from another peer.
 
 Started by `roam peer serve`, never by hand: `python -m roam.peer.worker --workdir DIR
---net NETCONFIG (--package PKG --name NAME [--publish SPEC]... [--overlay SPEC] |
---incoming-fd FD)`. It serves a control
+--net NETCONFIG [--packages DIR] (--package PKG --name NAME [--publish SPEC]...
+[--overlay SPEC] | --incoming-fd FD)`. It serves a control
 socket in DIR (info, exec, migrate, stop, resume, and the `events` stream the peer
 follows: roam.peer.events) and exits when the VM has left this host or was
 stopped; the exit code says whether that went well.
@@ -33,6 +33,7 @@ from roam.peer.errors import PeerError
 from roam.peer.incoming import Incoming
 from roam.peer.instance import Instance, from_package
 from roam.peer.network import NetConfig
+from roam.peer.packages import HeldPackages
 from roam.vm import control
 
 log = logging.getLogger("roam.peer.worker")
@@ -119,10 +120,11 @@ async def accepted(fd: int, tls: TLSFiles | None) -> FrameProtocol:
 
 async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
                        name: str | None = None, publish: list[str] | None = None,
-                       tls: TLSFiles | None = None) -> None:
+                       tls: TLSFiles | None = None, held: HeldPackages | None = None) -> None:
     """Receive a VM and run it until it leaves or is stopped. `name` and `publish`
-    replace the sender's (a registry's package has neither)."""
-    incoming = Incoming(channel, workdir, netconf, name, publish)
+    replace the sender's (a registry's package has neither); `held`: the packages this
+    peer holds, whose content the source need not send."""
+    incoming = Incoming(channel, workdir, netconf, name, publish, held)
     received: asyncio.Task[object] = asyncio.create_task(incoming.destination.run())
     try:
         await _first(incoming.destination.ready.wait(), received)
@@ -159,13 +161,15 @@ async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
 
 def _or_failed(received: asyncio.Task[object], incoming: Incoming) -> asyncio.Task[object]:
     """`received`, or a failure to prepare the VM here, whichever comes first: a source
-    that waits for PREPARED learns why it will not come, and keeps its VM."""
+    that waits for PREPARED learns why it will not come, and keeps its VM. Once authority
+    has arrived, the failure is the authority handler's to answer (it declines)."""
     async def watch() -> object:
         assert incoming.prepared is not None
         await asyncio.wait([received, incoming.prepared], return_when=asyncio.FIRST_COMPLETED)
         if received.done():
             return received.result()
-        if not incoming.prepared.cancelled() and incoming.prepared.exception() is not None:
+        if (not incoming.prepared.cancelled() and incoming.prepared.exception() is not None
+                and not incoming.destination.authority_arrived):
             error = incoming.prepared.exception()
             await incoming.destination.abort(f"the destination cannot start the VM: {error}")
             raise PeerError(f"cannot start the incoming VM: {error}") from error
@@ -198,6 +202,8 @@ def main() -> None:
     parser.add_argument("--net", required=True, help="the peer's NetConfig, as JSON")
     parser.add_argument("--overlay", help="the VM's OverlaySpec, as JSON")
     parser.add_argument("--incoming-fd", type=int)
+    parser.add_argument("--packages", type=Path,
+                        help="the peer's record of the packages it holds (HeldPackages)")
     parser.add_argument("--from", dest="registry", help="a registry to start lazily from")
     parser.add_argument("--incoming-tls", action="store_true",
                         help="the incoming connection is a migration: require mutual TLS")
@@ -208,6 +214,7 @@ def main() -> None:
     tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     netconf = NetConfig.model_validate_json(args.net)
     overlay = OverlaySpec.model_validate_json(args.overlay) if args.overlay else None
+    held = HeldPackages(args.packages) if args.packages else None
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.registry is not None:
@@ -215,13 +222,13 @@ def main() -> None:
             # A registry is a server: connect as a client, with the peer's TLS files.
             channel = await connect(Address.parse(args.registry), tls)
             await run_incoming(args.workdir, channel, netconf, args.name,
-                               args.publish or None, tls)
+                               args.publish or None, tls, held)
         uvloop.run(lazy())
     elif args.incoming_fd is not None:
         async def incoming() -> None:
             channel = await accepted(args.incoming_fd, tls if args.incoming_tls else None)
             await run_incoming(args.workdir, channel, netconf, args.name,
-                               args.publish or None, tls)
+                               args.publish or None, tls, held)
         uvloop.run(incoming())
     elif args.package is not None and args.name:
         uvloop.run(run_package(args.workdir, args.package, args.name, args.publish, netconf,

@@ -144,7 +144,26 @@ async def test_destination_that_has_older_content_receives_only_what_differs(
                                      dest.run())
     assert await _read_all(dest.devices["d"], size) == await _read_all(src, size)
     assert result.bytes_sent < 4 * BS  # three changed blocks plus hashes, not 4 MiB
+    assert result.have_bytes == size - 3 * BS  # the rest was named, not sent
     assert dest.result.integrity_errors == 0
+
+
+async def test_zero_blocks_over_older_content(socket_pair: Pair) -> None:
+    """Blocks the source has zero and the destination's older copy has not: zeroed there
+    (the rest of its zero blocks, zero on both sides, need no write)."""
+    size = 64 * BS
+    src = MemorySource(size)
+    await src.write_at(0, os.urandom(8 * BS))  # the rest is zero
+    old = MemorySource(size)
+    await old.write_at(32 * BS, os.urandom(8 * BS))  # zero at the source
+
+    async def existing(spec: DeviceSpec) -> NewDevice:
+        return NewDevice(old, fresh=False)
+
+    src_ch, dst_ch = await socket_pair()
+    dest = Destination(dst_ch, existing)
+    await asyncio.gather(Source(src_ch, [SourceDevice.stack("d", src, BS)]).run(), dest.run())
+    assert await _read_all(old, size) == await _read_all(src, size)
 
 
 async def test_source_suspends_only_once_the_destination_is_prepared(socket_pair: Pair) -> None:

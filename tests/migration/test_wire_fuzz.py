@@ -166,7 +166,8 @@ def groups(draw: st.DrawFn) -> w.Group:
                             block_size=1 << draw(st.integers(12, 24)),
                             sized_at_handover=draw(st.booleans()))
                for i, name in zip(ids, dev_names, strict=True)]
-    return w.Group(name=draw(st.text(max_size=20)), devices=devices)
+    package = draw(st.one_of(st.just(""), st.from_regex(r"[0-9a-f]{32}", fullmatch=True)))
+    return w.Group(name=draw(st.text(max_size=20)), devices=devices, package=package)
 
 
 @st.composite
@@ -409,6 +410,8 @@ async def destination_session(frames: list[bytes], *, close_peer: bool,
 
 
 PREFIX = [w.encode_hello(w.ALL_CAPS), w.encode_group(GROUP)]
+# A package id is what a destination looks its held packages up by: never a path.
+_BAD_PACKAGE = b'{"name": "g", "devices": [], "package": "../../etc/passwd"}'
 
 
 def _raw(device: int, first: int, blocks: list[bytes | None], *, hashes: bytes | None = None,
@@ -461,6 +464,9 @@ def _bad_destination_cases() -> dict[str, tuple[list[bytes], str]]:
         "need from source": ([*PREFIX, w.encode_range(MsgType.NEED_AT, 0, 0, 1)],
                              "unexpected"),
         "second group": ([*PREFIX, w.encode_group(GROUP)], "GROUP sent twice"),
+        "package not an id": ([w.encode_hello(w.ALL_CAPS), struct.pack(
+            "!BBHI", MsgType.GROUP, 0, 0, len(_BAD_PACKAGE)) + _BAD_PACKAGE],
+                              "invalid group description"),
         "authority twice": ([*PREFIX, authority, authority], "AUTHORITY sent twice"),
         "authority before group": ([authority], "AUTHORITY before GROUP"),
         "complete before authority": ([*PREFIX, w.encode_event(EventKind.COMPLETE)],

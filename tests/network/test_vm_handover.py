@@ -36,6 +36,7 @@ class EchoRecorder:
     def __init__(self, netns: str) -> None:
         self.server = in_ns(netns, lambda: socket.create_server(("0.0.0.0", ECHO)))
         self.peers: list[str] = []
+        self.connected = threading.Event()
         self.arrivals: list[float] = []
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -45,6 +46,7 @@ class EchoRecorder:
         try:
             conn, peer = self.server.accept()
             self.peers.append(peer[0])
+            self.connected.set()
             with conn, conn.makefile("rwb", buffering=0) as stream:
                 for number, line in enumerate(stream):
                     assert line == f"{number}\n".encode(), (number, line)
@@ -96,6 +98,9 @@ async def test_redis_vm_keeps_connections_over_a_b_a(net_lab: Lab, snapshot: Pat
             writer = RedisWriter(sock)
             client_id = writer.command("CLIENT", "ID")
             writer.thread.start()
+            # The guest's client starts in the background: wait for its connection
+            # (seconds on a loaded machine) before the moves begin.
+            assert await asyncio.to_thread(outside.connected.wait, 60), outside.error
             await asyncio.sleep(1.0)
             assert outside.peers == [gateway_addr]  # egress from the gateway host
             moving_since = time.monotonic()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import subprocess
 from pathlib import Path
 
 import blake3
@@ -16,10 +17,11 @@ from roam.migration.destination import Destination, NewDevice
 from roam.migration.source import Source, SourceDevice
 from roam.migration.wire import DeviceSpec
 from roam.peer import packages
-from roam.peer.packages import PackageIndex, package_id
+from roam.peer.packages import HeldPackages, PackageIndex, package_id
 from roam.storage.sources import FileSource, MemorySource
 from roam.vm.package import Package, PackageConfig
 from tests.migration.conftest import MakePair, socket_pair
+from tests.vm.conftest import ROAM
 
 __all__ = ["socket_pair"]  # the fixture, for this module
 
@@ -146,3 +148,35 @@ async def test_stale_digests_are_caught_by_the_destination(
     made = NewDevice(FileSource(copy), fresh=False, existing=True, digests=held.digests)
     _, received = await _migrate(socket_pair, content, made, 64 * 1024)
     assert received == content
+
+
+async def test_held_packages_offer_by_id_while_the_directory_holds_it(tmp_path: Path) -> None:
+    """A peer's record: held/ID names the directory; an id that is not one, a package
+    moved away, or another package in its place is not offered."""
+    package = make_package(tmp_path / "pkg")
+    held = HeldPackages(tmp_path / "state" / "packages")
+    ident = held.hold(package.directory)
+    assert held.held() == {ident: package.directory.resolve()}
+    assert oct((tmp_path / "state" / "packages").stat().st_mode & 0o777) == "0o700"
+    offered = await held.offer(ident, "memory", MEMORY)
+    assert offered is not None and offered.path == package.path(package.config.files.memory)
+    assert await held.offer(ident, "disk", DISK + 4096) is None  # not this device's size
+    assert await held.offer("../" + ident[3:], "disk", DISK) is None  # never a path
+    assert await held.offer("f" * 32, "disk", DISK) is None  # not held
+    again = HeldPackages(tmp_path / "state" / "packages")  # a restarted peer still holds it
+    assert await again.offer(ident, "disk", DISK) is not None
+    config = package.config.model_copy(update={"cpus": 2})  # another package in its place
+    Package(package.directory, config).save_config()
+    assert await again.offer(ident, "disk", DISK) is None
+    package.directory.rename(tmp_path / "moved")  # gone from where it was recorded
+    assert await again.offer(ident, "disk", DISK) is None
+
+
+def test_serve_refuses_a_package_that_is_not_one(tmp_path: Path) -> None:
+    """`roam peer serve --package DIR`: a usage error in one line, nothing started."""
+    done = subprocess.run([*ROAM, "peer", "serve", "--listen", f"unix://{tmp_path}/p.mig",
+                           "--state-dir", str(tmp_path / "state"), "--package",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert "--package" in done.stderr and "not a package" in done.stderr
+    assert not (tmp_path / "state").exists()
