@@ -55,7 +55,9 @@ from roam.peer.models import (
     GcRequest,
     MigrateRequest,
     MigrateResult,
+    MirrorRequest,
     ProgressEvent,
+    PromoteRequest,
     RunRequest,
     SyncRequest,
 )
@@ -268,6 +270,50 @@ def sync_cmd(
                        check_period=check_period, max_age=max_age, min_changes=min_changes,
                        limit=limit, concurrency=concurrency, keep=keep)
     _print(_with_peer(via, lambda p: p.sync(name, request)))
+
+
+@app.command("mirror")
+def mirror_cmd(
+    name: Annotated[str, typer.Argument(help="A VM running on the peer.")],
+    via: Via,
+    to: Annotated[str | None, typer.Option(
+        help="The standby peer's --listen address: it keeps a copy of the VM's devices "
+             "(never runs it).")] = None,
+    stop: Annotated[bool, typer.Option(
+        "--stop", help="End the VM's mirror (on either end; the standby's copy stays).")
+    ] = False,
+    check_period: Annotated[float, typer.Option(
+        help="Seconds between sends of what changed.")] = 1.0,
+    checkpoint_every: Annotated[float | None, typer.Option(
+        help="Seconds between consistent checkpoints: the VM pauses while its changes "
+             "are read (`peer ls` shows the pause), the standby seals them as a package. "
+             "Without it the standby has a warm copy but no point to restore from.")
+    ] = None,
+) -> None:
+    """Keep a warm copy of a running VM on another peer, over the migration protocol.
+    `roam migrate` to that peer later sends only what changed since the last checkpoint;
+    `roam peer promote` there runs the VM from it if this peer is lost."""
+    if (to is None) == (not stop):
+        raise typer.BadParameter("give one of --to and --stop")
+    if stop:
+        _with_peer(via, lambda p: p.mirror_stop(name))
+        return
+    request = _request(MirrorRequest, to=to, check_period=check_period,
+                       checkpoint_every=checkpoint_every)
+    _print(_with_peer(via, lambda p: p.mirror(name, request)))
+
+
+@app.command("promote")
+def promote_cmd(
+    name: Annotated[str, typer.Argument(help="A VM this peer keeps a standby mirror of.")],
+    via: Via,
+    publish: Annotated[list[str] | None, typer.Option(
+        help="[ADDR:]HOSTPORT:GUESTPORT[/udp] to forward here.")] = None,
+) -> None:
+    """Run a standby mirror's VM from its newest checkpoint (its source is lost), under
+    a new authority epoch: from then on this peer refuses the old copy."""
+    request = _request(PromoteRequest, publish=publish or [])
+    _print(_with_peer(via, lambda p: p.promote(name, request)))
 
 
 @app.command("gateway")

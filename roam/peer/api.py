@@ -37,7 +37,10 @@ from roam.peer.models import (
     GcResult,
     MigrateRequest,
     MigrateResult,
+    MirrorInfo,
+    MirrorRequest,
     PeerInfo,
+    PromoteRequest,
     RunRequest,
     SyncInfo,
     SyncRequest,
@@ -65,6 +68,9 @@ class PeerService(Protocol):
     async def sync(self, name: str, request: SyncRequest) -> SyncInfo: ...
     async def sync_stop(self, name: str) -> None: ...
     async def sync_gc(self, name: str, request: GcRequest) -> GcResult: ...
+    async def mirror(self, name: str, request: MirrorRequest) -> MirrorInfo: ...
+    async def mirror_stop(self, name: str) -> None: ...
+    async def promote(self, name: str, request: PromoteRequest) -> VMInfo: ...
     def gateways(self) -> list[GatewayInfo]: ...
     def gateway(self, name: str) -> GatewayInfo: ...
     async def add_gateway(self, request: GatewayRequest) -> GatewayInfo: ...
@@ -182,6 +188,21 @@ def create_app(peer: PeerService) -> FastAPI:
                                              "object no sync point names")
     async def sync_gc(name: VMName, request: GcRequest) -> GcResult:
         return await peer.sync_gc(name, request)
+
+    @app.put("/vms/{name}/mirror", summary="Keep a warm copy of the VM's devices on a "
+                                           "standby peer (docs/MIRROR.md)")
+    async def mirror_vm(name: VMName, request: MirrorRequest) -> MirrorInfo:
+        return await peer.mirror(name, request)
+
+    @app.delete("/vms/{name}/mirror", status_code=204, summary="End the VM's mirror (on "
+                                                               "either end; the copy stays)")
+    async def stop_mirror(name: VMName) -> None:
+        await peer.mirror_stop(name)
+
+    @app.post("/mirrors/{name}/promote", status_code=201, summary=(
+        "Run a standby mirror's VM from its newest checkpoint under a new epoch"))
+    async def promote_mirror(name: VMName, request: PromoteRequest) -> VMInfo:
+        return await peer.promote(name, request)
 
     @app.get("/gateways", summary="The overlay gateways this peer holds")
     async def list_gateways() -> list[GatewayInfo]:

@@ -32,7 +32,10 @@ from roam.peer.models import (
     GcResult,
     MigrateRequest,
     MigrateResult,
+    MirrorInfo,
+    MirrorRequest,
     PeerInfo,
+    PromoteRequest,
     RunRequest,
     SnapshotEvent,
     SyncInfo,
@@ -136,6 +139,17 @@ class PeerClient:
     async def sync_gc(self, name: str, request: GcRequest) -> GcResult:
         return GcResult.model_validate((await self._request(
             "POST", f"/vms/{name}/sync/gc", request.model_dump(), MIGRATE_TIMEOUT)).json())
+
+    async def mirror(self, name: str, request: MirrorRequest) -> MirrorInfo:
+        return MirrorInfo.model_validate((await self._request(
+            "PUT", f"/vms/{name}/mirror", request.model_dump(), RUN_TIMEOUT)).json())
+
+    async def mirror_stop(self, name: str) -> None:
+        await self._request("DELETE", f"/vms/{name}/mirror")
+
+    async def promote(self, name: str, request: PromoteRequest) -> VMInfo:
+        return VMInfo.model_validate((await self._request(
+            "POST", f"/mirrors/{name}/promote", request.model_dump(), RUN_TIMEOUT)).json())
 
     async def gateways(self) -> list[GatewayInfo]:
         return TypeAdapter(list[GatewayInfo]).validate_python(

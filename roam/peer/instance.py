@@ -28,7 +28,8 @@ from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
 from roam.peer import events, syncing
 from roam.peer.errors import PeerError
-from roam.peer.models import ExecRequest, GcRequest, MigrateRequest, SyncRequest
+from roam.peer.mirroring import MirrorJob
+from roam.peer.models import ExecRequest, GcRequest, MigrateRequest, MirrorRequest, SyncRequest
 from roam.peer.network import NetConfig
 from roam.peer.outgoing import Outgoing, policy_from
 from roam.storage.cow import CopyOnWrite
@@ -70,6 +71,7 @@ class Instance:
         self.migrating = False
         self.agent_ready = asyncio.Event()
         self.sync: syncing.SyncJob | None = None  # its continuous sync (roam.peer.syncing)
+        self.mirror: MirrorJob | None = None  # its standby mirror (roam.peer.mirroring)
 
     @property
     def vm(self) -> VM:
@@ -194,6 +196,33 @@ class Instance:
         result = await syncing.collect(self.sync, GcRequest.model_validate(params))
         return result.model_dump(mode="json")
 
+    async def handle_mirror(self, params: control.Json) -> control.Json:
+        """Start mirroring to a standby peer (params: a MirrorRequest)."""
+        request = MirrorRequest.model_validate(params)
+        if self.state != VMState.RUNNING:
+            raise PeerError(f"{self.spec.name} is {self.state}, not running",
+                            code=ErrorCode.CONFLICT)
+        if self.mirror is not None and self.mirror.task is not None \
+                and not self.mirror.task.done():
+            raise PeerError(f"{self.spec.name} mirrors to {self.mirror.request.to} already "
+                            "(stop that first)", code=ErrorCode.CONFLICT)
+        job = MirrorJob(self, request)
+        try:
+            await job.start()
+        except PeerLost as exc:
+            raise LostPeer(str(exc)) from exc
+        self.mirror = job
+        events.changed(self)
+        return job.info().model_dump(mode="json")
+
+    async def handle_mirror_stop(self, _: control.Json) -> control.Json:
+        if self.mirror is None:
+            raise PeerError(f"{self.spec.name} has no mirror", code=ErrorCode.CONFLICT)
+        job, self.mirror = self.mirror, None
+        await job.stop()
+        events.changed(self)
+        return {}
+
     async def handle_migrate(self, params: control.Json) -> control.Json:
         request = MigrateRequest.model_validate(params)
         if self.state in (VMState.STARTING, VMState.INCOMING):
@@ -218,6 +247,9 @@ class Instance:
         return asdict(result)
 
     async def close(self) -> None:
+        if self.mirror is not None:
+            mirror, self.mirror = self.mirror, None
+            await mirror.stop()
         if self.sync is not None:
             job, self.sync = self.sync, None
             await job.stop()

@@ -34,7 +34,7 @@ from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer import api, host, syncing
+from roam.peer import api, host, mirrored, syncing
 from roam.peer.client import PEER_SOCKET
 from roam.peer.events import Hub
 from roam.peer.models import (
@@ -48,7 +48,10 @@ from roam.peer.models import (
     GcResult,
     MigrateRequest,
     MigrateResult,
+    MirrorInfo,
+    MirrorRequest,
     PeerInfo,
+    PromoteRequest,
     RunRequest,
     SnapshotEvent,
     SyncInfo,
@@ -104,6 +107,7 @@ class Peer:
         self.tls = tls  # migrations in and out use mutual TLS with these files
         self.vms_dir = state_dir / "vms"
         self.held = HeldPackages(state_dir / "packages")
+        self.mirrors_dir = state_dir / "mirrors"  # standby mirrors (roam.peer.mirrored)
         self.given = packages or []
         self.table = VMTable()
         self.events = Hub()
@@ -171,7 +175,8 @@ class Peer:
             log.info("incoming migration from %s", peer or "a local peer")
             try:
                 tls = ["--incoming-tls"] if self.tls else []
-                await self._spawn(["--incoming-fd", str(conn.fileno()), *tls], conn.fileno())
+                await self._spawn(["--incoming-fd", str(conn.fileno()), *tls,
+                                   "--mirrors", str(self.mirrors_dir)], conn.fileno())
             except OSError as exc:
                 log.error("cannot start a worker for an incoming migration: %s", exc)
             finally:
@@ -258,7 +263,8 @@ class Peer:
             return VMInfo(name=name, state="starting")
         return worker.info
 
-    async def run(self, request: RunRequest) -> VMInfo:
+    async def run(self, request: RunRequest, epoch: int = 0) -> VMInfo:
+        """Start a VM; `epoch`: the authority epoch it runs under (a promotion's)."""
         name = request.name
         if self.table.taken(name):
             raise RoamError(f"a VM called {name!r} already runs on this peer",
@@ -266,7 +272,7 @@ class Peer:
         if request.sync is not None:  # a store that refuses us: no VM is started
             await ObjectStore(StoreURL.parse(request.sync.to),
                               request.sync.endpoint_url).check()
-        args = ["--name", name]
+        args = ["--name", name, *(["--epoch", str(epoch)] if epoch else [])]
         for spec in request.publish:
             args += ["--publish", spec]
         if request.gateway is not None and request.vni is not None:
@@ -348,6 +354,40 @@ class Peer:
         worker = self.table.find_live(name)
         return GcResult.model_validate(await worker.call("sync_gc", request.model_dump(),
                                                          timeout=600.0))
+
+    async def mirror(self, name: str, request: MirrorRequest) -> MirrorInfo:
+        worker = self.table.find_live(name)
+        info = MirrorInfo.model_validate(await worker.call("mirror", request.model_dump(),
+                                                           timeout=60.0))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await worker.wait_for(lambda w: w.info is not None and w.info.mirror is not None)
+        return info
+
+    async def mirror_stop(self, name: str) -> None:
+        worker = self.table.find(name)
+        await worker.call("mirror_stop" if worker.live else "stop", timeout=60.0)
+
+    async def promote(self, name: str, request: PromoteRequest) -> VMInfo:
+        """Run a standby mirror's VM from its newest checkpoint, under a new epoch. Its
+        source must be gone: a mirror still receiving is stopped first."""
+        control.check_name(name)
+        if self.table.taken(name):
+            raise RoamError(f"a VM called {name!r} already runs on this peer",
+                            code=ErrorCode.CONFLICT)
+        for worker in list(self.table.workers.values()):
+            if worker.name == name and worker.info is not None and not worker.exited \
+                    and worker.info.state == "mirror":
+                with contextlib.suppress(RoamError, OSError):
+                    await worker.call("stop", timeout=30.0)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(30):
+                        await worker.wait_for(lambda w: w.exited)
+        checkpoint, epoch = mirrored.promote(self.mirrors_dir / name)
+        log.info("promoting the mirror of %s: checkpoint %s under epoch %d", name,
+                 checkpoint, epoch)
+        return await self.run(RunRequest(name=name, package=str(checkpoint),
+                                         publish=request.publish), epoch=epoch)
 
     def gateways(self) -> list[GatewayInfo]:
         return [g.info(name) for name, g in self.gateways_here.items()]
