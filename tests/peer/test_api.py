@@ -38,7 +38,10 @@ from roam.peer.models import (
     GcResult,
     MigrateRequest,
     MigrateResult,
+    MirrorInfo,
+    MirrorRequest,
     PeerInfo,
+    PromoteRequest,
     RunRequest,
     SnapshotEvent,
     SyncInfo,
@@ -115,6 +118,17 @@ class Stub:
         self._vm(name)
         return GcResult(manifests_deleted=request.keep, objects_deleted=0, bytes_freed=0,
                         objects_kept=0)
+
+    async def mirror(self, name: str, request: MirrorRequest) -> MirrorInfo:
+        self._vm(name)
+        return MirrorInfo(role="source", peer=request.to, state="first-pass", lag_bytes=0,
+                          lag_seconds=0.0, sent_bytes=0)
+
+    async def mirror_stop(self, name: str) -> None:
+        self._vm(name)
+
+    async def promote(self, name: str, request: PromoteRequest) -> VMInfo:
+        raise RoamError(f"no checkpoint of {name}", code=ErrorCode.NOT_FOUND)
 
     def gateways(self) -> list[GatewayInfo]:
         return [self.gateway("gw")]
