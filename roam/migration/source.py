@@ -311,6 +311,11 @@ class Source:
         self._report("copy")
         await self._send_pending(reader)
         self._first_pass_done(time.perf_counter() - first_pass)
+        if self.result.store_offered_bytes and self.policy.await_prepared:
+            # The destination takes the offered chunks from the store and says PREPARED
+            # once they are in: cycling meanwhile would resend what the workload keeps
+            # rewriting. Serve its requests (chunks the store could not give) until then.
+            await self._send_pending(reader, until=self._prepared)
 
         carry = [NO_BLOCKS for _ in self.devices]
         while True:
@@ -501,7 +506,7 @@ class Source:
                 self._queue(i, blocks)
 
     async def _send_pending(self, reader: asyncio.Task[None],
-                            until: asyncio.Future[None] | None = None) -> None:
+                            until: asyncio.Future[Any] | None = None) -> None:
         """Send queued blocks, priority requests first; with `until`, also wait for more
         requests until that future is done."""
         while True:
@@ -692,6 +697,7 @@ class Source:
                     raise ProtocolError("PREPARED before READY or twice")
                 self.result.prepared = msg.payload
                 self._prepared.set_result(msg.payload)
+                self._work.set()
             elif msg.kind in (EventKind.AUTHORITY_ACK, EventKind.AUTHORITY_DECLINE):
                 if not self._authority_sent:
                     raise ProtocolError(f"{msg.kind.name} before authority was sent")
