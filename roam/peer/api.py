@@ -28,6 +28,7 @@ import roam
 from roam.errors import ErrorCode, RoamError
 from roam.peer import problems
 from roam.peer.models import (
+    Checkpoint,
     Event,
     ExecRequest,
     ExecResult,
@@ -35,12 +36,14 @@ from roam.peer.models import (
     GatewayRequest,
     GcRequest,
     GcResult,
+    HibernateRequest,
     MigrateRequest,
     MigrateResult,
     MirrorInfo,
     MirrorRequest,
     PeerInfo,
     PromoteRequest,
+    RestoreRequest,
     RunRequest,
     SyncInfo,
     SyncRequest,
@@ -71,6 +74,8 @@ class PeerService(Protocol):
     async def mirror(self, name: str, request: MirrorRequest) -> MirrorInfo: ...
     async def mirror_stop(self, name: str) -> None: ...
     async def promote(self, name: str, request: PromoteRequest) -> VMInfo: ...
+    async def restore(self, request: RestoreRequest) -> VMInfo: ...
+    async def hibernate(self, name: str, request: HibernateRequest) -> Checkpoint: ...
     def gateways(self) -> list[GatewayInfo]: ...
     def gateway(self, name: str) -> GatewayInfo: ...
     async def add_gateway(self, request: GatewayRequest) -> GatewayInfo: ...
@@ -203,6 +208,16 @@ def create_app(peer: PeerService) -> FastAPI:
         "Run a standby mirror's VM from its newest checkpoint under a new epoch"))
     async def promote_mirror(name: VMName, request: PromoteRequest) -> VMInfo:
         return await peer.promote(name, request)
+
+    @app.post("/restores", status_code=201, summary=(
+        "Run a VM from its newest sealed sync point in a bucket under a new epoch"))
+    async def restore_vm(request: RestoreRequest) -> VMInfo:
+        return await peer.restore(request)
+
+    @app.post("/vms/{name}/hibernate", summary=(
+        "Seal a final point of the VM in a bucket and stop it"))
+    async def hibernate_vm(name: VMName, request: HibernateRequest) -> Checkpoint:
+        return await peer.hibernate(name, request)
 
     @app.get("/gateways", summary="The overlay gateways this peer holds")
     async def list_gateways() -> list[GatewayInfo]:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from roam.errors import ErrorCode, RoamError
 from roam.migration.channel import TLSFiles
 from roam.peer.models import (
+    Checkpoint,
     Event,
     EventEnvelope,
     ExecRequest,
@@ -30,12 +31,14 @@ from roam.peer.models import (
     GatewayRequest,
     GcRequest,
     GcResult,
+    HibernateRequest,
     MigrateRequest,
     MigrateResult,
     MirrorInfo,
     MirrorRequest,
     PeerInfo,
     PromoteRequest,
+    RestoreRequest,
     RunRequest,
     SnapshotEvent,
     SyncInfo,
@@ -150,6 +153,14 @@ class PeerClient:
     async def promote(self, name: str, request: PromoteRequest) -> VMInfo:
         return VMInfo.model_validate((await self._request(
             "POST", f"/mirrors/{name}/promote", request.model_dump(), RUN_TIMEOUT)).json())
+
+    async def restore(self, request: RestoreRequest) -> VMInfo:
+        return VMInfo.model_validate((await self._request(
+            "POST", "/restores", request.model_dump(by_alias=True), MIGRATE_TIMEOUT)).json())
+
+    async def hibernate(self, name: str, request: HibernateRequest) -> Checkpoint:
+        return Checkpoint.model_validate((await self._request(
+            "POST", f"/vms/{name}/hibernate", request.model_dump(), MIGRATE_TIMEOUT)).json())
 
     async def gateways(self) -> list[GatewayInfo]:
         return TypeAdapter(list[GatewayInfo]).validate_python(

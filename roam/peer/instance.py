@@ -26,7 +26,7 @@ from roam.migration.errors import LostPeer
 from roam.migration.source import SourceDevice
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer import events, syncing
+from roam.peer import events, sealing, syncing
 from roam.peer.errors import PeerError
 from roam.peer.mirroring import MirrorJob
 from roam.peer.models import ExecRequest, GcRequest, MigrateRequest, MirrorRequest, SyncRequest
@@ -37,6 +37,7 @@ from roam.storage.provider import Provider
 from roam.storage.sources import SparseFileSource
 from roam.sync.crypto import SyncKey
 from roam.sync.store import StoreURL
+from roam.sync.syncer import SyncState
 from roam.vm import control, group
 from roam.vm.group import COW_BLOCK, Device, VMSpec
 from roam.vm.lifecycle import VM, Resumed
@@ -174,6 +175,9 @@ class Instance:
         await self.start_sync(StoreURL.parse(request.to), request.endpoint_url, key,
                               syncing.policy_of(request))
         assert self.sync is not None
+        if request.checkpoint_every is not None:
+            self.sync.checkpointer = asyncio.create_task(
+                sealing.checkpoints(self, self.sync, request.checkpoint_every))
         return self.sync.info().model_dump(mode="json")
 
     async def start_sync(self, url: StoreURL, endpoint_url: str | None, key: SyncKey,
@@ -195,6 +199,23 @@ class Instance:
                             "garbage where it syncs", code=ErrorCode.CONFLICT)
         result = await syncing.collect(self.sync, GcRequest.model_validate(params))
         return result.model_dump(mode="json")
+
+    async def handle_hibernate(self, _: control.Json) -> control.Json:
+        """Once the sync caught up: a final sealed point, and the VM stops (for good
+        here: `roam peer run --from` resumes it from the bucket)."""
+        job = self.sync
+        if job is None or job.task.done():
+            raise PeerError(f"{self.spec.name} does not sync: nothing to hibernate to",
+                            code=ErrorCode.CONFLICT)
+        while job.syncer.state != SyncState.RUNNING:  # the first pass is not over
+            if job.task.done():
+                raise PeerError(f"{self.spec.name}'s sync stopped: {job.info().error}",
+                                code=ErrorCode.CONFLICT)
+            await asyncio.sleep(0.2)
+        point = await sealing.seal(self, job, stop=True)
+        self.set_state(VMState.STOPPED)
+        self.finished.set()
+        return point.model_dump(mode="json")
 
     async def handle_mirror(self, params: control.Json) -> control.Json:
         """Start mirroring to a standby peer (params: a MirrorRequest)."""

@@ -51,11 +51,10 @@ from roam.peer import events
 from roam.peer.errors import PeerError
 from roam.peer.models import Checkpoint, MirrorInfo, MirrorRequest
 from roam.peer.packages import package_id
+from roam.peer.pausing import paused
 from roam.storage.bitmap import zero_blocks
 from roam.storage.dirty import DirtyView
 from roam.storage.provider import block_count
-from roam.vm.group import Device
-from roam.vm.states import VMState
 
 if TYPE_CHECKING:
     from roam.peer.instance import Instance
@@ -197,33 +196,22 @@ class MirrorJob:
         """Pause, read every change of one instant, resume, send it and CHECKPOINT.
         Skipped (False) while a migration or another pause holds the VM."""
         instance = self.instance
-        if instance.migrating or instance.state != VMState.RUNNING:
-            return False
-        machine = instance.vm.machine
-        instance.migrating = True  # a migration asked for meanwhile is BUSY
         try:
-            await machine.flush_memory()  # the flush in the pause then carries little
-            at, stopped = time.time(), time.perf_counter()
-            await machine.pause()
-            try:
-                await asyncio.gather(machine.save_state(instance.tracker(Device.STATE)),
-                                     machine.flush_memory())
+            async with paused(instance) as pause:
                 frames = await self._read_dirty(first=False)
-            finally:
-                await machine.resume()
-            pause_ms = (time.perf_counter() - stopped) * 1000
-        finally:
-            instance.migrating = False
+        except PeerError as exc:
+            if exc.code != ErrorCode.BUSY:
+                raise
+            return False
         self.seq += 1
-        point = Checkpoint(seq=self.seq, epoch=int(instance.info.get("epoch", 0)), at=at,
-                           pause_ms=round(pause_ms, 3))
-        instance.info["last_pause_ms"] = point.pause_ms
+        point = Checkpoint(seq=self.seq, epoch=int(instance.info.get("epoch", 0)),
+                           at=pause.at, pause_ms=pause.ms)
         await self._send(frames)
         assert self.channel is not None
         self.channel.send(encode_event(EventKind.CHECKPOINT, point.model_dump_json().encode()))
         await self.channel.drain()
         log.info("checkpoint %d of %s: paused %.1f ms", point.seq, instance.spec.name,
-                 pause_ms)
+                 pause.ms)
         return True
 
     async def _read_dirty(self, *, first: bool) -> list[tuple[bytes, bytes]]:

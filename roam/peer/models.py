@@ -94,6 +94,16 @@ StoreURLText = Annotated[str, AfterValidator(_store_url)]
 EndpointURL = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
 
 
+class Checkpoint(BaseModel):
+    """A consistent point of a VM: memory, disk and device state of one instant, taken
+    during a pause of `pause_ms` (docs/MIRROR.md)."""
+
+    seq: int
+    epoch: int  # the authority epoch it was taken under
+    at: float  # wall clock of the pause
+    pause_ms: float  # QMP stop to cont on the source
+
+
 class SyncInfo(BaseModel):
     """A VM's continuous sync to an object store (docs/SYNC.md)."""
 
@@ -108,16 +118,7 @@ class SyncInfo(BaseModel):
     requests: int  # to the store
     sync_point: int | None  # the newest manifest written
     error: str | None  # the last failure (retrying), or why it stopped
-
-
-class Checkpoint(BaseModel):
-    """A consistent point of a VM: memory, disk and device state of one instant, taken
-    during a pause of `pause_ms` (docs/MIRROR.md)."""
-
-    seq: int
-    epoch: int  # the authority epoch it was taken under
-    at: float  # wall clock of the pause
-    pause_ms: float  # QMP stop to cont on the source
+    checkpoint: Checkpoint | None = None  # the newest sealed point (docs/MIRROR.md)
 
 
 class MirrorInfo(BaseModel):
@@ -144,6 +145,25 @@ class MirrorRequest(_Request):
     checkpoint_every: Annotated[float | None, Field(gt=0, le=86400, description=(
         "seconds between consistent checkpoints (a short pause); none: no checkpoint "
         "but the first"))] = None
+
+
+class RestoreRequest(_Request):
+    """Run a VM from its newest sealed sync point (`roam peer run --from s3://...`)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Name
+    from_: Annotated[StoreURLText, Field(
+        alias="from", description="s3://BUCKET/PREFIX/NAME: where the VM synced")]
+    endpoint_url: EndpointURL | None = None
+    publish: list[ForwardText] = []
+
+
+class HibernateRequest(_Request):
+    """Seal a final point in the bucket and stop the VM (`roam peer hibernate`)."""
+
+    to: StoreURLText = Field(description="s3://BUCKET/PREFIX (the VM lands in PREFIX/NAME)")
+    endpoint_url: EndpointURL | None = None
 
 
 class PromoteRequest(_Request):
@@ -176,6 +196,7 @@ class VMInfo(BaseModel):
     sync: SyncInfo | None = None  # its continuous sync, if it has one
     mirror: MirrorInfo | None = None  # its standby mirror (either end), if it has one
     epoch: int = 0  # authority epoch: raised by each restore from a checkpoint
+    last_pause_ms: float | None = None  # the last checkpoint's pause (mirror or sync)
 
 
 class SyncRequest(_Request):
@@ -195,6 +216,8 @@ class SyncRequest(_Request):
         "chunks uploaded per check, after the first pass"))] = 256
     concurrency: Annotated[int, Field(ge=1, le=64, description="uploads at once")] = 8
     keep: Annotated[int, Field(ge=1, le=1000, description="sync points kept")] = 3
+    checkpoint_every: Annotated[float | None, Field(gt=0, le=86400, description=(
+        "seconds between sealed (consistent) sync points: a short pause each"))] = None
 
 
 class GcRequest(_Request):

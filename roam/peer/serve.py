@@ -34,10 +34,11 @@ from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer import api, host, mirrored, syncing
+from roam.peer import api, host, mirrored, sealing, syncing
 from roam.peer.client import PEER_SOCKET
 from roam.peer.events import Hub
 from roam.peer.models import (
+    Checkpoint,
     Event,
     EventEnvelope,
     ExecRequest,
@@ -46,12 +47,14 @@ from roam.peer.models import (
     GatewayRequest,
     GcRequest,
     GcResult,
+    HibernateRequest,
     MigrateRequest,
     MigrateResult,
     MirrorInfo,
     MirrorRequest,
     PeerInfo,
     PromoteRequest,
+    RestoreRequest,
     RunRequest,
     SnapshotEvent,
     SyncInfo,
@@ -64,6 +67,7 @@ from roam.peer.network import NetConfig, NetworkConfigError
 from roam.peer.packages import HeldPackages
 from roam.peer.table import VMTable, Worker
 from roam.sync.crypto import SyncKey
+from roam.sync.reader import ChunkReader
 from roam.sync.store import ObjectStore, StoreURL
 from roam.vm import control
 from roam.vm.package import Package, PackageError
@@ -108,6 +112,7 @@ class Peer:
         self.vms_dir = state_dir / "vms"
         self.held = HeldPackages(state_dir / "packages")
         self.mirrors_dir = state_dir / "mirrors"  # standby mirrors (roam.peer.mirrored)
+        self.restores_dir = state_dir / "restores"  # VMs restored from a bucket (sealing)
         self.given = packages or []
         self.table = VMTable()
         self.events = Hub()
@@ -367,6 +372,38 @@ class Peer:
     async def mirror_stop(self, name: str) -> None:
         worker = self.table.find(name)
         await worker.call("mirror_stop" if worker.live else "stop", timeout=60.0)
+
+    async def restore(self, request: RestoreRequest) -> VMInfo:
+        """Run a VM from its newest sealed sync point (after a host loss, or a
+        hibernation), under a new epoch recorded in the bucket first. The bucket's
+        objects open with this peer's sync key (STATE_DIR/sync.key): the source's."""
+        name = request.name
+        if self.table.taken(name):
+            raise RoamError(f"a VM called {name!r} already runs on this peer",
+                            code=ErrorCode.CONFLICT)
+        url = StoreURL.parse(request.from_)
+        parent, _, vm = url.prefix.rpartition("/")
+        if not vm:
+            raise RoamError(f"{url} names no VM: give s3://BUCKET/PREFIX/NAME",
+                            code=ErrorCode.BAD_REQUEST)
+        key_path = syncing.key_file(self.state_dir)
+        if not key_path.exists():
+            raise RoamError(f"no sync key in {key_path}: copy the source peer's there",
+                            code=ErrorCode.NOT_FOUND)
+        store = ObjectStore(StoreURL(url.bucket, parent), request.endpoint_url)
+        reader = ChunkReader(store, SyncKey.load(key_path))
+        self.restores_dir.mkdir(mode=0o700, exist_ok=True)
+        package, epoch = await sealing.restore(reader, vm, self.restores_dir / name)
+        return await self.run(RunRequest(name=name, package=str(package),
+                                         publish=request.publish), epoch=epoch)
+
+    async def hibernate(self, name: str, request: HibernateRequest) -> Checkpoint:
+        """Seal a final point in the bucket (syncing there first if the VM does not
+        yet: the whole VM goes up) and stop the VM."""
+        worker = self.table.find_live(name)
+        if worker.info is None or worker.info.sync is None or worker.info.sync.state == "stopped":
+            await self.sync(name, SyncRequest(to=request.to, endpoint_url=request.endpoint_url))
+        return Checkpoint.model_validate(await worker.call("hibernate", timeout=MIGRATE_TIMEOUT))
 
     async def promote(self, name: str, request: PromoteRequest) -> VMInfo:
         """Run a standby mirror's VM from its newest checkpoint, under a new epoch. Its

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from roam.migration.hybrid import SafeChunks, StoreOffer
 from roam.migration.wire import StoreDescriptor
 from roam.peer import events
-from roam.peer.models import GcRequest, GcResult, SyncInfo, SyncRequest
+from roam.peer.models import Checkpoint, GcRequest, GcResult, SyncInfo, SyncRequest
 from roam.sync import gc
 from roam.sync.crypto import KEY_FILE, SyncKey
 from roam.sync.reader import ChunkReader
@@ -51,19 +51,23 @@ class SyncJob:
     task: asyncio.Task[None]
     reporter: asyncio.Task[None]
     failure: str | None = None
+    checkpoint: Checkpoint | None = None  # the newest sealed point (roam.peer.sealing)
+    checkpointer: asyncio.Task[None] | None = None  # seals one every so often
 
     def info(self) -> SyncInfo:
         status = self.syncer.status()
         fields = asdict(status)
+        fields["checkpoint"] = self.checkpoint
         if self.task.done():
             fields["state"] = SyncState.STOPPED
             fields["error"] = self.failure or status.error
         return SyncInfo.model_validate(fields)
 
     async def stop(self) -> None:
-        for task in (self.task, self.reporter):
+        tasks = [t for t in (self.checkpointer, self.task, self.reporter) if t is not None]
+        for task in tasks:
             task.cancel()
-        for task in (self.task, self.reporter):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 

@@ -54,7 +54,8 @@ async def _control(instance: Instance, incoming: Incoming | None = None
         "migrate": instance.handle_migrate, "stop": instance.handle_stop,
         "resume": instance.handle_resume, "sync": instance.handle_sync,
         "sync_stop": instance.handle_sync_stop, "sync_gc": instance.handle_sync_gc,
-        "mirror": instance.handle_mirror, "mirror_stop": instance.handle_mirror_stop},
+        "mirror": instance.handle_mirror, "mirror_stop": instance.handle_mirror_stop,
+        "hibernate": instance.handle_hibernate},
         {"events": events.stream(instance)})
     watching = asyncio.create_task(events.watch(instance, incoming))
     try:
