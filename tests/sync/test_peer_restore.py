@@ -6,9 +6,7 @@ a point any more."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,9 +55,7 @@ def test_lost_host_restore_hibernate_and_fence(snapshot: Path, store: MotoServer
             assert a.vms()["h"]["last_pause_ms"] > 0
 
             # A's host is lost. B restores from the bucket with A's sync key.
-            os.kill(a.vms()["h"]["pid"], signal.SIGKILL)
-            a.process.send_signal(signal.SIGKILL)
-            a.process.wait(timeout=30)
+            a.lose("h")
             shutil.copy(a.dir / KEY_FILE, b.dir / KEY_FILE)
             restored = json.loads(roam("peer", "run", "--name", "h", "--via", str(b.dir),
                                        "--from", f"{url}/h", *endpoint).stdout)
