@@ -5,14 +5,7 @@ a guest full of data takes to leave. Cases (issue 13):
 
 - a 2 GiB guest holding 1 GiB of random data in one process, idle;
 - the same with tests/peer/busy_guest.py also rewriting random 4 KiB pages at 20 MiB/s;
-- a 4 GiB guest holding 3 GiB (`--large`; slow under TCG);
-- `--s3`: the 2 GiB guest syncing to moto's S3 server (started here on loopback) until
-  its sync first caught up, then 30 s more; then a hybrid hop A->B (the destination
-  takes what the bucket holds from there), and, as the reference in the same run, a
-  plain hop back B->A with B's sync stopped. Reported: bytes the source sent after the
-  `roam migrate` call against what was not uploaded when it was made (the sync's lag),
-  bytes pulled from S3 and in how long, time to `cont`, upload throughput to moto, the
-  requests to the store, and the hybrid time with the pull at the plain hop's speed.
+- a 4 GiB guest holding 3 GiB (`--large`; slow under TCG).
 
 Each migration is one hop A->B between two `roam peer serve` subprocesses (UNIX sockets,
 `roam migrate` defaults). Raw loopback TCP (plain sockets, bench/migrate_throughput.py)
@@ -28,8 +21,16 @@ is measured right before each hop. Reported per hop:
   given it with `--package`; not with `--not-given`), so what still matches it is not
   sent.
 
-Run as root: .venv/bin/python -m bench.evacuation [--large] [--s3] [--hops 2] [--not-given]
-[--json]
+- `--s3`: the 2 GiB guest syncing to moto's S3 server (started here on loopback) until
+  its sync first caught up, then 30 s more; then a hybrid hop A->B (the destination
+  takes what the bucket holds from there), and, as the reference in the same run, a
+  plain hop back B->A with B's sync stopped. Reported: bytes the source sent after the
+  `roam migrate` call against what was not uploaded when it was made (the sync's lag),
+  bytes pulled from S3 and in how long, time to `cont`, upload rate to moto, the
+  requests to the store, and the hybrid time with the pull at the plain hop's speed.
+
+Run as root: .venv/bin/python -m bench.evacuation [--large] [--hops 2] [--not-given]
+[--s3] [--json]
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ import uvloop
 from bench.migrate_throughput import raw_tcp
 from bench.vm_migration import BUSY_ARGV
 from roam.blueprint import build, cache_root
-from roam.peer import serve as peer
 from roam.peer.client import PEER_SOCKET, PeerClient
-from roam.peer.models import MigrateRequest, RunRequest
+from roam.peer.models import MigrateRequest, RunRequest, SyncRequest
 from roam.vm.snapshot import SnapshotOptions, take_snapshot
 from tests.sync.s3 import CREDENTIALS, MotoServer
 
@@ -68,27 +68,6 @@ RAW_TCP_BYTES = GIB
 SETTLE = 3.0  # seconds of workload before each hop
 STORE_FILL = re.compile(r"store: (\d+) chunks, (\d+) bytes in ([0-9.]+) s")
 SYNC_MORE = 30.0  # seconds of sync after it first caught up
-
-
-async def call(via: str, method: str, params: dict[str, Any], seconds: float = 60.0
-               ) -> dict[str, Any]:
-    """One request to the peer at `via` through its HTTP API, as a plain dict."""
-    name = params.get("name", "")
-    async with PeerClient(via, timeout=seconds) as client:
-        if method == "run":
-            result: Any = await client.run(RunRequest.model_validate(params))
-        elif method == "exec":
-            result = await client.exec(name, params["argv"], params.get("timeout", 30))
-        elif method == "migrate":
-            result = await client.migrate(name, MigrateRequest(to=params["to"]))
-        elif method == "info":
-            result = await client.vm(name)
-        elif method == "stop":
-            await client.stop(name)
-            return {}
-        else:
-            raise ValueError(method)
-    return dict(result.model_dump(mode="json"))
 
 HOLDER = """
 import os, sys, time
@@ -110,10 +89,10 @@ def holder_argv(size: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def peers(work: Path, package: Path | None = None, given: bool = False,
+def peers(work: Path, package: Path, given: bool,
           env: dict[str, str] | None = None) -> Iterator[list[str]]:
     """Peers a and b; with `given`, b is given `package` (a holds it by running the VM
-    from it); `env` adds to their environment (the store's credentials)."""
+    from it); `env` adds to their environment (S3 credentials)."""
     processes = []
     dirs = []
     try:
@@ -125,8 +104,7 @@ def peers(work: Path, package: Path | None = None, given: bool = False,
                 [sys.executable, "-m", "roam.cli.main", "peer", "serve", "--listen",
                  f"unix://{work}/{name}.mig", "--state-dir", str(state),
                  "--net-pool", f"10.242.{len(dirs)}.0/24",
-                 *(["--package", str(package)] if given and package and name == "b"
-                   else [])],
+                 *(["--package", str(package)] if given and name == "b" else [])],
                 stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT,
                 env=None if env is None else {**os.environ, **env}))
         for path in dirs:
@@ -202,83 +180,83 @@ def store_fill(state_dir: Path) -> tuple[int, int, float]:
     return 0, 0, 0.0
 
 
-async def sync_of(via: str, name: str) -> dict[str, Any]:
-    async with PeerClient(via) as client:
-        sync = (await client.vm(name)).sync
-    assert sync is not None, "the VM does not sync"
-    return dict(sync.model_dump(mode="json"))
-
-
 async def s3_case(package: Path, held: int, busy: bool, work: Path) -> dict[str, Any]:
     """Sync to moto, then a hybrid hop A->B and a plain hop B->A (the reference)."""
     store = MotoServer()
     try:
         bucket = store.bucket("roam-bench")
-        with peers(work, env=CREDENTIALS) as (a, b):
-            started = time.monotonic()
-            await call(a, "run", {"package": str(package), "name": "evac", "sync": {
-                "to": f"s3://{bucket}/fleet", "endpoint_url": store.endpoint}}, seconds=300)
-            await call(a, "exec", {"name": "evac", "argv": holder_argv(held), "timeout": 30})
-            async with PeerClient(a) as client:
-                await wait_holder(client, "evac")
-            if busy:
-                await call(a, "exec", {"name": "evac", "argv": BUSY_ARGV, "timeout": 30})
-            # Until every chunk went up once, then until the lag first reaches 0 (a busy
-            # guest's may never: then for at most a minute more).
-            while (await sync_of(a, "evac"))["state"] != "running":  # noqa: ASYNC110
-                await asyncio.sleep(0.5)
-            caught_up = time.monotonic() - started
-            while (sync := await sync_of(a, "evac"))["lag_bytes"] and (  # noqa: ASYNC110
-                    time.monotonic() - started < caught_up + 60):
-                await asyncio.sleep(0.5)
-            uploaded, requests = sync["uploaded_bytes"], sync["requests"]
-            print(f"  sync caught up after {caught_up:.1f} s: {json.dumps(sync)}", flush=True)
-            await asyncio.sleep(SYNC_MORE)
-            before = await sync_of(a, "evac")
-            raw = RAW_TCP_BYTES / raw_tcp(RAW_TCP_BYTES)
-            t0 = time.time()
-            hybrid = await call(a, "migrate", {"name": "evac", "to": f"unix://{work}/b.mig"},
-                                seconds=peer.MIGRATE_TIMEOUT)
-            info = await call(b, "info", {"name": "evac"})
-            chunks, pulled, pull_s = store_fill(Path(b))
-            # B syncs on once the VM runs there; stop that for the plain hop back.
-            async with PeerClient(b) as client:
-                deadline = time.monotonic() + 300
-                while (await client.vm("evac")).sync is None:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the VM does not sync on from B")
-                    await asyncio.sleep(0.5)
-                await client.sync_stop("evac")
-            await asyncio.sleep(SETTLE)
-            t1 = time.time()
-            plain = await call(b, "migrate", {"name": "evac", "to": f"unix://{work}/a.mig"},
-                               seconds=peer.MIGRATE_TIMEOUT)
-            back = await call(a, "info", {"name": "evac"})
-            payload, seconds = plain["first_pass_payload_bytes"], plain["first_pass_ms"] / 1000
-            plain_rate = payload / seconds
-            hybrid_cont = info["resumed_at"] - t0
-            row = {
-                # Uploads overlap the guest filling its memory: an average, not the
-                # store's top speed (bench/s3_client.py measures that).
-                "upload_mbs": uploaded / caught_up / 1e6, "sync_caught_up_s": caught_up,
-                "uploaded_mib": uploaded / 2**20,
-                "sync_requests": requests, "requests_at_call": before["requests"],
-                "lag_at_call_mib": before["lag_bytes"] / 2**20,
-                "source_after_call_mib": hybrid["bytes_sent"] / 2**20,
-                "offered_mib": hybrid["store_offered_bytes"] / 2**20,
-                "pulled_mib": pulled / 2**20, "pulled_chunks": chunks, "pull_s": pull_s,
-                "pull_mbs": pulled / max(pull_s, 1e-9) / 1e6,
-                "hybrid_to_cont_s": hybrid_cont,
-                "hybrid_at_link_speed_s": hybrid_cont - pull_s + pulled / plain_rate,
-                "plain_to_cont_s": back["resumed_at"] - t1,
-                "plain_mib": plain["bytes_sent"] / 2**20,
-                "plain_first_pass_mbs": plain_rate / 1e6, "raw_tcp_gbs": raw / 1e9,
-                "downtime_ms": info["downtime_ms"]}
-            print(f"  s3: {json.dumps(row)}", flush=True)
-            await call(a, "stop", {"name": "evac"})
-            return row
+        with peers(work, package, False, CREDENTIALS) as (a, b):
+            async with PeerClient(a) as first, PeerClient(b) as second:
+                return await _s3_hops(first, second, a, b, store.endpoint,
+                                      f"s3://{bucket}/fleet", package, held, busy)
     finally:
         store.stop()
+
+
+async def _s3_hops(first: PeerClient, second: PeerClient, a: str, b: str, endpoint: str,
+                   to: str, package: Path, held: int, busy: bool) -> dict[str, Any]:
+    started = time.monotonic()
+    await first.run(RunRequest(name="evac", package=str(package),
+                               sync=SyncRequest(to=to, endpoint_url=endpoint)))
+    await first.exec("evac", holder_argv(held))
+    await wait_holder(first, "evac")
+    if busy:
+        await first.exec("evac", BUSY_ARGV)
+
+    async def sync_of(client: PeerClient) -> dict[str, Any]:
+        sync = (await client.vm("evac")).sync
+        assert sync is not None, "the VM does not sync"
+        return dict(sync.model_dump(mode="json"))
+
+    # Until every chunk went up once, then until the lag first reaches 0 (a running
+    # guest's may never: then for at most a minute more).
+    while (await sync_of(first))["state"] != "running":  # noqa: ASYNC110
+        await asyncio.sleep(0.5)
+    caught_up = time.monotonic() - started
+    sync = await sync_of(first)
+    while sync["lag_bytes"] and time.monotonic() - started < caught_up + 60:
+        await asyncio.sleep(0.5)
+        sync = await sync_of(first)
+    print(f"  sync caught up after {caught_up:.1f} s: {json.dumps(sync)}", flush=True)
+    await asyncio.sleep(SYNC_MORE)
+    before = await sync_of(first)
+    raw = RAW_TCP_BYTES / raw_tcp(RAW_TCP_BYTES)
+    t0 = time.time()
+    hybrid = await first.migrate("evac", MigrateRequest(to=f"unix://{Path(b).parent}/b.mig"))
+    info = await second.vm("evac")
+    chunks, pulled, pull_s = store_fill(Path(b))
+    # B syncs on once the VM runs there; stop that for the plain hop back.
+    deadline = time.monotonic() + 300
+    while (await second.vm("evac")).sync is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the VM does not sync on from B")
+        await asyncio.sleep(0.5)
+    await second.sync_stop("evac")
+    await asyncio.sleep(SETTLE)
+    t1 = time.time()
+    plain = await second.migrate("evac", MigrateRequest(to=f"unix://{Path(a).parent}/a.mig"))
+    back = await first.vm("evac")
+    assert info.resumed_at is not None and back.resumed_at is not None
+    plain_rate = plain.first_pass_payload_bytes / (plain.first_pass_ms / 1000)
+    hybrid_cont = info.resumed_at - t0
+    row = {
+        # Uploads overlap the guest filling its memory: an average, not the store's top
+        # speed (bench/s3_client.py measures that).
+        "upload_mbs": sync["uploaded_bytes"] / caught_up / 1e6,
+        "sync_caught_up_s": caught_up, "uploaded_mib": sync["uploaded_bytes"] / 2**20,
+        "sync_requests": sync["requests"], "requests_at_call": before["requests"],
+        "lag_at_call_mib": before["lag_bytes"] / 2**20,
+        "source_after_call_mib": hybrid.bytes_sent / 2**20,
+        "offered_mib": hybrid.store_offered_bytes / 2**20,
+        "pulled_mib": pulled / 2**20, "pulled_chunks": chunks, "pull_s": pull_s,
+        "pull_mbs": pulled / max(pull_s, 1e-9) / 1e6, "hybrid_to_cont_s": hybrid_cont,
+        "hybrid_at_link_speed_s": hybrid_cont - pull_s + pulled / plain_rate,
+        "plain_to_cont_s": back.resumed_at - t1, "plain_mib": plain.bytes_sent / 2**20,
+        "plain_first_pass_mbs": plain_rate / 1e6, "raw_tcp_gbs": raw / 1e9,
+        "downtime_ms": info.downtime_ms}
+    print(f"  s3: {json.dumps(row)}", flush=True)
+    await first.stop("evac")
+    return row
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -317,9 +295,9 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also the 4 GiB guest")
     parser.add_argument("--only-large", action="store_true")
     parser.add_argument("--workload", nargs="+", default=["idle", "busy"])
+    parser.add_argument("--json", action="store_true")
     parser.add_argument("--s3", action="store_true",
                         help="the 2 GiB cases syncing to S3, with a hybrid hop")
-    parser.add_argument("--json", action="store_true")
     parser.add_argument("--not-given", action="store_true",
                         help="b is not given the package: its first hop sends it all")
     args = parser.parse_args()

@@ -13,6 +13,7 @@ ROAM = Path(__file__).resolve().parent.parent / "roam"
 
 BELOW: dict[str, set[str]] = {
     "errors": set(),
+    "logs": set(),
     "storage": {"errors"},
     "guest": {"errors"},
     "blueprint": {"errors", "guest"},
@@ -23,10 +24,10 @@ BELOW: dict[str, set[str]] = {
     "sync": {"errors", "storage"},
     "hypervisor": {"errors", "storage", "exposure", "guest"},
     "vm": {"errors", "storage", "exposure", "guest", "blueprint", "network", "hypervisor"},
-    "peer": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
-             "sync", "hypervisor", "vm"},
-    "control": {"errors", "storage", "exposure", "guest", "blueprint", "network", "migration",
-                "sync", "hypervisor", "vm", "peer", "spot"},
+    "peer": {"errors", "logs", "storage", "exposure", "guest", "blueprint", "network",
+             "migration", "sync", "hypervisor", "vm"},
+    "control": {"errors", "logs", "storage", "exposure", "guest", "blueprint", "network",
+                "migration", "sync", "hypervisor", "vm", "peer", "spot"},
 }
 """Each part and what it may import; cli and demo sit on top and may import anything."""
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from roam.errors import ErrorCode, RoamError
+
 # Bump when the build changes in a way the other inputs do not capture.
 BUILDER_VERSION = 1
 MANIFEST = "blueprint.json"
@@ -22,8 +24,10 @@ INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console",
 DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda rw panic=-1 loglevel=4 edd=off"
 
 
-class BlueprintError(Exception):
+class BlueprintError(RoamError):
     """A blueprint could not be built or loaded; the message says why and what to do."""
+
+    code = ErrorCode.BAD_REQUEST
 
 
 def inputs_hash(inputs: dict[str, Any]) -> str:

@@ -10,17 +10,19 @@ want another status, call `fail`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
 import logging
 import os
+import signal
 import socket
 import ssl
 import stat
 import sys
 import traceback
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -31,9 +33,10 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from roam import logs
 from roam.cli.exits import Exit, for_code
 from roam.errors import ErrorCode, RoamError
-from roam.migration.channel import Address, TLSFiles
+from roam.migration.channel import Address, Handler, TLSFiles, listen
 
 T = TypeVar("T")
 
@@ -47,7 +50,6 @@ Verbose = Annotated[bool, typer.Option(
 Json = Annotated[bool, typer.Option(
     "--json", help="Print the result as JSON on stdout instead of a summary.")]
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
@@ -70,29 +72,10 @@ class Settings:
 settings = Settings()
 
 
-class _Stderr(logging.Handler):
-    """Writes to whatever sys.stderr is at the time of the record, so that a progress
-    display, which redirects stderr while it runs, shows log lines above itself."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")
-            sys.stderr.flush()
-        except Exception:
-            self.handleError(record)
-
-
 def configure_logging(level: int) -> None:
-    """The one logging setup: roam's loggers at `level`, everything else at WARNING unless
-    `level` is DEBUG, one format, to stderr. Called again, it only changes the level."""
+    """The one logging setup (roam.logs), remembered for commands that start others."""
     settings.level = level
-    root = logging.getLogger()
-    if not any(isinstance(h, _Stderr) for h in root.handlers):
-        handler = _Stderr()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(handler)
-    root.setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
-    logging.getLogger("roam").setLevel(level)
+    logs.configure(level)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -236,6 +219,19 @@ def check_socket_path(path: Path, option: str) -> None:
         raise typer.BadParameter(f"{path} exists and is not a socket", param_hint=option)
 
 
+def require_root(command: str, why: str, *, fuse: bool = True) -> None:
+    """Fail now, before anything starts, unless this process is root (and, with `fuse`,
+    can open /dev/fuse): `command` would otherwise fail halfway, or look started."""
+    if os.geteuid() != 0:
+        raise CommandError(f"{command} needs root: {why}", f"running as uid {os.geteuid()}")
+    if fuse:
+        try:
+            os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+        except OSError as exc:
+            raise CommandError(f"{command} needs FUSE: {os.strerror(exc.errno or 0)}",
+                               "/dev/fuse") from None
+
+
 def check_new_file(path: Path, option: str) -> None:
     """Fail now unless `path` can be created as a file: its directory exists, and it is
     not a directory itself."""
@@ -314,3 +310,44 @@ def steps(title: str, logger: str) -> Iterator[None]:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT and SIGTERM set: every long-running command ends cleanly on
+    either, whatever it is waiting for."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """What `awaitable` gives, or None if `stop` is set first (it is then cancelled)."""
+    task = asyncio.ensure_future(awaitable)
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+@contextlib.asynccontextmanager
+async def serving(addr: Address, handler: Handler, tls: TLSFiles | None = None
+                  ) -> AsyncIterator[asyncio.Server]:
+    """A migration-protocol listener for the life of the block; a UNIX socket is removed
+    after it, so that nothing stale is left to connect to."""
+    server = await listen(addr, handler, tls)
+    try:
+        yield server
+    finally:
+        server.close()
+        if addr.scheme == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(addr.path)

@@ -36,6 +36,11 @@ from roam.cli.common import (
 from roam.control import auth
 from roam.control import serve as control_serve
 from roam.control.client import ControlClient
+from roam.control.etcd import election as etcd_election
+from roam.control.etcd import serve as etcd_serve
+from roam.control.etcd import store as etcd_store
+from roam.control.etcd.client import EtcdClient
+from roam.control.etcd.store import EtcdStore
 from roam.control.fleet import Fleet
 from roam.control.models import (
     ControlEvent,
@@ -52,6 +57,7 @@ from roam.control.models import (
     VMView,
 )
 from roam.control.sqlite import SqliteStore
+from roam.control.store import Store
 from roam.errors import ErrorCode, RoamError
 from roam.peer.models import OutcomeEvent, ProgressEvent
 from roam.vm.package import Package, PackageError
@@ -74,12 +80,21 @@ T = TypeVar("T")
 
 Control = Annotated[str, typer.Option(
     "--control", envvar="ROAM_CONTROL_URL",
-    help="The control plane's URL (default: $ROAM_CONTROL_URL, else " + DEFAULT_URL + ").")]
+    help="The control plane's URL, or several instances' URLs comma-separated (tried in "
+         "turn) (default: $ROAM_CONTROL_URL, else " + DEFAULT_URL + ").")]
 Token = Annotated[str | None, typer.Option(
     "--token", envvar="ROAM_TOKEN", help="An API token (default: $ROAM_TOKEN).")]
 Ca = Annotated[Path | None, typer.Option(
     "--ca", help="PEM CA that an https control plane's certificate is signed by.")]
 Wait = Annotated[bool, typer.Option(help="Wait until the work is done.")]
+EtcdOption = Annotated[str | None, typer.Option(
+    "--etcd", help="Keep the state in etcd: its members' client URLs, comma-separated "
+                   "(a replicated control plane, docs/ETCD.md).")]
+EtcdRoot = Annotated[str, typer.Option(help="The key under which the state lives in etcd.")]
+EtcdCa = Annotated[Path | None, typer.Option(help="PEM CA of etcd's https endpoints.")]
+EtcdCert = Annotated[Path | None, typer.Option(
+    help="PEM client certificate for etcd (its --client-cert-auth).")]
+EtcdKey = Annotated[Path | None, typer.Option(help="PEM key of --etcd-cert.")]
 
 
 def client(control: str, token: str | None, ca: Path | None,
@@ -141,8 +156,18 @@ def _out(value: Any, as_json: bool, summary: Callable[[], str]) -> None:
 
 @app.command()
 def serve(
-    data: Annotated[Path, typer.Option(help="Directory of the state (SQLite), made mode "
-                                            "0700.")],
+    data: Annotated[Path | None, typer.Option(
+        help="Directory of the state (SQLite), made mode 0700: one instance on this "
+             "machine. Or give --etcd.")] = None,
+    etcd: EtcdOption = None,
+    etcd_root: EtcdRoot = etcd_store.ROOT,
+    etcd_ca: EtcdCa = None,
+    etcd_cert: EtcdCert = None,
+    etcd_key: EtcdKey = None,
+    leader_ttl: Annotated[float, typer.Option(
+        help="With --etcd: seconds the leader's lease lives unrenewed, about how long "
+             "the others wait for a leader that died.", min=1, max=600)
+        ] = etcd_election.TTL,
     listen_on: Annotated[str, typer.Option(
         "--listen", help="HOST:PORT of the API (loopback unless you say otherwise).")]
         = DEFAULT_LISTEN,
@@ -157,8 +182,15 @@ def serve(
     verbose: Verbose = False,
 ) -> None:
     """Serve the control plane's API (docs/CONTROL.md) and run its scheduler until
-    SIGINT/SIGTERM. Make a token first: `roam control token create --data DIR`."""
+    SIGINT/SIGTERM. Make a token first: `roam control token create --data DIR`.
+
+    With --etcd (docs/ETCD.md) the state is in an etcd cluster and any number of
+    instances serve it: each serves the API, the elected one schedules."""
     setup_logging(verbose)
+    if (data is None) == (etcd is None):
+        raise typer.BadParameter("give --data DIR or --etcd URL[,URL...] (one of them)")
+    endpoints = _etcd_endpoints(etcd)
+    etcd_tls = _etcd_tls(etcd_ca, etcd_cert, etcd_key)
     host, _, port_text = listen_on.rpartition(":")
     if not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise typer.BadParameter("HOST:PORT", param_hint="--listen")
@@ -171,30 +203,84 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await control_serve.serve(data.absolute(), host.strip("[]"), int(port_text), stop,
-                                  tls=tls, ttl=node_ttl)
+        if endpoints:
+            await etcd_serve.serve(endpoints, host.strip("[]"), int(port_text), stop,
+                                   root=etcd_root, tls=tls, etcd_tls=etcd_tls, ttl=node_ttl,
+                                   leader_ttl=leader_ttl)
+        else:
+            assert data is not None
+            await control_serve.serve(data.absolute(), host.strip("[]"), int(port_text),
+                                      stop, tls=tls, ttl=node_ttl)
 
     try:
         run(main())
     except OSError as exc:
         raise CommandError(str(exc), listen_on) from None
+    except RoamError as exc:
+        raise failed(exc) from None
+
+
+def _etcd_endpoints(etcd: str | None) -> list[str]:
+    if etcd is None:
+        return []
+    endpoints = [url.strip() for url in etcd.split(",") if url.strip()]
+    for url in endpoints:
+        if not url.startswith(("http://", "https://")):
+            raise typer.BadParameter(f"{url!r} is no http:// or https:// URL",
+                                     param_hint="--etcd")
+    if not endpoints:
+        raise typer.BadParameter("no URL", param_hint="--etcd")
+    return endpoints
+
+
+def _etcd_tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    if key is not None and cert is None:
+        raise typer.BadParameter("--etcd-key goes with --etcd-cert")
+    if ca is None and cert is None:
+        return None
+    for path, option in ((ca, "--etcd-ca"), (cert, "--etcd-cert"), (key, "--etcd-key")):
+        if path is not None and not path.is_file():
+            raise typer.BadParameter(f"{path}: no such file", param_hint=option)
+    context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
 
 
 @token_app.command("create")
 def token_create(
-    data: Annotated[Path, typer.Option(help="The control plane's --data directory.")],
+    data: Annotated[Path | None, typer.Option(
+        help="The control plane's --data directory (or give --etcd).")] = None,
+    etcd: EtcdOption = None,
+    etcd_root: EtcdRoot = etcd_store.ROOT,
+    etcd_ca: EtcdCa = None,
+    etcd_cert: EtcdCert = None,
+    etcd_key: EtcdKey = None,
     name: Annotated[str, typer.Option(help="Who or what will hold it.")] = "default",
     as_json: Json = False,
 ) -> None:
     """Make an API token and print it (only its digest is stored: keep it now)."""
+    if (data is None) == (etcd is None):
+        raise typer.BadParameter("give --data DIR or --etcd URL[,URL...] (one of them)")
+    endpoints = _etcd_endpoints(etcd)
+    etcd_tls = _etcd_tls(etcd_ca, etcd_cert, etcd_key)
+
     async def main() -> str:
-        store = await SqliteStore.open(data.absolute())
+        store: Store
+        if endpoints:
+            store = EtcdStore.open(EtcdClient(endpoints, tls=etcd_tls), etcd_root)
+        else:
+            assert data is not None
+            store = await SqliteStore.open(data.absolute())
         try:
             return await auth.create(Fleet(store), name)
         finally:
             await store.close()
 
-    token = run(main())
+    try:
+        token = run(main())
+    except RoamError as exc:
+        raise failed(exc) from None
     _out({"token": token, "name": name}, as_json, lambda: token)
 
 
@@ -203,6 +289,11 @@ def status(control: Control = DEFAULT_URL, token: Token = None, ca: Ca = None,
            as_json: Json = False) -> None:
     """Whether the control plane answers, and whether this instance leads."""
     health = _with(control, token, ca, lambda c: c.health())
+    if not health.ok:  # its store fails: it serves reads it can, and changes nothing
+        if as_json:
+            _out(health, as_json, str)
+            raise typer.Exit(exits.Exit.FAILED)
+        raise failed(RoamError(f"the control plane makes no change: {health.detail}"))
     _out(health, as_json, lambda: f"ok, {'leading' if health.leader else 'following'}, "
                                    f"revision {health.revision}")
 

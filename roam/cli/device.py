@@ -7,11 +7,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from roam.cli.common import (
+    CommandError,
     Json,
     TlsCa,
     TlsCert,
@@ -23,10 +24,13 @@ from roam.cli.common import (
     new_directory,
     print_json,
     run,
+    serving,
     setup_logging,
+    stop_on_signals,
+    unless_stopped,
 )
 from roam.cli.common import tls_files as make_tls
-from roam.migration.channel import Channel, connect, listen
+from roam.migration.channel import Channel, connect
 from roam.migration.destination import Destination, DestinationResult, NewDevice
 from roam.migration.source import Policy, Source, SourceDevice, SourceResult
 from roam.migration.wire import DeviceSpec, Encoding
@@ -80,36 +84,45 @@ def serve(
     policy = Policy(compression=COMPRESSIONS[compress], verify=verify)
     check_listen(addr)
 
-    async def main() -> SourceResult:
+    async def main() -> SourceResult | None:
+        stop = stop_on_signals()
         sources = [(name, FileSource(path)) for name, path in devices]
         group = [SourceDevice.stack(name, src, block_size) for name, src in sources]
         outcome: asyncio.Future[SourceResult] = asyncio.get_running_loop().create_future()
-        taken = False
+        sending: list[asyncio.Task[Any]] = []
 
         async def handler(channel: Channel) -> None:
-            nonlocal taken
-            if taken:  # one group, one receiver
+            if sending:  # one group, one receiver
                 return
-            taken = True
+            task = asyncio.current_task()
+            assert task is not None
+            sending.append(task)
             log.info("receiver connected; migrating %d device(s)", len(group))
             try:
                 result = await Source(channel, group, policy=policy).run()
-            except BaseException as e:
-                outcome.set_exception(e)
-                raise
-            outcome.set_result(result)
+            except Exception as e:
+                if not outcome.done():
+                    outcome.set_exception(e)
+                return
+            if not outcome.done():
+                outcome.set_result(result)
 
-        server = await listen(addr, handler, tls)
-        log.info("serving %s on %s%s", ", ".join(n for n, _ in devices), addr,
-                 " (TLS)" if tls else "")
         try:
-            return await outcome
+            async with serving(addr, handler, tls):
+                log.info("serving %s on %s%s", ", ".join(n for n, _ in devices), addr,
+                         " (TLS)" if tls else "")
+                result = await unless_stopped(outcome, stop)
+                for task in sending:  # stopped halfway: the receiver keeps nothing
+                    task.cancel()
+                await asyncio.gather(*sending, return_exceptions=True)
+                return result
         finally:
-            server.close()
             for _, src in sources:
                 await src.close()
 
     result = run(main())
+    if result is None:
+        raise CommandError("stopped by a signal before the devices were sent", addr)
     names = [n for n, _ in devices]
     if json:
         print_json({"devices": names, "seconds": result.total_seconds,

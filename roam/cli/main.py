@@ -19,20 +19,22 @@ import typer
 # one error line needs to tell usage errors (and `roam GROUP` alone) from the rest.
 from typer._click import exceptions as usage
 
-from roam.blueprint import BlueprintError
-from roam.cli import blueprint, control, device, doctor, exits, fuse, nbd, node, peer, spot, vm
+from roam.cli import (
+    blueprint,
+    control,
+    device,
+    doctor,
+    exits,
+    fuse,
+    logs,
+    nbd,
+    node,
+    peer,
+    spot,
+    vm,
+)
 from roam.cli.common import configure_logging, describe, report, settings
 from roam.errors import RoamError
-from roam.exposure.nbd.protocol import NBDError, OptionError
-from roam.exposure.nbd.protocol import ProtocolError as NBDProtocolError
-from roam.hypervisor import HypervisorError
-from roam.hypervisor.device_state import StateError
-from roam.migration.wire import ProtocolError
-from roam.storage.provider import StorageError
-from roam.vm.control import ControlError
-from roam.vm.package import PackageError
-from roam.vm.runner import RunError
-from roam.vm.snapshot import SnapshotError
 
 # Help texts are plain text: Rich markup would read `[/udp]` in an option's help as a
 # closing tag and crash `--help` (it did, for `roam run`).
@@ -43,14 +45,6 @@ app = typer.Typer(
     epilog=exits.TABLE,
     rich_markup_mode=None,
 )
-
-# What a command may fail with that is no bug of roam's: reported as its message alone.
-# Anything else is reported as an internal error, with its type.
-EXPECTED: tuple[type[BaseException], ...] = (
-    RoamError, OSError, StorageError, PackageError, BlueprintError, SnapshotError, RunError,
-    HypervisorError, StateError, ControlError, NBDError, OptionError, NBDProtocolError,
-    ProtocolError)
-
 
 class LogLevel(enum.StrEnum):
     debug = "debug"
@@ -116,6 +110,7 @@ app.command(epilog=exits.TABLE)(peer.migrate)
 app.command()(peer.terminate)
 app.command()(peer.mount)
 app.command("doctor")(doctor.doctor)
+app.command("logs")(logs.logs)
 
 
 def _hint(exc: usage.BadParameter) -> str | None:
@@ -152,9 +147,12 @@ def main(args: list[str] | None = None) -> NoReturn:
     except typer.Abort:
         report("aborted")
         status = 1
-    except EXPECTED as exc:
+    except RoamError as exc:  # every error of roam's own: its code picks the exit code
         report(describe(exc))
-        status = exits.for_code(exc.code) if isinstance(exc, RoamError) else exits.Exit.FAILED
+        status = exits.for_code(exc.code)
+    except OSError as exc:  # a file, socket or device the command was given
+        report(describe(exc))
+        status = exits.Exit.FAILED
     except Exception as exc:
         report(f"internal error, {type(exc).__name__}: {describe(exc)} (roam --debug "
                "shows where)")

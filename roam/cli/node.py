@@ -8,7 +8,6 @@ plane through its HTTP API, pulling its work with every heartbeat.
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -25,8 +24,10 @@ from roam.cli.common import (
     address,
     failed,
     invalid,
+    require_root,
     run,
     setup_logging,
+    stop_on_signals,
     tls_files,
 )
 from roam.cli.peer import NetPool, NetPrefix, OverlayPeers, Underlay, net_config
@@ -83,6 +84,7 @@ def join(
     """Run this host's peer and serve the control plane's fleet until SIGINT/SIGTERM
     (which stops its VMs: drain the node first to keep them)."""
     setup_logging(verbose)
+    require_root("roam node join", "its VMs get network namespaces and FUSE mounts")
     addr = address(listen_on, "--listen")
     tls = tls_files(tls_cert, tls_key, tls_ca)
     directory = state_dir.absolute()
@@ -105,10 +107,7 @@ def join(
     controller = control_cli.client(control, token, ca, tls_cert, tls_key)
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         peer = peer_serve.Peer(directory, addr, tls, netconf)
         agent = NodeAgent(controller, directory, node_name, labels, cpu_model)
         failure: list[RoamError] = []
@@ -121,17 +120,20 @@ def join(
             finally:
                 stop.set()
 
-        async with controller, asyncio.TaskGroup() as tasks:
-            tasks.create_task(peer.serve(stop))
-            acting = tasks.create_task(serve_fleet())
-            metrics = None
-            if metrics_at is not None:
-                metrics = peer_api.server(serve_registry(agent.registry))
-                tasks.create_task(metrics.serve(sockets=[listen_socket(*metrics_at)]))
-            await stop.wait()
-            acting.cancel()
-            if metrics is not None:
-                metrics.should_exit = True
+        try:
+            async with controller, asyncio.TaskGroup() as tasks:
+                tasks.create_task(peer.serve(stop))
+                acting = tasks.create_task(serve_fleet())
+                metrics = None
+                if metrics_at is not None:
+                    metrics = peer_api.server(serve_registry(agent.registry))
+                    tasks.create_task(metrics.serve(sockets=[listen_socket(*metrics_at)]))
+                await stop.wait()
+                acting.cancel()
+                if metrics is not None:
+                    metrics.should_exit = True
+        except* RoamError as group:  # e.g. another peer serves the state directory
+            failure.extend(_leaves(group))
         if failure:
             raise failure[0]
 
@@ -139,3 +141,9 @@ def join(
         run(main())
     except RoamError as exc:
         raise failed(exc) from None
+
+
+def _leaves(group: BaseExceptionGroup[RoamError]) -> list[RoamError]:
+    """The errors of a task group, nested groups flattened."""
+    return [leaf for e in group.exceptions
+            for leaf in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])]

@@ -11,7 +11,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -29,25 +28,31 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Table
 
-from roam.cli import exits
+from roam.cli import exits, listing
 from roam.cli.common import (
+    CommandError,
+    Json,
     TlsCa,
     TlsCert,
     TlsKey,
     Verbose,
     address,
-    fail,
     failed,
     invalid,
+    require_root,
     run,
+    serving,
     setup_logging,
+    stop_on_signals,
     tls_files,
+    unless_stopped,
 )
 from roam.errors import RoamError
-from roam.migration.channel import Channel, PeerLost, connect, listen
+from roam.migration.channel import Channel, connect
 from roam.migration.errors import MigrationError
-from roam.peer import mounter, registry, terminator
+from roam.peer import mounter, registry, systemd, terminator
 from roam.peer import serve as peer
 from roam.peer.client import PeerClient
 from roam.peer.models import (
@@ -148,6 +153,7 @@ def serve(
     options, migrations in and out use mutual TLS: the other peer must present a
     certificate signed by --tls-ca, and this peer presents --tls-cert."""
     setup_logging(verbose)
+    require_root("roam peer serve", "its VMs get network namespaces and FUSE mounts")
     addr = address(listen_on)
     tls = tls_files(tls_cert, tls_key, tls_ca)
     api_addr = address(api_listen) if api_listen else None
@@ -164,16 +170,32 @@ def serve(
             raise typer.BadParameter(f"--package: {exc}") from None
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await peer.Peer(directory, addr, tls, netconf, api_addr, held).serve(stop)
 
-    try:
-        run(main())
-    except OSError as exc:
-        raise fail(str(exc)) from None
+    run(main())  # errors: one line each (roam.cli.main)
+
+
+@app.command(context_settings={"allow_extra_args": True,
+                                "ignore_unknown_options": True})
+def unit(
+    ctx: typer.Context,
+    listen_on: Annotated[str, typer.Option(
+        "--listen", help="The peer's --listen address.")] = "tcp://127.0.0.1:7200",
+    state_dir: Annotated[Path, typer.Option(
+        help="The peer's --state-dir (systemd creates /var/lib/roam, mode 0700).")]
+        = Path("/var/lib/roam/peer"),
+) -> None:
+    """Print a systemd unit that runs `roam peer serve` with these options and any
+    others given after them (`roam peer unit --listen tcp://10.0.0.5:7200 --
+    --underlay 10.0.0.5 > /etc/systemd/system/roam-peer.service`).
+
+    Type=notify: the peer tells systemd when it serves (READY=1) and when it stops
+    (STOPPING=1). SIGTERM stops its VMs; a peer that died is restarted and cleans up
+    after itself. Check it with `systemd-analyze verify FILE`."""
+    address(listen_on, "--listen")
+    typer.echo(systemd.unit(["--listen", listen_on, "--state-dir", str(state_dir.absolute()),
+                             *ctx.args]), nl=False)
 
 
 def net_config(directory: Path, underlay: str | None, overlay_peers: str,
@@ -373,13 +395,29 @@ def gateway_cmd(
 
 
 @app.command()
-def ls(via: Via) -> None:
-    """The peer's VMs and their states, and its gateways."""
+def ls(via: Via, json: Json = False) -> None:
+    """The peer's VMs (state, uptime, memory, CPUs, dirty rate during a migration out,
+    sync lag: bytes not uploaded yet and how long the oldest has waited, accelerator,
+    ports, worker pid) and its gateways; --json: {"vms": [...],
+    "gateways": [...]}, the API's objects with `uptime_s`."""
     async def both(p: PeerClient) -> dict[str, Any]:
-        return {"vms": [vm.model_dump(mode="json") for vm in await p.vms()],
+        return {"vms": listing.with_uptime([vm.model_dump(mode="json")
+                                            for vm in await p.vms()]),
                 "gateways": [g.model_dump(mode="json") for g in await p.gateways()]}
 
-    _print(_with_peer(via, both))
+    found = _with_peer(via, both)
+    if json:
+        _print(found)
+        return
+    console = Console()
+    console.print(listing.table(found["vms"], states=True))
+    if found["gateways"]:
+        gateways = Table("GATEWAY OF", "SEGMENT", "NETNS", "PUBLISH")
+        for g in found["gateways"]:
+            gateways.add_row(g["name"], str(g["vni"]), g["netns"], ", ".join(
+                f"{p['host_addr']}:{p['host_port']}->{p['guest_port']}/{p['protocol']}"
+                for p in g["publish"]))
+        console.print(gateways)
 
 
 @app.command()
@@ -443,18 +481,26 @@ def migrate(
         help="The destination compares its whole memory with the source's before it "
              "resumes, declining if they differ (adds a full read to the downtime; use "
              "with --no-postcopy).")] = False,
+    json: Json = False,
 ) -> None:
     """Live-migrate VM NAME from the peer at --via to the peer listening at --to.
 
-    Prints the outcome as JSON (bytes, cycles, downtime); on a terminal, shows the
-    progress of each dirty cycle meanwhile. Migrating into `roam terminate` or `roam
-    mount --listen` (a live backup) ends "declined" on purpose and exits 0.
+    Prints the outcome (downtime, bytes, cycles, time; --json: the API's result object);
+    on a terminal, shows the progress of each dirty cycle meanwhile. Migrating into `roam
+    terminate` or `roam mount --listen` (a live backup) ends "declined" on purpose and
+    exits 0.
     """
     request = _request(MigrateRequest, to=to, postcopy=postcopy, max_cycles=max_cycles,
                        min_cycles=min_cycles, max_dirty_blocks=max_dirty_blocks,
                        cycle_throttle=cycle_throttle, compression=compress, verify=verify,
                        check_memory=check_memory)
-    _print(_with_peer(via, lambda p: _migrate(p, name, request, sys.stderr.isatty())))
+    result = _with_peer(via, lambda p: _migrate(p, name, request, sys.stderr.isatty()))
+    if json:
+        _print(result)
+        return
+    typer.echo(f"{name}: {result.outcome} in {result.total_ms / 1000:.1f} s, downtime "
+               f"{result.downtime_ms:.1f} ms, {result.bytes_sent / 2**20:.1f} MiB sent, "
+               f"{result.cycles} dirty cycles")
 
 
 async def _migrate(client: PeerClient, name: str, request: MigrateRequest,
@@ -491,36 +537,55 @@ def terminate(
     listen_on: Annotated[str, typer.Option(
         "--listen", help="tcp://HOST:PORT or unix://PATH to take the migration on.")],
     out: Annotated[Path, typer.Option(help="Package directory to write.")],
+    tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
+    json: Json = False,
     verbose: Verbose = False,
 ) -> None:
     """Take one live migration into a package directory without starting the VM (a live
-    backup): `roam migrate NAME --to` this address; the VM runs on at its source."""
+    backup): `roam migrate NAME --to` this address; the VM runs on at its source.
+
+    With the --tls options the source peer must present a certificate signed by
+    --tls-ca (peers started with --tls-* do), and this side presents --tls-cert.
+    SIGINT or SIGTERM before the backup is written ends it (exit 1; the VM runs on)."""
     setup_logging(verbose)
     addr = address(listen_on)
+    tls = tls_files(tls_cert, tls_key, tls_ca)
 
-    async def main() -> Backup:
+    async def main() -> Backup | None:
+        stop = stop_on_signals()
         done: asyncio.Future[Backup] = asyncio.get_running_loop().create_future()
+        taking: list[asyncio.Task[Any]] = []
 
         async def handler(channel: Channel) -> None:
-            if done.done():
-                return
+            if taking:
+                return  # one migration per terminator
+            task = asyncio.current_task()
+            assert task is not None
+            taking.append(task)
             try:
-                done.set_result(await terminator.terminate(channel, out))
+                backup = await terminator.terminate(channel, out)
             except Exception as exc:
                 if not done.done():
                     done.set_exception(exc)
+            else:
+                if not done.done():
+                    done.set_result(backup)
 
-        server = await listen(addr, handler)
-        try:
-            return await done
-        finally:
-            server.close()
+        async with serving(addr, handler, tls):
+            backup = await unless_stopped(done, stop)
+            for task in taking:  # stopped halfway: the source keeps its VM
+                task.cancel()
+            await asyncio.gather(*taking, return_exceptions=True)
+            return backup
 
-    try:
-        backup = run(main())
-    except (MigrationError, OSError) as exc:
-        raise failed(exc) from None
-    _print(asdict(backup))
+    backup = run(main())
+    if backup is None:
+        raise CommandError("stopped by a signal before a backup was written", out)
+    if json:
+        _print(asdict(backup))
+        return
+    typer.echo(f"live backup of {backup.name} in {backup.directory}: "
+               f"{backup.bytes_received / 2**20:.1f} MiB received in {backup.seconds:.1f} s")
 
 
 registry_app = typer.Typer(help="Serve packages for lazy starts.", no_args_is_help=True)
@@ -541,10 +606,7 @@ def registry_serve(
     setup_logging(verbose)
     addr = address(listen_on)
     tls = tls_files(tls_cert, tls_key, tls_ca)
-    try:
-        Package.load(package)
-    except PackageError as exc:
-        raise fail(str(exc)) from None
+    Package.load(package)  # a PackageError is the one error line, before serving
 
     async def main() -> None:
         async def handler(channel: Channel) -> None:
@@ -556,21 +618,12 @@ def registry_serve(
             log.info("served %s: %d MiB in %.1f s, %d blocks on demand", package,
                      result.bytes_sent >> 20, result.total_seconds, result.priority_blocks)
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        server = await listen(addr, handler, tls)
-        log.info("serving %s on %s%s", package, addr, " (mutual TLS)" if tls else "")
-        try:
+        stop = stop_on_signals()
+        async with serving(addr, handler, tls):
+            log.info("serving %s on %s%s", package, addr, " (mutual TLS)" if tls else "")
             await stop.wait()
-        finally:
-            server.close()
 
-    try:
-        run(main())
-    except OSError as exc:
-        raise fail(str(exc)) from None
+    run(main())  # errors: one line each (roam.cli.main)
 
 
 def mount(
@@ -586,28 +639,36 @@ def mount(
         help="UNIX socket on which the device is an NBD export named DEVICE.")] = None,
     cache: Annotated[Path | None, typer.Option(
         help="Directory for the blocks received (default: a temporary one).")] = None,
+    tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
     verbose: Verbose = False,
 ) -> None:
-    """Mount a device of a remote package or VM locally, without a VM, until SIGINT."""
+    """Mount a device of a remote package or VM locally, without a VM, until SIGINT or
+    SIGTERM.
+
+    With the --tls options, mutual TLS: the registry (--from) or the source peer
+    (--listen) must present a certificate signed by --tls-ca, and this side presents
+    --tls-cert."""
     setup_logging(verbose)
     if (from_ is None) == (listen_on is None) or (file is None) == (nbd is None):
         raise typer.BadParameter("give one of --from/--listen and one of --file/--nbd")
+    tls = tls_files(tls_cert, tls_key, tls_ca)
+    if file is not None:
+        require_root("roam mount --file", "the device is served on a FUSE mount")
 
     async def main(cache_dir: Path) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         if from_ is not None:
-            channel: Channel = await connect(address(from_))
+            channel: Channel = await connect(address(from_), tls)
             await mounter.mount(channel, device, cache_dir, stop, fuse_dir=file, nbd_socket=nbd)
             return
         assert listen_on is not None
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        taken = asyncio.Event()
 
         async def handler(incoming: Channel) -> None:
-            if done.done():
+            if taken.is_set():
                 return
+            taken.set()
             try:
                 await mounter.mount(incoming, device, cache_dir, stop, fuse_dir=file,
                                     nbd_socket=nbd)
@@ -615,14 +676,12 @@ def mount(
             except Exception as exc:
                 done.set_exception(exc)
 
-        server = await listen(address(listen_on), handler)
-        try:
-            await done
-        finally:
-            server.close()
+        async with serving(address(listen_on), handler, tls):
+            await unless_stopped(taken.wait(), stop)
+            if not taken.is_set():
+                log.info("stopped before a migration arrived")
+                return
+        await done  # the mount ends on `stop` by itself
 
-    try:
-        with tempfile.TemporaryDirectory(prefix="roam-mount-") as tmp:
-            run(main(cache or Path(tmp)))
-    except (MigrationError, PeerLost, OSError) as exc:
-        raise failed(exc) from None
+    with tempfile.TemporaryDirectory(prefix="roam-mount-") as tmp:
+        run(main(cache or Path(tmp)))

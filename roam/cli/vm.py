@@ -6,7 +6,6 @@ import asyncio
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -14,9 +13,9 @@ import typer
 import uvloop
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-from rich.table import Table
 
 from roam.blueprint import Blueprint
+from roam.cli import listing
 from roam.cli.common import (
     Json,
     TlsCa,
@@ -29,6 +28,7 @@ from roam.cli.common import (
     fail,
     new_directory,
     print_json,
+    require_root,
     setup_logging,
     steps,
     terminal,
@@ -72,6 +72,7 @@ def snapshot(
 ) -> None:
     """Boot a blueprint, wait for its workload, and save the running VM as a package."""
     setup_logging(verbose)
+    require_root("roam snapshot", "the VM's memory is served on a FUSE mount")
     options = SnapshotOptions(memory_mib=parse_mib(memory), cpus=cpus, cpu_model=cpu_model)
     if out.exists():
         raise typer.BadParameter(f"{out} exists already", param_hint="--out")
@@ -110,6 +111,7 @@ def run(
     registry that requires mutual TLS.
     """
     setup_logging(verbose)
+    require_root("roam run", "the VM gets a network namespace and a FUSE mount")
     try:
         forwards = [PortForward.parse(p) for p in publish or []]
     except ValueError as exc:
@@ -177,20 +179,13 @@ def exec_(
 
 
 def ls(json: Json = False) -> None:
-    """List the running VMs."""
-    vms = asyncio.run(control.list_vms())
+    """List the VMs of `roam run`: uptime, memory, CPUs, accelerator, published ports.
+    (A peer's VMs: `roam peer ls`.)"""
+    vms = listing.with_uptime(asyncio.run(control.list_vms()))
     if json:
         print_json(vms)
         return
-    table = Table("NAME", "PACKAGE", "ACCEL", "MEMORY", "CPUS", "PUBLISH", "PID", "UP")
-    now = time.time()
-    for vm in vms:
-        ports = ", ".join(f"{p['host_addr']}:{p['host_port']}->{p['guest_port']}/"
-                          f"{p['protocol']}" for p in vm["publish"])
-        up = f"{now - vm['resumed_at']:.0f} s" if vm.get("resumed_at") else ""
-        table.add_row(vm["name"], vm["package"], vm["accel"], f"{vm['memory_mib']} MiB",
-                      str(vm["cpus"]), ports, str(vm["pid"]), up)
-    Console().print(table)
+    Console().print(listing.table(vms, states=False))
 
 
 def _progress() -> Progress:

@@ -57,7 +57,7 @@ from roam.control.models import (
     VMSpec,
     VMView,
 )
-from roam.control.store import Compacted, WatchKind
+from roam.control.store import Compacted, StoreError, WatchKind
 from roam.errors import ErrorCode, RoamError
 from roam.peer import problems
 from roam.peer.api import PROBLEM, answer_problems
@@ -95,9 +95,16 @@ def create_app(plane: Plane) -> FastAPI:
     api = APIRouter(dependencies=[Depends(authorized)])
     api.route_class = app.router.route_class
 
-    @app.get("/healthz", summary="Whether this instance serves, and whether it leads")
-    async def health() -> Health:
-        revision = (await fleet.store.range(Keys.LEADER)).revision
+    @app.get("/healthz", summary="Whether this instance serves, and whether it leads",
+             responses={503: {"model": Health, "description": "The store fails (a "
+                              "replicated store lost its quorum): `detail` says why"}})
+    async def health(response: Response) -> Health:
+        try:
+            revision = (await fleet.store.range(Keys.LEADER)).revision
+        except StoreError as exc:  # the API serves on; nothing changes until it is back
+            response.status_code = 503
+            return Health(ok=False, leader=plane.election.leading, revision=0,
+                          detail=exc.message)
         return Health(ok=True, leader=plane.election.leading, revision=revision)
 
     @app.get("/problems/{code}", summary="What a problem code means")

@@ -52,18 +52,30 @@ class ControlAPIError(RoamError):
 class ControlClient:
     """`async with ControlClient(url, token) as control: await control.vms()`.
 
-    `tls` verifies an https control plane (its CA, and this side's certificate when it
-    asks for mutual TLS); by default the system's CAs."""
+    `url` may name several instances of a replicated control plane, comma-separated
+    ("https://a:7450,https://b:7450"): a call goes to the one that answered last and, if
+    it cannot be connected to (nothing was sent), to the next. `tls` verifies an https
+    control plane (its CA, and this side's certificate when it asks for mutual TLS); by
+    default the system's CAs."""
 
     def __init__(self, url: str, token: str | None, tls: ssl.SSLContext | None = None,
                  timeout: float = TIMEOUT) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise RoamError(f"the control plane's URL is http:// or https://, not {url!r}",
-                            code=ErrorCode.BAD_REQUEST)
-        self.url = url.rstrip("/")
+        self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+        if not self.urls:
+            raise RoamError("no control plane URL given", code=ErrorCode.BAD_REQUEST)
+        for one in self.urls:
+            if not one.startswith(("http://", "https://")):
+                raise RoamError(f"the control plane's URL is http:// or https://, not "
+                                f"{one!r}", code=ErrorCode.BAD_REQUEST)
+        self._current = 0
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout,
+        self._http = httpx.AsyncClient(headers=headers, timeout=timeout,
                                        verify=tls if tls is not None else True)
+
+    @property
+    def url(self) -> str:
+        """The instance calls go to now."""
+        return self.urls[self._current]
 
     async def __aenter__(self) -> ControlClient:
         return self
@@ -75,7 +87,15 @@ class ControlClient:
     # -- resources ---------------------------------------------------------------------
 
     async def health(self) -> Health:
-        return await self._model(Health, "GET", "/healthz")
+        """This instance's health; a 503 answer is one too (`ok` false, `detail` why:
+        its store fails, a replicated store lost its quorum)."""
+        response = await self._send("GET", "/healthz")
+        if response.status_code == 503:
+            with contextlib.suppress(ValidationError):
+                return Health.model_validate_json(response.content)
+        if response.is_error:
+            raise _error(response)
+        return Health.model_validate_json(response.content)
 
     async def nodes(self) -> list[NodeView]:
         return TypeAdapter(list[NodeView]).validate_python(
@@ -133,22 +153,32 @@ class ControlClient:
     @contextlib.asynccontextmanager
     async def events(self) -> AsyncIterator[AsyncIterator[FleetEvent]]:
         """The event stream, subscribed on entry (its snapshot has arrived)."""
-        with self._translated():
-            async with aconnect_sse(self._http, "GET", "/events",
-                                    timeout=httpx.Timeout(TIMEOUT, read=None)) as source:
-                if source.response.is_error:
-                    await source.response.aread()
-                    raise _error(source.response)
-                sse = source.aiter_sse()
+        async with contextlib.AsyncExitStack() as stack:
+            for step in self._order():
+                with self._translated():
+                    try:
+                        source = await stack.enter_async_context(aconnect_sse(
+                            self._http, "GET", self.url + "/events",
+                            timeout=httpx.Timeout(TIMEOUT, read=None)))
+                    except httpx.ConnectError:
+                        if not step:
+                            raise
+                        continue
+                    break
+            if source.response.is_error:
+                await source.response.aread()
+                raise _error(source.response)
+            sse = source.aiter_sse()
+            with self._translated():
                 first = _event((await anext(sse)).data)
 
-                async def stream() -> AsyncIterator[FleetEvent]:
-                    yield first
-                    with self._translated():
-                        async for item in sse:
-                            yield _event(item.data)
+            async def stream() -> AsyncIterator[FleetEvent]:
+                yield first
+                with self._translated():
+                    async for item in sse:
+                        yield _event(item.data)
 
-                yield stream()
+            yield stream()
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -158,11 +188,30 @@ class ControlClient:
 
     async def _request(self, method: str, path: str,
                        body: dict[str, Any] | None = None) -> httpx.Response:
-        with self._translated():
-            response = await self._http.request(method, path, json=body)
+        response = await self._send(method, path, body)
         if response.is_error:
             raise _error(response)
         return response
+
+    async def _send(self, method: str, path: str,
+                    body: dict[str, Any] | None = None) -> httpx.Response:
+        for step in self._order():
+            with self._translated():
+                try:
+                    response = await self._http.request(method, self.url + path, json=body)
+                except httpx.ConnectError:
+                    if not step:
+                        raise
+                    continue
+                break
+        return response
+
+    def _order(self) -> Iterator[int]:
+        """Move through the instances, starting with the current one; yields how many
+        remain after this one (0: the last try, whose failure is the caller's)."""
+        for remaining in range(len(self.urls) - 1, -1, -1):
+            yield remaining
+            self._current = (self._current + 1) % len(self.urls)
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:

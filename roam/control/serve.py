@@ -24,6 +24,7 @@ from roam.control.metrics import FleetMetrics
 from roam.control.models import Keys
 from roam.control.reconciler import Reconciler
 from roam.control.sqlite import SqliteStore
+from roam.control.store import Store
 from roam.errors import ErrorCode, RoamError
 from roam.peer import api as peer_api
 
@@ -59,26 +60,40 @@ async def serve(data: Path, host: str, port: int, stop: asyncio.Event, *,
         store = await SqliteStore.open(data)
         try:
             await store.delete(Keys.LEADER)  # ours alone: see the module's docstring
-            fleet = Fleet(store)
-            election = Election(store, f"{socket.gethostname()}:{os.getpid()}", ttl)
-            plane = Plane(fleet, ttl, election, FleetMetrics())
-            server = peer_api.server(create_app(plane), tls)
-            sock = listen_socket(host, port)
-            async with asyncio.TaskGroup() as tasks:
-                serving = tasks.create_task(server.serve(sockets=[sock]))
-                leading = tasks.create_task(election.run(Reconciler(fleet).run))
-                log.info("control plane serving %s://%s:%d, data in %s",
-                         "https" if tls else "http", host, sock.getsockname()[1], data)
-                if ready is not None:
-                    ready.set()
-                await stop.wait()
-                leading.cancel()
-                server.should_exit = True
-                await serving
+            election = Election(store, identity(), ttl)
+            await run(store, election, host, port, stop, tls=tls, ttl=ttl, ready=ready,
+                      where=f"data in {data}")
         finally:
             await store.close()
     finally:
         os.close(fd)
+
+
+def identity() -> str:
+    """This instance's name in the election."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def run(store: Store, election: Election, host: str, port: int, stop: asyncio.Event,
+              *, tls: ssl.SSLContext | None, ttl: float, ready: asyncio.Event | None,
+              where: str) -> None:
+    """Serve the API over `store` and reconcile while `election` says this instance
+    leads, until `stop` is set (any store: SQLite here, etcd in roam.control.etcd)."""
+    fleet = Fleet(store)
+    plane = Plane(fleet, ttl, election, FleetMetrics())
+    server = peer_api.server(create_app(plane), tls)
+    sock = listen_socket(host, port)
+    async with asyncio.TaskGroup() as tasks:
+        serving = tasks.create_task(server.serve(sockets=[sock]))
+        leading = tasks.create_task(election.run(Reconciler(fleet).run))
+        log.info("control plane serving %s://%s:%d, %s",
+                 "https" if tls else "http", host, sock.getsockname()[1], where)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        leading.cancel()
+        server.should_exit = True
+        await serving
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

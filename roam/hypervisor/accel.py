@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from roam.errors import ErrorCode, RoamError
+
 log = logging.getLogger("roam.hypervisor")
 
 KVM_DEVICE = "/dev/kvm"
@@ -105,7 +107,8 @@ def _choose(kernel: Path, initramfs: Path | None, cache: Path) -> Accel:
     if requested in ("kvm", "tcg"):
         return Accel(requested, "ROAM_ACCEL")
     if requested != "auto":
-        raise ValueError(f"ROAM_ACCEL={requested!r}: expected kvm, tcg or auto")
+        raise RoamError(f"ROAM_ACCEL={requested!r}: expected kvm, tcg or auto",
+                        code=ErrorCode.BAD_REQUEST)
     unusable = kvm_usable()
     if unusable:
         return Accel("tcg", unusable)

@@ -12,6 +12,7 @@ import asyncio
 import struct
 from collections.abc import AsyncIterator
 
+from roam.errors import ErrorCode, RoamError
 from roam.storage.provider import Provider
 
 HEADER_SIZE = 4096
@@ -22,8 +23,10 @@ DEFAULT_SIZE = 256 << 20
 CHUNK = 1 << 20
 
 
-class StateError(Exception):
+class StateError(RoamError):
     """The state device holds no complete state, or the state does not fit in it."""
+
+    code = ErrorCode.INTEGRITY
 
 
 async def write_state(device: Provider, reader: asyncio.StreamReader) -> int:

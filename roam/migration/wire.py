@@ -17,6 +17,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from roam import errors
+
 MAGIC = b"ROAM"
 VERSION = 2
 MAX_BODY = 64 * 1024 * 1024
@@ -27,8 +29,10 @@ MAX_UNIT = 1 << 16  # blocks per HAVE digest
 HEADER = struct.Struct("!BBHI")
 
 
-class ProtocolError(Exception):
+class ProtocolError(errors.RoamError):
     """The peer sent something this protocol does not allow."""
+
+    code = errors.ErrorCode.BAD_REQUEST
 
 
 class MsgType(enum.IntEnum):

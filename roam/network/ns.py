@@ -18,6 +18,8 @@ from typing import TypeVar
 
 from pyroute2 import config, netns
 
+from roam.errors import RoamError
+
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
@@ -32,8 +34,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 config.disable_mp_signal = True
 
 
-class NetworkError(Exception):
-    """A namespace, link or rule could not be set up."""
+class NetworkError(RoamError):
+    """A namespace, link or rule could not be set up (code `internal`: the host's)."""
 
 
 def path(name: str) -> Path:

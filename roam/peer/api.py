@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, Protocol
 
 import uvicorn
-from fastapi import FastAPI, Path, Request, Response
+from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -28,6 +28,7 @@ import roam
 from roam.errors import ErrorCode, RoamError
 from roam.peer import problems
 from roam.peer.models import (
+    MAX_LOG_CHUNK,
     Checkpoint,
     Event,
     ExecRequest,
@@ -37,6 +38,8 @@ from roam.peer.models import (
     GcRequest,
     GcResult,
     HibernateRequest,
+    LogChunk,
+    LogName,
     MigrateRequest,
     MigrateResult,
     MirrorInfo,
@@ -76,6 +79,7 @@ class PeerService(Protocol):
     async def promote(self, name: str, request: PromoteRequest) -> VMInfo: ...
     async def restore(self, request: RestoreRequest) -> VMInfo: ...
     async def hibernate(self, name: str, request: HibernateRequest) -> Checkpoint: ...
+    def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk: ...
     def gateways(self) -> list[GatewayInfo]: ...
     def gateway(self, name: str) -> GatewayInfo: ...
     async def add_gateway(self, request: GatewayRequest) -> GatewayInfo: ...
@@ -193,6 +197,14 @@ def create_app(peer: PeerService) -> FastAPI:
                                              "object no sync point names")
     async def sync_gc(name: VMName, request: GcRequest) -> GcResult:
         return await peer.sync_gc(name, request)
+    @app.get("/vms/{name}/logs/{log}", summary="A piece of one of the VM's logs (console, "
+             "qemu, worker); follow it by asking again from next_offset")
+    async def get_log(name: VMName, log: LogName,
+                      offset: Annotated[int, Query(ge=0, description="byte offset")] = 0,
+                      limit: Annotated[int, Query(ge=1, le=MAX_LOG_CHUNK,
+                                                  description="bytes at most")] = 65536
+                      ) -> LogChunk:
+        return peer.log(name, log, offset, limit)
 
     @app.put("/vms/{name}/mirror", summary="Keep a warm copy of the VM's devices on a "
                                            "standby peer (docs/MIRROR.md)")

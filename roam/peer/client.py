@@ -32,6 +32,8 @@ from roam.peer.models import (
     GcRequest,
     GcResult,
     HibernateRequest,
+    LogChunk,
+    LogName,
     MigrateRequest,
     MigrateResult,
     MirrorInfo,
@@ -120,6 +122,11 @@ class PeerClient:
         response = await self._request("POST", f"/vms/{name}/exec", ExecRequest(
             argv=argv, timeout=timeout).model_dump(), timeout + 60)
         return ExecResult.model_validate(response.json())
+
+    async def log(self, name: str, log: LogName = LogName.CONSOLE, offset: int = 0,
+                  limit: int = 65536) -> LogChunk:
+        return await self._get(LogChunk, f"/vms/{name}/logs/{log}?offset={offset}"
+                                         f"&limit={limit}")
 
     async def stop(self, name: str) -> None:
         await self._request("POST", f"/vms/{name}/stop")

@@ -107,6 +107,7 @@ def changed(instance: Instance) -> None:
 def progress(instance: Instance) -> Callable[[Progress], None]:
     """The engine's progress hook for a migration of `instance` out."""
     def report(p: Progress) -> None:
+        instance.info["dirty_rate"] = p.dirty_rate
         if instance.events.watched:
             instance.events.publish(ProgressEvent(vm=instance.spec.name, **asdict(p)))
     return report

@@ -123,6 +123,7 @@ class Instance:
         """Load the state device into the started machine and run it."""
         resumed = await self.vm.load_and_run(self.tracker(Device.STATE))
         self.info["load_state_ms"] = resumed.load_state_ms
+        self.info["resumed_at"] = resumed.wall
         self.info["cont_ms"] = resumed.cont_ms
         self.set_state(VMState.RUNNING)
         return resumed
@@ -168,7 +169,7 @@ class Instance:
         if self.state not in (VMState.RUNNING, VMState.MIGRATING):
             raise PeerError(f"{self.spec.name} is {self.state}, not running",
                             code=ErrorCode.CONFLICT)
-        if self.sync is not None and not self.sync.task.done():
+        if self.sync is not None and self.sync.task is not None and not self.sync.task.done():
             raise PeerError(f"{self.spec.name} syncs to {self.sync.info().to} already "
                             "(stop that first)", code=ErrorCode.CONFLICT)
         key = SyncKey.load(Path(str(params.get("key_file"))))
@@ -204,7 +205,7 @@ class Instance:
         """Once the sync caught up: a final sealed point, and the VM stops (for good
         here: `roam peer run --from` resumes it from the bucket)."""
         job = self.sync
-        if job is None or job.task.done():
+        if job is None or job.task is None or job.task.done():
             raise PeerError(f"{self.spec.name} does not sync: nothing to hibernate to",
                             code=ErrorCode.CONFLICT)
         while job.syncer.state != SyncState.RUNNING:  # the first pass is not over

@@ -8,6 +8,7 @@ Requests refuse unknown fields, so a misspelt option is an error instead of a de
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import re
 from typing import Annotated, Literal
@@ -188,7 +189,8 @@ class VMInfo(BaseModel):
     qemu_pid: int | None = None
     publish: list[PortForwardInfo] = []
     overlay: OverlaySpec | None = None
-    resumed_at: float | None = None  # wall clock, on arrival by migration or registry
+    resumed_at: float | None = None  # wall clock: since then it runs on this host
+    dirty_rate: float | None = None  # bytes/s dirtied, by the last cycle of a migration out
     downtime_ms: float | None = None  # QMP stop on the source to QMP cont here
     load_state_ms: float | None = None
     cont_ms: float | None = None
@@ -291,6 +293,29 @@ class MigrateRequest(_Request):
     check_memory: bool = False
 
 
+class LogName(enum.StrEnum):
+    """The logs a peer keeps of each VM, in its directory (STATE_DIR/vms/N/NAME.log)."""
+
+    CONSOLE = "console"  # the guest's serial console: kernel, init, the agent's messages
+    QEMU = "qemu"  # QEMU's own output
+    WORKER = "worker"  # the worker process: the VM's life and migrations on this peer
+
+
+MAX_LOG_CHUNK = 1 << 20
+
+
+class LogChunk(BaseModel):
+    """A piece of a VM's log: bytes [offset, next_offset) of the file, as text (invalid
+    UTF-8 replaced). Ask again from `next_offset` to follow it; `size` is the file's."""
+
+    vm: str
+    log: LogName
+    offset: int
+    next_offset: int
+    size: int
+    text: str
+
+
 class MigrateResult(BaseModel):
     """What the source learnt. `declined` is only a result for destinations that decline
     on purpose (a live backup); any other decline is a `declined` problem."""
@@ -305,10 +330,10 @@ class MigrateResult(BaseModel):
     state_save_ms: float
     downtime_ms: float
     priority_blocks: int
-    store_offered_bytes: int = 0  # hybrid: what the destination took from the store
     first_pass_ms: float = 0.0
     first_pass_payload_bytes: int = 0
     have_bytes: int = 0
+    store_offered_bytes: int = 0  # hybrid: what the destination took from the store
 
 
 class GatewayRequest(_Request):

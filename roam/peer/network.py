@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from roam.errors import ErrorCode, RoamError
 from roam.network.forward import PortForward
 from roam.network.leases import Leases
 from roam.network.overlay import OverlaySpec
@@ -66,5 +67,7 @@ class NetConfig(BaseModel):
         return await self.host().gateway(name, self.segment(overlay), publish)
 
 
-class NetworkConfigError(Exception):
+class NetworkConfigError(RoamError):
     """The peer's network options do not allow what was asked."""
+
+    code = ErrorCode.CONFLICT

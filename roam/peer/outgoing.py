@@ -64,10 +64,10 @@ class Migrated:
     state_save_ms: float  # pause to the device state saved and memory flushed
     downtime_ms: float  # pause to the destination's acknowledgement (an upper bound)
     priority_blocks: int
-    store_offered_bytes: int  # left to the destination to take from the object store
     first_pass_ms: float  # the destination ready to every block sent once
     first_pass_payload_bytes: int  # data (not zero, not held) sent by the first pass
     have_bytes: int  # named, not sent: the destination held them (a package's files)
+    store_offered_bytes: int  # left to the destination to take from the object store
 
 
 @dataclass
@@ -132,8 +132,8 @@ class Outgoing:
                            before_suspend=self.instance.vm.before_suspend,
                            suspend=self.suspend, authority=self.authority,
                            resume=self.resume, progress=events.progress(self.instance),
-                           store_offer=None if job is None or job.task.done()
-                           else lambda: syncing.store_offer(job.syncer))
+                           store_offer=None if job is None or job.task is None
+                           or job.task.done() else lambda: syncing.store_offer(job.syncer))
 
     async def _settle(self, source: Source) -> SourceResult:
         """Run the engine; the VM's state follows from how it ended."""
@@ -197,6 +197,8 @@ class Outgoing:
         payload = await group.write_authority(
             Authority(live=True, stop_wall=self.marks.stop_wall, memory_blake3=digest),
             instance.below_tracker(Device.STATE))
+        if instance.sync is not None:  # the destination syncs the VM from now on
+            await instance.sync.hold()
         self.marks.authority = time.perf_counter()
         return payload
 
@@ -210,6 +212,8 @@ class Outgoing:
         if instance.state == VMState.PAUSED:
             await instance.vm.resume_paused()
             instance.set_state(VMState.RUNNING)
+        if instance.sync is not None:
+            instance.sync.launch()
 
     def _report(self, result: SourceResult) -> Migrated:
         marks = self.marks
@@ -222,10 +226,10 @@ class Outgoing:
             downtime_ms=_ack_downtime(marks, result.suspended_seconds,
                                       result.handover_seconds),
             priority_blocks=result.priority_blocks,
-            store_offered_bytes=result.store_offered_bytes,
             first_pass_ms=result.first_pass_seconds * 1000,
             first_pass_payload_bytes=result.first_pass_payload_bytes,
-            have_bytes=result.have_bytes)
+            have_bytes=result.have_bytes,
+            store_offered_bytes=result.store_offered_bytes)
 
 
 async def memory_digest(device: Provider) -> str:

@@ -34,7 +34,7 @@ from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer import api, host, mirrored, sealing, syncing
+from roam.peer import api, host, mirrored, sealing, statedir, syncing, systemd
 from roam.peer.client import PEER_SOCKET
 from roam.peer.events import Hub
 from roam.peer.models import (
@@ -48,11 +48,14 @@ from roam.peer.models import (
     GcRequest,
     GcResult,
     HibernateRequest,
+    LogChunk,
+    LogName,
     MigrateRequest,
     MigrateResult,
     MirrorInfo,
     MirrorRequest,
     PeerInfo,
+    ProgressEvent,
     PromoteRequest,
     RestoreRequest,
     RunRequest,
@@ -63,7 +66,7 @@ from roam.peer.models import (
     VMInfo,
     VMRemovedEvent,
 )
-from roam.peer.network import NetConfig, NetworkConfigError
+from roam.peer.network import NetConfig
 from roam.peer.packages import HeldPackages
 from roam.peer.table import VMTable, Worker
 from roam.sync.crypto import SyncKey
@@ -120,13 +123,20 @@ class Peer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, stop: asyncio.Event) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.state_dir.chmod(0o700)  # the API socket is this peer's whole authority
-        shutil.rmtree(self.vms_dir, ignore_errors=True)
-        self.vms_dir.mkdir()
-        await self._sweep()
-        for directory in self.given:
-            self._hold(directory)
+        """Serve until `stop` is set; StateDirBusy at once if another peer serves the
+        state directory. What a killed peer left there is removed first."""
+        with statedir.claim(self.state_dir):
+            await statedir.clean(self.vms_dir)
+            self.vms_dir.mkdir()
+            await self._sweep()
+            for directory in self.given:
+                self._hold(directory)
+            await self._serve(stop)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        sockets = [self.state_dir / PEER_SOCKET]
+        if self.listen.scheme == "unix":
+            sockets.append(Path(self.listen.path))
         listener = _listening_socket(self.listen)
         app = api.create_app(self)
         servers = [(api.server(app), _listening_socket(Address(
@@ -140,9 +150,11 @@ class Peer:
         accepting = asyncio.create_task(self._accept(listener))
         log.info("peer serving %s, API on %s%s", self.listen, self.state_dir / PEER_SOCKET,
                  f" and {self.api_listen} (mutual TLS)" if self.api_listen else "")
+        systemd.notify(f"READY=1\nSTATUS=serving {self.listen}")
         try:
             await stop.wait()
         finally:
+            systemd.notify("STOPPING=1")
             accepting.cancel()
             listener.close()
             for worker in list(self.table.workers.values()):
@@ -152,6 +164,9 @@ class Peer:
             for server, _ in servers:
                 server.should_exit = True
             await asyncio.wait(serving, timeout=api.GRACE + 5)
+            for path in sockets:  # no stale sockets: a client finds no peer, not a dead one
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=30)
             for name in list(self.gateways_here):
@@ -191,7 +206,8 @@ class Peer:
                      name: str | None = None) -> Worker:
         workdir = self.vms_dir / str(next(self._ids))
         workdir.mkdir()
-        args = [*args, "--net", self.netconf.model_dump_json(),
+        level = logging.getLevelName(logging.getLogger("roam").getEffectiveLevel())
+        args = [*args, "--net", self.netconf.model_dump_json(), "--log-level", level,
                 "--packages", str(self.held.root)]
         if self.tls:
             args = [*args, "--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key),
@@ -216,6 +232,9 @@ class Peer:
                     event = EventEnvelope.model_validate({"event": raw}).event
                     if isinstance(event, VMEvent):
                         worker.update(event.vm)
+                    elif isinstance(event, ProgressEvent) and worker.info is not None:
+                        worker.info = worker.info.model_copy(
+                            update={"dirty_rate": event.dirty_rate})
                     self.events.publish(event)
                 return
             except control.ControlError as exc:
@@ -282,10 +301,7 @@ class Peer:
             args += ["--publish", spec]
         if request.gateway is not None and request.vni is not None:
             overlay = OverlaySpec(vni=request.vni, gateway=request.gateway)
-            try:
-                self.netconf.segment(overlay)  # this peer must be on the overlay
-            except NetworkConfigError as exc:
-                raise RoamError(str(exc), code=ErrorCode.CONFLICT) from None
+            self.netconf.segment(overlay)  # this peer must be on the overlay (conflict)
             args += ["--overlay", overlay.model_dump_json()]
         if request.from_ is not None:  # lazy start from a registry (our TLS files, if any)
             worker = await self._spawn([*args, "--from", request.from_], name=name)
@@ -426,6 +442,20 @@ class Peer:
         return await self.run(RunRequest(name=name, package=str(checkpoint),
                                          publish=request.publish), epoch=epoch)
 
+    def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk:
+        """Up to `limit` bytes of the VM's `log` from `offset` (its worker's directory)."""
+        path = self.table.find(name).workdir / f"{log}.log"
+        try:
+            with path.open("rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                file.seek(min(offset, size))
+                data = file.read(limit)
+        except FileNotFoundError:  # not written yet (QEMU not started)
+            size, data = 0, b""
+        start = min(offset, size)
+        return LogChunk(vm=name, log=log, offset=start, next_offset=start + len(data),
+                        size=size, text=data.decode(errors="replace"))
+
     def gateways(self) -> list[GatewayInfo]:
         return [g.info(name) for name, g in self.gateways_here.items()]
 
@@ -448,10 +478,7 @@ class Peer:
             raise RoamError(f"segment {overlay.vni} already has a gateway here",
                             code=ErrorCode.CONFLICT)
         forwards = [PortForward.parse(p) for p in request.publish]
-        try:
-            net = await self.netconf.gateway(name, overlay, forwards)
-        except NetworkConfigError as exc:
-            raise RoamError(str(exc), code=ErrorCode.CONFLICT) from None
+        net = await self.netconf.gateway(name, overlay, forwards)  # NetworkConfigError
         self.gateways_here[name] = Gateway(overlay, forwards, net)
         log.info("gateway of %s (segment %d) up; publishing %s", name, overlay.vni,
                  ", ".join(request.publish) or "nothing")

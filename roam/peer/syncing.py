@@ -45,31 +45,62 @@ def policy_of(request: SyncRequest) -> SyncPolicy:
 
 @dataclass
 class SyncJob:
-    """A running sync: the syncer, its task and the task that reports its changes."""
+    """A VM's sync: the syncer, the task that runs it and the task that reports it."""
 
+    instance: Instance
     syncer: Syncer
-    task: asyncio.Task[None]
-    reporter: asyncio.Task[None]
+    task: asyncio.Task[None] | None = None
+    reporter: asyncio.Task[None] | None = None
     failure: str | None = None
     checkpoint: Checkpoint | None = None  # the newest sealed point (roam.peer.sealing)
     checkpointer: asyncio.Task[None] | None = None  # seals one every so often
+
+    def launch(self) -> None:
+        """Run the sync (again, after `hold`)."""
+        if self.task is not None and not self.task.done():
+            return
+        self.task = asyncio.create_task(self.syncer.run(),
+                                        name=f"sync-{self.instance.spec.name}")
+        self.task.add_done_callback(self._ended)
+        if self.reporter is None or self.reporter.done():
+            self.reporter = asyncio.create_task(_report(self.instance, self.syncer))
+
+    def _ended(self, done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            self.failure = str(done.exception())
+            log.error("sync of %s stopped: %s", self.instance.spec.name, self.failure)
+            if self.reporter is not None:
+                self.reporter.cancel()
+            events.changed(self.instance)
 
     def info(self) -> SyncInfo:
         status = self.syncer.status()
         fields = asdict(status)
         fields["checkpoint"] = self.checkpoint
-        if self.task.done():
+        if self.task is None or self.task.done():
             fields["state"] = SyncState.STOPPED
             fields["error"] = self.failure or status.error
         return SyncInfo.model_validate(fields)
 
-    async def stop(self) -> None:
-        tasks = [t for t in (self.checkpointer, self.task, self.reporter) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+    async def hold(self) -> None:
+        """Stop uploading for now: the VM is about to run elsewhere, whose peer syncs it
+        from then on (`launch` again if it stays here after all)."""
+        if self.task is not None:
+            self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await self.task
+
+    async def stop(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.checkpointer
+        await self.hold()
+        if self.reporter is not None:
+            self.reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reporter
+        self.syncer.close()
 
 
 async def start(instance: Instance, url: StoreURL, endpoint_url: str | None, key: SyncKey,
@@ -84,20 +115,10 @@ async def start(instance: Instance, url: StoreURL, endpoint_url: str | None, key
     try:
         await syncer.start()
     except BaseException:
-        for d in syncer.devices:
-            d.view.close()
+        syncer.close()
         raise
-    task = asyncio.create_task(syncer.run(), name=f"sync-{instance.spec.name}")
-    job = SyncJob(syncer, task, asyncio.create_task(_report(instance, syncer)))
-
-    def ended(done: asyncio.Task[None]) -> None:
-        if not done.cancelled() and done.exception() is not None:
-            job.failure = str(done.exception())
-            log.error("sync of %s stopped: %s", instance.spec.name, job.failure)
-            job.reporter.cancel()
-            events.changed(instance)
-
-    task.add_done_callback(ended)
+    job = SyncJob(instance, syncer)
+    job.launch()
     log.info("%s syncs to %s", instance.spec.name, url.child(instance.spec.name))
     return job
 
@@ -115,9 +136,8 @@ async def _report(instance: Instance, syncer: Syncer) -> None:
 
 async def collect(job: SyncJob, request: GcRequest) -> GcResult:
     syncer = job.syncer
-    in_use = frozenset(bytes(a) for d in syncer.devices for a in d.addresses if a.any())
     done = await gc.collect(syncer.store, syncer.key, syncer.vm, request.keep, request.grace,
-                            in_use)
+                            syncer.in_use())
     return GcResult.model_validate(asdict(done))
 
 

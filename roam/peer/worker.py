@@ -18,13 +18,13 @@ import shutil
 import signal
 import socket
 import ssl
-import sys
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import TypeVar
 
 import uvloop
 
+from roam import logs
 from roam.migration.channel import Address, Channel, FrameProtocol, TLSFiles, connect
 from roam.migration.wire import Hello, MsgType, decode
 from roam.network.leases import state_dir as net_state_dir
@@ -265,13 +265,14 @@ def main() -> None:
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
     parser.add_argument("--tls-ca", type=Path)
+    parser.add_argument("--log-level", default="INFO", choices=logging.getLevelNamesMapping(),
+                        help="the peer's (roam -v / -q / --log-level)")
     args = parser.parse_args()
     tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     netconf = NetConfig.model_validate_json(args.net)
     overlay = OverlaySpec.model_validate_json(args.overlay) if args.overlay else None
     held = HeldPackages(args.packages) if args.packages else None
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(logging.getLevelNamesMapping()[args.log_level])
     if args.registry is not None:
         async def lazy() -> None:
             # A registry is a server: connect as a client, with the peer's TLS files.

@@ -6,6 +6,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from roam.errors import RoamError
+
 DEFAULT_BLOCK_SIZE = 64 * 1024
 
 Buffer = bytes | bytearray | memoryview
@@ -17,8 +19,9 @@ awaits or writes to the device. A caller that keeps data across an await copies 
 """
 
 
-class StorageError(Exception):
-    """An operation on a device failed (bad range, closed device, lost peer...)."""
+class StorageError(RoamError):
+    """An operation on a device failed (bad range, closed device, lost peer...): code
+    `internal`, a failure of a part the caller depends on."""
 
 
 @runtime_checkable

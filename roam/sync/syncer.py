@@ -232,8 +232,9 @@ class Syncer:
                 self.seq = seq
 
     async def run(self) -> None:
-        """Cycles until cancelled; failures of the store are retried with backoff, a
-        refusal (credentials, bucket) ends the sync."""
+        """Cycles until cancelled (a later `run` goes on where this one stopped);
+        failures of the store are retried with backoff, a refusal (credentials, bucket)
+        ends the sync."""
         backoff = 0.0
         try:
             while True:
@@ -260,8 +261,11 @@ class Syncer:
                 await asyncio.sleep(self.policy.check_period)
         finally:
             self.state = SyncState.STOPPED
-            for d in self.devices:
-                d.view.close()
+
+    def close(self) -> None:
+        """Stop tracking the devices (after the last `run`)."""
+        for d in self.devices:
+            d.view.close()
 
     async def cycle(self) -> None:
         """One check: collect, upload what the policy picks, write a sync point."""
@@ -438,6 +442,13 @@ class Syncer:
             objects_put=totals.objects_put, dedup_hits=totals.dedup_hits,
             zero_chunks=totals.zero_chunks, requests=self.store.counters.requests,
             sync_point=self.seq, error=self.error)
+
+    def in_use(self) -> frozenset[bytes]:
+        """Every object address this sync names or is putting now (a garbage collection
+        spares them, whether or not a manifest names them yet)."""
+        named = {bytes(a) for d in self.devices for a in np.unique(d.addresses, axis=0)
+                 if a.any()}
+        return frozenset(named | set(self._putting))
 
     def safe(self) -> list[Safe] | None:
         """Per device, the chunks the store holds as they are now (zero chunks left

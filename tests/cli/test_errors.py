@@ -154,3 +154,21 @@ def test_bad_input(case: Case, tmp_path: Path, busy_port: int, nbd_socket: Path)
     assert case.says.format(**fill) in lines[0]
     assert done.returncode == case.status, done.stderr
     assert _tree(tmp_path) == before, "left behind"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    ("peer serve --listen unix://{d}/m.sock --state-dir {d}/state",
+     "roam peer serve needs root: its VMs get network namespaces and FUSE mounts"),
+    ("run --from unix://{d}/r.sock --name web",
+     "roam run needs root: the VM gets a network namespace and a FUSE mount"),
+], ids=["peer serve", "run"])
+def test_not_root_refused_at_once(args: str, says: str, tmp_path: Path) -> None:
+    """Not root: one line before anything starts (a peer used to log "peer serving")."""
+    tmp_path.chmod(0o755)
+    nobody = 65534
+    done = subprocess.run(
+        ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", *ROAM,
+         *args.format(d=tmp_path).split()], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [f"error: {says} (running as uid {nobody})"]
+    assert list(tmp_path.iterdir()) == []

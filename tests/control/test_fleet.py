@@ -20,6 +20,7 @@ on that host would run it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -218,6 +219,11 @@ def test_drain_survives_a_control_plane_kill_and_a_lost_node_runs_nothing_twice(
     events = fleet._in(CONTROL, sys.executable, "-m", "roam.cli.main", "control", "events",
                        "--json", stdout=subprocess.PIPE, env={**os.environ, "ROAM_CONTROL_URL":
                                                     fleet.url, "ROAM_TOKEN": fleet.token})
+    # The stream's first line (the snapshot) says it follows: under load the command
+    # takes seconds to start, and the drain's last move could end before it listens.
+    assert events.stdout is not None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(events.stdout.readline).result(timeout=120)
     drained = fleet.roam("node", "drain", "a")  # waits until the drain is over
     assert drained["vms"] == [] and drained["state"] == "cordoned"
     vms = fleet.vms()
@@ -255,7 +261,8 @@ def test_drain_survives_a_control_plane_kill_and_a_lost_node_runs_nothing_twice(
         assert report["lost"] == 0
         assert report["connections"] == 1
     events.terminate()
-    seen = [json.loads(line) for line in events.communicate(timeout=30)[0].splitlines()]
+    seen = [json.loads(line) for line in
+            [first, *events.communicate(timeout=30)[0].splitlines()]]
     kinds = {(e["type"], e.get("kind") or e.get("event", {}).get("type")) for e in seen}
     assert ("control", "migration_ended") in kinds
     assert ("control", "node_lost") in kinds

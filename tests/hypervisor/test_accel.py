@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from roam.blueprint import Blueprint
+from roam.errors import RoamError
 from roam.hypervisor import accel
 
 
@@ -39,5 +40,5 @@ def test_roam_accel_overrides(blueprint: Blueprint, tmp_path: Path,
     assert accel.choose_accel(blueprint.kernel, blueprint.initramfs, tmp_path) == accel.Accel(
         "tcg", "ROAM_ACCEL")
     monkeypatch.setenv("ROAM_ACCEL", "fast")
-    with pytest.raises(ValueError, match="expected kvm, tcg or auto"):
+    with pytest.raises(RoamError, match="expected kvm, tcg or auto"):
         accel.choose_accel(blueprint.kernel, blueprint.initramfs, tmp_path)

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -31,6 +32,16 @@ _pools = itertools.count()
 T = TypeVar("T")
 
 
+def _answers(path: Path) -> bool:
+    """Whether something listens on the UNIX socket `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class Peer:
     """A `roam peer serve` in this namespace; each gets its own range of transit subnets
     (they share the host's namespace)."""
@@ -39,16 +50,16 @@ class Peer:
                  env: dict[str, str] | None = None) -> None:
         self.name = name
         self.dir = root / name
-        self.dir.mkdir()
+        self.dir.mkdir(exist_ok=True)  # a restart serves the same state directory
         self.address = f"unix://{root}/{name}.mig"
-        self.log = (root / f"{name}.log").open("w")
+        self.log = (root / f"{name}.log").open("a")
         self.process = subprocess.Popen(
             [*ROAM, "peer", "serve", "--listen", self.address, "--state-dir", str(self.dir),
              "--net-pool", f"10.240.{next(_pools) % 256}.0/24", *extra],
             stdout=self.log, stderr=subprocess.STDOUT,
             env=None if env is None else {**os.environ, **env})
         deadline = time.monotonic() + 30
-        while not (self.dir / PEER_SOCKET).exists():
+        while not _answers(self.dir / PEER_SOCKET):  # a killed peer's socket stays
             assert self.process.poll() is None and time.monotonic() < deadline, "peer down"
             time.sleep(0.05)
 
@@ -84,8 +95,8 @@ class Peer:
     def migrate(self, name: str, to: Peer, *options: str,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
         """`roam migrate` (the CLI), as a user runs it."""
-        return roam("migrate", name, "--to", to.address, "--via", str(self.dir), *options,
-                    check=check)
+        return roam("migrate", name, "--to", to.address, "--via", str(self.dir), "--json",
+                    *options, check=check)
 
     def migrate_background(self, name: str, to: Peer, *options: str
                            ) -> subprocess.Popen[str]:

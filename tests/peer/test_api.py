@@ -36,6 +36,8 @@ from roam.peer.models import (
     GatewayRequest,
     GcRequest,
     GcResult,
+    LogChunk,
+    LogName,
     MigrateRequest,
     MigrateResult,
     MirrorInfo,
@@ -55,6 +57,7 @@ from tests.peer.conftest import Peer
 from tests.vm.conftest import roam
 
 VM = VMInfo(name="web", state="running", ready=True)
+LOG = b"[    0.000000] Linux version 6.1\nroam-init: up\n"
 RESULT = MigrateResult(outcome="completed", bytes_sent=1, total_ms=1.0, cycles=1,
                        dirty_per_cycle=[1], final_dirty=0, handover_ms=1.0, state_save_ms=1.0,
                        downtime_ms=1.0, priority_blocks=0)
@@ -129,6 +132,13 @@ class Stub:
 
     async def promote(self, name: str, request: PromoteRequest) -> VMInfo:
         raise RoamError(f"no checkpoint of {name}", code=ErrorCode.NOT_FOUND)
+
+    def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk:
+        self._vm(name)
+        data = LOG[offset:offset + limit]
+        return LogChunk(vm=name, log=log, offset=min(offset, len(LOG)),
+                        next_offset=min(offset, len(LOG)) + len(data), size=len(LOG),
+                        text=data.decode())
 
     def gateways(self) -> list[GatewayInfo]:
         return [self.gateway("gw")]
@@ -219,6 +229,11 @@ def test_unexpected_exception_is_internal() -> None:
      ErrorCode.BAD_REQUEST),
     ("POST", "/vms/web/sync/gc", {"keep": 0}, 422, ErrorCode.BAD_REQUEST),
     ("DELETE", "/vms/nope/sync", None, 404, ErrorCode.NOT_FOUND),
+    ("GET", "/vms/web/logs/nope", None, 422, ErrorCode.BAD_REQUEST),
+    ("GET", "/vms/web/logs/console?offset=-1", None, 422, ErrorCode.BAD_REQUEST),
+    ("GET", "/vms/web/logs/console?limit=0", None, 422, ErrorCode.BAD_REQUEST),
+    ("GET", "/vms/web/logs/qemu?limit=1048577", None, 422, ErrorCode.BAD_REQUEST),
+    ("GET", "/vms/nope/logs/worker", None, 404, ErrorCode.NOT_FOUND),
 ])
 def test_bad_requests_are_problems(method: str, path: str, body: Any, status: int,
                                    code: ErrorCode) -> None:
@@ -241,6 +256,10 @@ def test_requests_that_parse() -> None:
     assert request("POST", "/vms", {"name": "w", "package": "/p", "sync": {
         "to": "s3://bucket/fleet"}}).status_code == 201
     assert request("GET", "/events").text.startswith("event: snapshot\n")
+    chunk = LogChunk.model_validate(request("GET", "/vms/web/logs/console?offset=4&limit=5")
+                                    .json())
+    assert (chunk.text, chunk.offset, chunk.next_offset, chunk.size) == (
+        LOG[4:9].decode(), 4, 9, len(LOG))
 
 
 def test_openapi_describes_the_resources() -> None:
@@ -248,7 +267,7 @@ def test_openapi_describes_the_resources() -> None:
     assert {"/vms", "/vms/{name}", "/vms/{name}/exec", "/vms/{name}/stop",
             "/vms/{name}/resume", "/vms/{name}/migrate", "/vms/{name}/sync",
             "/vms/{name}/sync/gc", "/gateways", "/gateways/{name}",
-            "/peer", "/events"} <= set(spec["paths"])
+            "/peer", "/events", "/vms/{name}/logs/{log}"} <= set(spec["paths"])
     assert "Problem" in spec["components"]["schemas"]
     assert "text/event-stream" in spec["paths"]["/events"]["get"]["responses"]["200"][
         "content"]
@@ -271,6 +290,8 @@ PATHS = st.sampled_from(
     ["/vms", "/vms/web", "/vms/web/exec", "/vms/web/stop", "/vms/web/resume",
      "/vms/web/migrate", "/vms/nope/migrate", "/vms/web/sync", "/vms/web/sync/gc",
      "/gateways", "/gateways/gw", "/peer",
+     "/vms/web/logs/console", "/vms/web/logs/worker?offset=3&limit=2",
+     "/vms/web/logs/qemu?offset=99999999999999999999", "/vms/web/logs/x?limit=a",
      "/problems/busy", "/problems/nope"]) | st.text(
     st.characters(codec="ascii", exclude_categories=["Cc"]), max_size=30).map("/".__add__)
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -136,19 +137,57 @@ def test_terminate_live_backup_then_run(peers: dict[str, Peer], snapshot: Path,
     while not Path(listen.removeprefix("unix://")).exists():
         assert terminator.poll() is None and time.monotonic() < deadline, terminator.stderr
         time.sleep(0.05)
-    result = json.loads(roam("migrate", "backed", "--to", listen, "--via", str(a.dir),
+    result = json.loads(roam("migrate", "backed", "--to", listen, "--via", str(a.dir), "--json",
                              "--no-postcopy").stdout)
     assert result["outcome"] == "declined"
     stdout, stderr = terminator.communicate(timeout=60)
     assert terminator.returncode == 0, stderr
-    assert json.loads(stdout)["name"] == "backed"
+    assert stdout.startswith(f"live backup of backed in {out}: "), stdout  # --json: below
     # The source runs on; the backup is a package of the VM at the pause.
     a.sh("backed", "redis-cli set saved after >/dev/null")
     assert a.vms()["backed"]["state"] == "running"
+    _listed_with_dirty_rate(a, "backed")
+    follower = _logs_followed(a, "backed")
     b.run(out, "restored")
     assert b.sh("restored", "redis-cli get saved").strip() == "before"
     a.stop("backed")
     b.stop("restored")
+    # `roam logs -f` ends when the VM leaves its peer, with everything it was written.
+    stdout, stderr = follower.communicate(timeout=30)
+    assert follower.returncode == 0, stderr
+    assert "roam-log-marker" in stdout
+
+
+def _listed_with_dirty_rate(peer: Peer, name: str) -> None:
+    """`roam peer ls`: uptime, memory, CPUs and (after a migration out measured it) the
+    dirty rate, in the table and in --json."""
+    listed = json.loads(roam("peer", "ls", "--via", str(peer.dir), "--json").stdout)
+    vm = next(v for v in listed["vms"] if v["name"] == name)
+    assert vm["dirty_rate"] >= 0 and vm["uptime_s"] > 0, vm
+    assert (vm["memory_mib"], vm["cpus"]) == (256, 1), vm
+    table = subprocess.run([*ROAM, "peer", "ls", "--via", str(peer.dir)], check=True,
+                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    header = [cell.strip() for cell in table.stdout.splitlines()[1].split("┃") if cell.strip()]
+    assert header[:6] == ["NAME", "STATE", "UP", "MEMORY", "CPUS", "DIRTY"], table.stdout
+    row = next(line for line in table.stdout.splitlines() if f" {name} " in line)
+    assert "256 MiB" in row and "MiB/s" in row and " running " in row, table.stdout
+    assert "DIRTY" not in roam("peer", "ls", "--via", str(peer.dir), "--json").stdout
+
+
+def _logs_followed(peer: Peer, name: str) -> subprocess.Popen[str]:
+    """`roam logs` of the console and the worker through the peer's API; and a
+    `roam logs -f`, left running."""
+    peer.sh(name, "echo roam-log-marker > /dev/ttyS0")
+    deadline = time.monotonic() + 30
+    while "roam-log-marker" not in roam("logs", name, "--via", str(peer.dir)).stdout:
+        assert time.monotonic() < deadline, "the console line never reached the log"
+        time.sleep(0.2)
+    worker = roam("logs", name, "--via", str(peer.dir), "--log", "worker").stdout
+    # The workers log in the CLI's one format (roam.logs).
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) roam[.\w]*: ",
+                     worker, re.MULTILINE), worker
+    return subprocess.Popen([*ROAM, "logs", name, "-f", "--via", str(peer.dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_registry_lazy_start_then_migrate(peers: dict[str, Peer], snapshot: Path) -> None:

@@ -35,8 +35,9 @@ def pair() -> Iterator[tuple[Peer, Peer]]:
 
 
 def mirror_of(peer: Peer, name: str) -> dict[str, Any]:
-    """The VM's mirror as `roam peer ls` shows it on `peer`."""
-    listed = json.loads(roam("peer", "ls", "--via", str(peer.dir)).stdout)
+    """The VM's mirror as `roam peer ls --json` shows it on `peer` (and its table)."""
+    assert "MIRROR" in roam("peer", "ls", "--via", str(peer.dir)).stdout
+    listed = json.loads(roam("peer", "ls", "--via", str(peer.dir), "--json").stdout)
     found = [v for v in listed["vms"] if v["name"] == name and v["mirror"] is not None]
     assert found, listed
     mirror: dict[str, Any] = found[0]["mirror"]

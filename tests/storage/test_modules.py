@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+import numpy as np
 import pytest
 
 from roam.storage.combinator import WriteCombinator
@@ -20,6 +21,30 @@ BS = 4096
 
 
 # -- dirty tracker ---------------------------------------------------------------------
+
+
+async def test_each_reader_sees_every_change_after_its_own_read() -> None:
+    """A migration (the tracker's own view) and a sync (a watched view) read at their own
+    pace: each hears of every write after its own read, and taking one's dirty set
+    leaves the other's."""
+    dev = DirtyTracker(MemorySource(8 * BS), BS)
+    sync = dev.watch()
+    await dev.read_tracked(0, 4 * BS)  # the migration read blocks 0-3
+    await sync.read_tracked(2 * BS, 6 * BS)  # the sync read blocks 2-7
+    await dev.write_at(BS, b"y" * (5 * BS))  # blocks 1-5
+    assert dev.sync() == [1, 2, 3]
+    assert sync.take_dirty().tolist() == [2, 3, 4, 5]
+    # Blocks a reader knows by other means (a store holds them) are tracked unread.
+    offered = np.zeros(8, dtype=np.bool_)
+    offered[6:] = True
+    dev.view.track(offered)
+    await dev.write_at(7 * BS, b"z")
+    assert dev.sync() == [7] and sync.dirty_mask().tolist() == [False] * 7 + [True]
+    sync.mark_dirty(np.array([2]))  # its upload failed: report it again
+    assert sync.take_dirty().tolist() == [2, 7]
+    sync.close()  # stops tracking: writes no longer reach it
+    await dev.write_at(2 * BS, b"w")
+    assert sync.dirty_count() == 0 and dev.sync() == [2]
 
 
 async def test_dirty_only_tracked_blocks_become_dirty() -> None:

@@ -1,10 +1,14 @@
 """A real VM on a peer syncing to moto's S3 server, moved by `roam migrate` to a second
-peer that takes what the bucket holds from there, syncing on; then the bucket's server
-stops: the VM runs on, its lag grows, and the next migration relies on the peer alone."""
+peer that takes what the bucket holds from there, syncing on (after a first attempt
+whose destination is killed while it pulls: the source runs on); then the bucket's
+server stops: the VM runs on, its lag grows, and the next migration relies on the peer
+alone."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,8 +52,10 @@ def pair() -> Iterator[tuple[Peer, Peer]]:
 
 
 def sync_of(peer: Peer, name: str) -> dict[str, Any]:
-    """The VM's sync as `roam peer ls` shows it."""
-    listed = json.loads(roam("peer", "ls", "--via", str(peer.dir)).stdout)
+    """The VM's sync as `roam peer ls --json` shows it (and its table too)."""
+    table = roam("peer", "ls", "--via", str(peer.dir)).stdout
+    assert "SYNC" in table, table  # its column (80 characters wide: cells wrap)
+    listed = json.loads(roam("peer", "ls", "--via", str(peer.dir), "--json").stdout)
     (vm,) = [v for v in listed["vms"] if v["name"] == name]
     assert vm["sync"] is not None, vm
     sync: dict[str, Any] = vm["sync"]
@@ -87,6 +93,24 @@ def test_vm_syncs_moves_hybrid_and_falls_back_to_the_peer(
     assert synced["error"] is None
     a.sh("synced", "echo after-sync > /root/late && sync")  # changed since
 
+    # The destination is killed while it pulls from the bucket: the source runs on. (The
+    # options keep the source cycling, never pausing, for minutes.)
+    doomed = a.migrate_background("synced", b, "--max-dirty-blocks", "0", "--max-cycles",
+                                  "1000", "--cycle-throttle", "0.2")
+    deadline = time.monotonic() + 60
+    while "synced" not in b.vms():
+        assert time.monotonic() < deadline, "the destination never received the VM"
+        time.sleep(0.05)
+    os.kill(b.vms()["synced"]["pid"], signal.SIGKILL)
+    _, stderr = doomed.communicate(timeout=120)
+    assert doomed.returncode == 1, stderr
+    assert a.vms()["synced"]["state"] == "running"
+    assert a.sh("synced", "sha256sum /root/blob | cut -d' ' -f1").strip() == digest
+    deadline = time.monotonic() + 30
+    while "synced" in b.vms():  # B's peer reaps the killed worker
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
     result = json.loads(a.migrate("synced", b).stdout)
     assert result["outcome"] == "completed"
     # The destination took what the bucket held (the guest's 8 MiB among it) from
@@ -99,6 +123,13 @@ def test_vm_syncs_moves_hybrid_and_falls_back_to_the_peer(
     moved = wait_sync(b, "synced", lambda s: s["state"] == "running",
                       "B's sync never caught up")
     assert moved["to"] == f"s3://{bucket}/fleet/synced" and moved["dedup_hits"] > 20
+    # Retention: the old sync points go, and the objects only they named (chunks the
+    # guest's kernel rewrote since); what the newest point and the running sync name
+    # stays, and the VM runs on.
+    collected = json.loads(roam("peer", "sync", "synced", "--via", str(b.dir), "--gc",
+                                "--keep", "1", "--grace", "0").stdout)
+    assert collected["manifests_deleted"] > 0 and collected["objects_deleted"] > 0
+    assert b.sh("synced", "sha256sum /root/blob | cut -d' ' -f1").strip() == digest
 
     # The bucket's server stops: the VM runs on, the sync retries, its lag grows.
     store.stop()

@@ -51,6 +51,13 @@ def test_exec_ls_and_exit_codes(package: Path) -> None:
         assert "execvm" in listing and "256 MiB" in listing
         listed = json.loads(roam("ls", "--json").stdout)
         assert [(v["name"], v["memory_mib"]) for v in listed] == [("execvm", 256)]
+        assert listed[0]["uptime_s"] >= 0
+        # `roam logs` of a `roam run` VM: its run directory's console.
+        roam("exec", "execvm", "sh", "-c", "echo run-log-marker > /dev/ttyS0")
+        deadline = time.monotonic() + 30
+        while "run-log-marker" not in roam("logs", "execvm").stdout:
+            assert time.monotonic() < deadline, "the console line never reached the log"
+            time.sleep(0.2)
         missing = roam("exec", "nosuchvm", "--", "true", check=False)
         assert missing.returncode == 1 and "no VM called 'nosuchvm'" in missing.stderr
     finally:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pyfuse3
 
+from roam.errors import RoamError
 from roam.storage.provider import Buffer
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ FUSE_NOTIFY_INVAL_INODE = 2
 _INVAL = struct.Struct("=IiQQqq")
 
 
-class PageCacheError(Exception):
+class PageCacheError(RoamError):
     """The page cache could not be kept right: the file must not be used by a VM."""
 
 

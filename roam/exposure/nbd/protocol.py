@@ -9,6 +9,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from roam.errors import ErrorCode, RoamError
+
 # Handshake.
 NBDMAGIC: Final = 0x4E42444D41474943
 IHAVEOPT: Final = 0x49484156454F5054
@@ -125,25 +127,30 @@ EXPORT_INFO = struct.Struct(">HQH")  # INFO_EXPORT, size, transmission flags
 BLOCK_SIZE_INFO = struct.Struct(">HIII")  # INFO_BLOCK_SIZE, minimum, preferred, maximum
 
 
-class ProtocolError(Exception):
+class ProtocolError(RoamError):
     """The peer broke the protocol; the connection cannot continue."""
 
+    code = ErrorCode.BAD_REQUEST
 
-class NBDError(Exception):
+
+class NBDError(RoamError):
     """A request failed with an NBD error code (an errno value from the list above)."""
 
-    def __init__(self, errno: int, message: str = "") -> None:
-        super().__init__(f"NBD error {errno}" + (f": {message}" if message else ""))
+    def __init__(self, errno: int, reason: str = "") -> None:
+        super().__init__(f"NBD error {errno}" + (f": {reason}" if reason else ""))
         self.errno = errno
-        self.message = message
+        self.reason = reason
 
 
-class OptionError(Exception):
-    """The server refused an option during the handshake."""
+class OptionError(RoamError):
+    """The server refused an option during the handshake (no such export: not_found)."""
+
+    code = ErrorCode.BAD_REQUEST
 
     def __init__(self, option: int, reply: int, message: str = "") -> None:
         super().__init__(f"option {option} refused with {reply:#x}"
-                         + (f": {message}" if message else ""))
+                         + (f": {message}" if message else ""),
+                         code=ErrorCode.NOT_FOUND if reply == REP_ERR_UNKNOWN else None)
         self.option = option
         self.reply = reply
 
