@@ -31,6 +31,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -158,7 +159,7 @@ class Standby:
         self.heard = time.monotonic()
         self.point: Checkpoint | None = None
         self.sealed = 0
-        self.state = "first-pass"
+        self.state: Literal["first-pass", "running", "stopped"] = "first-pass"
         self.error: str | None = None
         self.events = peer_events.Hub()
         self.stopped = asyncio.Event()
@@ -328,7 +329,7 @@ class Standby:
             workdir=str(self.workdir), package=str(self.directory),
             epoch=self.point.epoch if self.point else 0,
             mirror=MirrorInfo(
-                role="standby", peer="(remote)", state=self.state,  # type: ignore[arg-type]
+                role="standby", peer="(remote)", state=self.state,
                 lag_bytes=self.lag_bytes,
                 lag_seconds=round(time.monotonic() - self.heard, 3),
                 sent_bytes=self.received, checkpoint=self.point, checkpoints=self.sealed,

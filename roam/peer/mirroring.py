@@ -23,8 +23,9 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class MirrorJob:
         self.devices: list[_Device] = []
         self.channel: FrameProtocol | None = None
         self.task: asyncio.Task[None] | None = None
-        self.state: str = "first-pass"
+        self.state: Literal["first-pass", "running"] = "first-pass"
         self.sent_bytes = 0
         self.lag_bytes = 0
         self.synced_at = time.monotonic()  # the standby was last up to date (as sent)
@@ -133,7 +134,7 @@ class MirrorJob:
     def info(self) -> MirrorInfo:
         return MirrorInfo(
             role="source", peer=self.request.to,
-            state="stopped" if self.task is None or self.task.done() else self.state,  # type: ignore[arg-type]
+            state="stopped" if self.task is None or self.task.done() else self.state,
             lag_bytes=self.lag_bytes,
             lag_seconds=round(time.monotonic() - self.synced_at, 3),
             sent_bytes=self.sent_bytes, checkpoint=self.acked, checkpoints=self.seq,
@@ -166,7 +167,7 @@ class MirrorJob:
                     self._next_checkpoint = time.monotonic() + every
             else:
                 await machine.flush_memory()
-                await self._send(await self._read_dirty(first=first))
+                await self._send(self._frames(first=first))
             self.state = "running"
             self._status()
             await asyncio.sleep(self.request.check_period)
@@ -198,7 +199,8 @@ class MirrorJob:
         instance = self.instance
         try:
             async with paused(instance) as pause:
-                frames = await self._read_dirty(first=False)
+                # Read in the pause (the changes of one instant), sent after it.
+                frames = [frame async for frame in self._frames(first=False)]
         except PeerError as exc:
             if exc.code != ErrorCode.BUSY:
                 raise
@@ -206,7 +208,7 @@ class MirrorJob:
         self.seq += 1
         point = Checkpoint(seq=self.seq, epoch=int(instance.info.get("epoch", 0)),
                            at=pause.at, pause_ms=pause.ms)
-        await self._send(frames)
+        await self._send(_replay(frames))
         assert self.channel is not None
         self.channel.send(encode_event(EventKind.CHECKPOINT, point.model_dump_json().encode()))
         await self.channel.drain()
@@ -214,10 +216,9 @@ class MirrorJob:
                  pause.ms)
         return True
 
-    async def _read_dirty(self, *, first: bool) -> list[tuple[bytes, bytes]]:
-        """Frames of every block changed since the last read (every block the first
-        time): headers and payloads, read now."""
-        frames: list[tuple[bytes, bytes]] = []
+    async def _frames(self, *, first: bool) -> AsyncIterator[tuple[bytes, bytes]]:
+        """Frames (header, payload) of every block changed since the last read, every
+        block the first time, each read as it is yielded."""
         for dev in self.devices:
             bs = dev.block_size
             if first:
@@ -233,20 +234,21 @@ class MirrorJob:
                 zero = zero_blocks(data, bs)
                 if zero.all():
                     if not first:  # the standby's fresh files are zero already
-                        frames.append((encode_blocks_header(
-                            dev.id, Encoding.ZERO, start, count, b"", [], 0), b""))
+                        yield (encode_blocks_header(
+                            dev.id, Encoding.ZERO, start, count, b"", [], 0), b"")
                     continue
                 carried = np.packbits(~zero, bitorder="little").tobytes()
                 view = memoryview(data)
                 payload = b"".join(view[i * bs:(i + 1) * bs]
                                    for i in np.flatnonzero(~zero).tolist())
-                frames.append((encode_raw_header(dev.id, start, count, carried,
-                                                 block_hash(payload), len(payload)), payload))
-        return frames
+                yield (encode_raw_header(dev.id, start, count, carried, block_hash(payload),
+                                         len(payload)), payload)
 
-    async def _send(self, frames: list[tuple[bytes, bytes]]) -> None:
+    async def _send(self, frames: AsyncIterator[tuple[bytes, bytes]]) -> None:
+        """Send `frames` as they come (a cycle: read while sent, memory stays bounded),
+        then MIRRORED with what is dirty now."""
         assert self.channel is not None
-        for header, payload in frames:
+        async for header, payload in frames:
             self.channel.send(header, payload)
             self.sent_bytes += len(payload)
             await self.channel.drain()
@@ -270,6 +272,11 @@ class MirrorJob:
         if self.channel is not None:
             with contextlib.suppress(Exception):
                 await self.channel.close()
+
+
+async def _replay(frames: list[tuple[bytes, bytes]]) -> AsyncIterator[tuple[bytes, bytes]]:
+    for frame in frames:
+        yield frame
 
 
 def _runs(blocks: np.ndarray, longest: int) -> list[tuple[int, int]]:
