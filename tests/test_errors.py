@@ -15,6 +15,7 @@ NOT_ROAM_ERRORS = {
     "roam.migration.channel.PeerLost": "a ConnectionError (OSError), reported as one",
     "roam.guest.agent.RpcError": "the guest agent's, with the agent protocol's string codes",
     "roam.guest.client.GuestAgentError": "the guest agent's, with its string codes",
+    "roam.control.etcd.client._Retry": "control flow: this member cannot serve, try the next",
 }
 
 

@@ -56,6 +56,7 @@ from roam.control.models import (
     VMSpec,
     VMView,
 )
+from roam.control.notice import NoticeRecord, NoticeRequest, order, summary
 from roam.control.sqlite import SqliteStore
 from roam.control.store import Store
 from roam.errors import ErrorCode, RoamError
@@ -350,6 +351,9 @@ def vm_create(
              "--group.")] = [],  # noqa: B006
     group: Annotated[str | None, typer.Option(help="VMs that spread among each other.")
                      ] = None,
+    priority: Annotated[int, typer.Option(
+        help="Higher moves first when its node is evacuated or drained (-1000 to 1000).")
+    ] = 0,
     wait: Wait = True,
     control: Control = DEFAULT_URL, token: Token = None, ca: Ca = None, as_json: Json = False,
 ) -> None:
@@ -370,7 +374,7 @@ def vm_create(
             "name": name, "package": None if package is None else str(package.absolute()),
             "from": from_, "memory_mib": memory_mib, "cpus": cpus or 1, "publish": publish,
             "gateway": gateway, "vni": vni, "cpu_model": cpu_model, "spread": spread,
-            "group": group})
+            "group": group, "priority": priority})
     except ValidationError as exc:
         raise invalid(exc) from None
 
@@ -530,6 +534,63 @@ def node_drain(
     _out(node, as_json, lambda: _node_line(node))
 
 
+def _seconds(text: str) -> float:
+    """30s, 2m, 90 (seconds)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in ("s", "m") else (text, "s")
+    try:
+        value = float(number) * (60 if unit == "m" else 1)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise typer.BadParameter(f"{text!r}: give a time up to an hour, as 30s, 2m or 90",
+                                 param_hint="--deadline")
+    return value
+
+
+def _notice_line(record: NoticeRecord) -> str:
+    left = record.deadline - time.time()
+    head = (f"{record.node}: {record.cloud.value} {record.action.value}, deadline in "
+            f"{left:.0f} s" if left > 0 else f"{record.node}: deadline passed")
+    lines = [head + (f"; {summary(record)}" if record.finished else "")]
+    for name in order(record):
+        vm = record.vms[name]
+        margin = "" if vm.margin_ms is None else f", margin {vm.margin_ms / 1000:.1f} s"
+        where = f" to {vm.to}" if vm.to else ""
+        lines.append(f"  {name:20} {vm.state.value:10}{where}{margin}"
+                     + (f"  ({vm.detail})" if vm.detail else ""))
+    return "\n".join(lines)
+
+
+@node_app.command("notice")
+def node_notice(
+    name: str,
+    deadline: Annotated[str, typer.Option(
+        help="When the node goes: 30s, 2m, 90 (seconds from now).")] = "30s",
+    max_parallel: Annotated[int, typer.Option(help="Migrations at once.", min=1, max=64)]
+        = 2,
+    wait: Wait = True,
+    control: Control = DEFAULT_URL, token: Token = None, ca: Ca = None, as_json: Json = False,
+) -> None:
+    """Give the node a spot notice, as its cloud would: it is cordoned and every VM on it
+    moves elsewhere before the deadline, highest priority first. Waits until the
+    evacuation is over (exit code: internal if a VM was lost)."""
+    seconds = _seconds(deadline)
+
+    async def give(c: ControlClient) -> NoticeRecord:
+        record = await c.give_notice(name, NoticeRequest(deadline_seconds=seconds,
+                                                         max_parallel=max_parallel))
+        while wait and record.finished is None:
+            await asyncio.sleep(POLL)
+            record = await c.notice(name)
+        return record
+
+    record = _with(control, token, ca, give)
+    _out(record, as_json, lambda: _notice_line(record))
+    if record.lost:
+        raise failed(RoamError(f"lost {', '.join(record.lost)} from {name}",
+                               code=ErrorCode.INTERNAL))
+
+
 # -- events -----------------------------------------------------------------------------
 
 
@@ -563,6 +624,7 @@ def _event_line(event: FleetEvent) -> str:
         return " ".join(part for part in (
             when, event.kind.value, event.vm and f"vm={event.vm}",
             event.node and f"node={event.node}", event.to and f"to={event.to}",
+            event.margin_ms is not None and f"margin={event.margin_ms / 1000:.1f}s",
             event.detail and f"({event.detail})") if part)
     inner = event.event
     if isinstance(inner, ProgressEvent):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from roam.cli import control as control_cli
@@ -31,6 +32,7 @@ from roam.cli.common import (
     tls_files,
 )
 from roam.cli.peer import NetPool, NetPrefix, OverlayPeers, Underlay, net_config
+from roam.cli.spot import CloudOption, MetadataOption
 from roam.control.agent import NodeAgent
 from roam.control.metrics import serve_registry
 from roam.control.models import Registration
@@ -39,6 +41,7 @@ from roam.errors import RoamError
 from roam.peer import api as peer_api
 from roam.peer import serve as peer_serve
 from roam.peer.network import PEER_POOL
+from roam.spot import DEFAULT_METADATA, Cloud, WatchConfig
 
 app = typer.Typer(help="This host as a node of a control plane's fleet.",
                   no_args_is_help=True)
@@ -74,6 +77,8 @@ def join(
              "nodes of one model.")] = None,
     metrics_listen: Annotated[str | None, typer.Option(
         help="HOST:PORT to serve this node's Prometheus /metrics on.")] = None,
+    cloud: CloudOption = Cloud.NONE,
+    metadata: MetadataOption = DEFAULT_METADATA,
     tls_cert: TlsCert = None, tls_key: TlsKey = None, tls_ca: TlsCa = None,
     underlay: Underlay = None,
     overlay_peers: OverlayPeers = "",
@@ -82,7 +87,12 @@ def join(
     verbose: Verbose = False,
 ) -> None:
     """Run this host's peer and serve the control plane's fleet until SIGINT/SIGTERM
-    (which stops its VMs: drain the node first to keep them)."""
+    (which stops its VMs: drain the node first to keep them).
+
+    With --cloud, the node watches its cloud's metadata service for spot notices and
+    reports each to the control plane, which moves every VM off before the deadline
+    (docs/SPOT.md). A node that cannot reach the control plane for a lease TTL pauses
+    its VMs until it can again (docs/CONTROL.md)."""
     setup_logging(verbose)
     require_root("roam node join", "its VMs get network namespaces and FUSE mounts")
     addr = address(listen_on, "--listen")
@@ -109,7 +119,8 @@ def join(
     async def main() -> None:
         stop = stop_on_signals()
         peer = peer_serve.Peer(directory, addr, tls, netconf)
-        agent = NodeAgent(controller, directory, node_name, labels, cpu_model)
+        agent = NodeAgent(controller, directory, node_name, labels, cpu_model,
+                          WatchConfig(cloud, metadata=metadata))
         failure: list[RoamError] = []
 
         async def serve_fleet() -> None:
@@ -126,7 +137,7 @@ def join(
                 acting = tasks.create_task(serve_fleet())
                 metrics = None
                 if metrics_at is not None:
-                    metrics = peer_api.server(serve_registry(agent.registry))
+                    metrics = peer_api.server(serve_registry(agent.registry, REGISTRY))
                     tasks.create_task(metrics.serve(sockets=[listen_socket(*metrics_at)]))
                 await stop.wait()
                 acting.cancel()

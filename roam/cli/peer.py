@@ -469,6 +469,10 @@ def migrate(
     via: Via,
     postcopy: Annotated[bool, typer.Option(
         help="Resume on the destination before the last dirty blocks arrived.")] = True,
+    pause_send_kib: Annotated[int, typer.Option(
+        help="With post-copy, a final dirty set of at most this many KiB is still sent "
+             "inside the pause (the resumed guest then never waits for it); 0 streams "
+             "every final block after the resume.")] = 2048,
     max_cycles: Annotated[int, typer.Option(help="Dirty cycles before the handover.")] = 20,
     min_cycles: Annotated[int, typer.Option(help="Dirty cycles at least.")] = 1,
     max_dirty_blocks: Annotated[int, typer.Option(
@@ -490,7 +494,8 @@ def migrate(
     terminate` or `roam mount --listen` (a live backup) ends "declined" on purpose and
     exits 0.
     """
-    request = _request(MigrateRequest, to=to, postcopy=postcopy, max_cycles=max_cycles,
+    request = _request(MigrateRequest, to=to, postcopy=postcopy,
+                       pause_send_kib=pause_send_kib, max_cycles=max_cycles,
                        min_cycles=min_cycles, max_dirty_blocks=max_dirty_blocks,
                        cycle_throttle=cycle_throttle, compression=compress, verify=verify,
                        check_memory=check_memory)

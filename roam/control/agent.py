@@ -9,8 +9,10 @@ only if it is here, each at most once at a time. The peer's events are relayed t
 control plane as they come (its GET /events shows them) and counted in the node's own
 metrics.
 
-While the control plane cannot be reached, the agent keeps trying and its VMs run on;
-if the control plane forgot its lease (it expired), it registers again.
+While the control plane cannot be reached, the agent keeps trying; after a lease TTL
+without a heartbeat it pauses its VMs (roam.control.fence) until the control plane
+answers again. If the control plane forgot its lease (it expired), it registers again.
+With a cloud to watch, a spot watch (roam.control.watch) relays the cloud's notices.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from roam.control.client import ControlAPIError, ControlClient
+from roam.control.fence import Fence
 from roam.control.metrics import Migrations
 from roam.control.models import (
     Cpu,
@@ -37,6 +40,7 @@ from roam.control.models import (
     Report,
     Work,
 )
+from roam.control.watch import SpotWatch
 from roam.errors import ErrorCode, RoamError
 from roam.peer import host
 from roam.peer.client import PeerClient
@@ -52,6 +56,7 @@ from roam.peer.models import (
 from roam.peer.models import (
     Event as PeerEvent,
 )
+from roam.spot import Cloud, WatchConfig
 
 log = logging.getLogger("roam.node")
 
@@ -66,12 +71,15 @@ RELAY_BACKLOG = 4096
 
 class NodeAgent:
     def __init__(self, control: ControlClient, peer_dir: Path, name: str,
-                 labels: dict[str, str], cpu_model: str | None = None) -> None:
+                 labels: dict[str, str], cpu_model: str | None = None,
+                 spot: WatchConfig | None = None) -> None:
         self.control = control
         self.peer_dir = peer_dir
         self.name = name
         self.labels = labels
         self.cpu_model = cpu_model
+        self.spot = spot  # the cloud to watch for notices, if any
+        self._fence: Fence | None = None
         self.registry = CollectorRegistry()
         self.migrations = Migrations(self.registry)
         self._busy: set[str] = set()  # VMs with work under way
@@ -84,7 +92,11 @@ class NodeAgent:
         """Serve the node until cancelled."""
         async with PeerClient(self.peer_dir) as peer, asyncio.TaskGroup() as tasks:
             self._tasks = tasks
+            self._fence = Fence(peer, self.control, self.name)
+            tasks.create_task(self._fence.watch())
             tasks.create_task(self._relay(peer))
+            if self.spot is not None and self.spot.cloud != Cloud.NONE:
+                tasks.create_task(SpotWatch(self.spot, self.control, self.name).run())
             await self._beat(peer)
 
     async def _registration(self, peer: PeerClient) -> Registration:
@@ -107,6 +119,8 @@ class NodeAgent:
                 continue
             log.info("registered as node %s (lease %x, TTL %.0f s)", self.name,
                      registered.lease, registered.ttl)
+            assert self._fence is not None
+            self._fence.alive(registered.ttl)
             return registered
 
     async def _beat(self, peer: PeerClient) -> None:
@@ -130,6 +144,10 @@ class NodeAgent:
                 log.warning("heartbeat: %s", exc.message)
                 await asyncio.sleep(RETRY)
                 continue
+            assert self._fence is not None
+            self._fence.alive(registered.ttl)
+            if self._fence.paused:
+                await self._fence.restore()
             await self._act(peer, work, {vm.name: vm for vm in vms})
             self._nudge.clear()
             with contextlib.suppress(TimeoutError):

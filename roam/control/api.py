@@ -27,7 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 import roam
-from roam.control import auth, dashboard, nodes
+from roam.control import auth, dashboard, evacuation, nodes
 from roam.control.election import Election
 from roam.control.fleet import Fleet, vm_view
 from roam.control.metrics import CONTENT_TYPE, FleetMetrics
@@ -138,6 +138,7 @@ def create_app(plane: Plane) -> FastAPI:
         for event in batch.events:
             if isinstance(event, OutcomeEvent):
                 plane.metrics.migrations.count(event)
+                await evacuation.measure(fleet, event)
             await fleet.append(RelayedEvent(node=name, at=time.time(), event=event))
 
     @api.post("/nodes/{name}/cordon", summary="Place no new VM on the node")
@@ -253,6 +254,7 @@ def create_app(plane: Plane) -> FastAPI:
     async def metrics() -> Response:
         return Response(plane.metrics.render(await fleet.view()), media_type=CONTENT_TYPE)
 
+    evacuation.add_routes(api, fleet, plane.metrics.evacuation)
     app.include_router(api)
     dashboard.mount(app, fleet)  # the page at /, on the same server (docs/DASHBOARD.md)
     return app

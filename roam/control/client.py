@@ -34,6 +34,7 @@ from roam.control.models import (
     VMSpec,
     VMView,
 )
+from roam.control.notice import NoticeRecord, NoticeRequest
 from roam.errors import ErrorCode, RoamError
 from roam.peer.problems import Problem, code_for_status
 
@@ -111,6 +112,13 @@ class ControlClient:
     async def drain(self, name: str, max_parallel: int = 2) -> NodeView:
         return await self._model(NodeView, "POST", f"/nodes/{name}/drain",
                                  DrainRequest(max_parallel=max_parallel).model_dump())
+
+    async def give_notice(self, name: str, request: NoticeRequest) -> NoticeRecord:
+        return await self._model(NoticeRecord, "POST", f"/nodes/{name}/notice",
+                                 request.model_dump(mode="json", exclude_none=True))
+
+    async def notice(self, name: str) -> NoticeRecord:
+        return await self._model(NoticeRecord, "GET", f"/nodes/{name}/notice")
 
     async def register(self, registration: Registration) -> Registered:
         return await self._model(Registered, "POST", "/nodes",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from roam.control.evacuation import EvacuationMetrics
 from roam.control.fleet import View
 from roam.control.models import NodeState, VMPhase
 from roam.peer.models import OutcomeEvent
@@ -39,13 +40,15 @@ class Migrations:
             self.downtime.observe(event.downtime_ms / 1000)
 
 
-def serve_registry(registry: CollectorRegistry) -> FastAPI:
-    """An app answering GET /metrics from `registry` (a node's metrics listener)."""
+def serve_registry(*registries: CollectorRegistry) -> FastAPI:
+    """An app answering GET /metrics from `registries` (a node's metrics listener: its
+    agent's, and the process's default one with the spot watcher's)."""
     app = FastAPI(title="roam node metrics", openapi_url=None)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE)
+        return Response(b"".join(generate_latest(r) for r in registries),
+                        media_type=CONTENT_TYPE)
 
     return app
 
@@ -65,6 +68,7 @@ class FleetMetrics:
         self.node_capacity = Gauge("roam_node_memory_bytes", "Memory of each node",
                                    ["node"], registry=self.registry)
         self.vms = Gauge("roam_vms", "VMs by phase", ["phase"], registry=self.registry)
+        self.evacuation = EvacuationMetrics(self.registry)
 
     def render(self, view: View) -> bytes:
         for gauge in (self.node_vms, self.node_memory, self.node_capacity):

@@ -200,6 +200,8 @@ class VMSpec(_Request):
     ] = []
     group: Annotated[str | None, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,40}$"),
                      Field(description="the VMs spread among each other")] = None
+    priority: Annotated[int, Field(ge=-1000, le=1000, description=(
+        "higher moves first when its node is evacuated (roam.control.evacuation)"))] = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> VMSpec:
@@ -223,7 +225,7 @@ class Move(BaseModel):
 
     to: str | None = None
     cheapest: bool = False
-    reason: Literal["user", "drain"] = "user"
+    reason: Literal["user", "drain", "evacuation"] = "user"
 
 
 class Desired(BaseModel):
@@ -361,6 +363,11 @@ class ControlKind(enum.StrEnum):
     VM_FAILED = "vm_failed"
     VM_STOPPED = "vm_stopped"
     VM_DELETED = "vm_deleted"
+    NOTICE = "notice"  # a spot notice: the node goes at `deadline`
+    EVACUATED = "evacuated"  # a VM resumed elsewhere, `margin_ms` before the deadline
+    WILL_BE_LOST = "will_be_lost"  # a VM cannot leave in time, or has nowhere to go
+    VM_LOST = "vm_lost"  # the deadline passed (or its lost node stays lost) without it
+    EVACUATION_FINISHED = "evacuation_finished"
 
 
 class ControlEvent(BaseModel):
@@ -373,6 +380,8 @@ class ControlEvent(BaseModel):
     node: str | None = None
     to: str | None = None
     detail: str | None = None
+    deadline: float | None = None  # notices and evacuations: wall clock
+    margin_ms: float | None = None  # evacuated: deadline minus its resume elsewhere
 
 
 class RelayedEvent(BaseModel):

@@ -2,8 +2,9 @@
 
 Each pass reads the fleet and takes the decisions that only one instance may take, each
 a compare-and-swap on the record it read: mark nodes lost (their VMs `lost`, never
-started elsewhere: issue 18 defines when that becomes safe) and back; place pending VMs;
-give drains their next moves (at most `max_parallel` in flight per drained node); give
+started elsewhere before roam.control.lost allows it) and back; place pending VMs;
+give drains their next moves (at most `max_parallel` in flight per drained node, highest
+priority first); evacuate nodes under a spot notice (roam.control.evacuation); give
 moves a target; delete records of deleted VMs that run nowhere. Nodes carry the decisions
 out (roam.control.nodes). A pass runs after every change in the store and at least once
 a second; since everything it needs is in the store, a control plane restarted in the
@@ -18,7 +19,9 @@ import logging
 import time
 
 from roam.control import scheduler
+from roam.control.evacuation import Evacuation
 from roam.control.fleet import Fleet, View
+from roam.control.lost import LostNodes
 from roam.control.models import (
     ControlKind,
     Keys,
@@ -41,8 +44,11 @@ _LIVE = (VMPhase.RUNNING, VMPhase.MIGRATING, VMPhase.PLACED, VMPhase.STOPPING)
 
 
 class Reconciler:
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, evacuation: Evacuation | None = None,
+                 lost: LostNodes | None = None) -> None:
         self.fleet = fleet
+        self.evacuation = evacuation  # spot notices (roam.control.evacuation)
+        self.lost = lost  # lost nodes' VMs after 2 TTL (roam.control.lost)
         self._stuck: dict[str, str] = {}  # drained node -> what was said last
         self._pruned = 0.0
 
@@ -80,6 +86,10 @@ class Reconciler:
         await self._liveness(await self.fleet.view())
         await self._placements()
         await self._drains()
+        if self.evacuation is not None:
+            await self.evacuation.step()
+        if self.lost is not None:
+            await self.lost.step()
         await self._moves()
         await self._deletions()
         if time.monotonic() - self._pruned > PRUNE_PERIOD:
@@ -145,9 +155,10 @@ class Reconciler:
                 continue
             moving = [n for n, v in here.items()
                       if v.status.target is not None or v.desired.move is not None]
-            ready = sorted(n for n, v in here.items()
-                           if n not in moving and v.status.phase == VMPhase.RUNNING
-                           and v.status.failures < MAX_FAILURES)
+            ready = sorted((n for n, v in here.items()
+                            if n not in moving and v.status.phase == VMPhase.RUNNING
+                            and v.status.failures < MAX_FAILURES),
+                           key=lambda n: (-here[n].spec.priority, n))  # highest first
             for name in ready[:max(0, drain.value.max_parallel - len(moving))]:
                 await self.fleet.update(Keys.vm(name), VMRecord, _drain_move)
             if not moving and not ready:

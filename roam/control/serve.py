@@ -19,7 +19,9 @@ from pathlib import Path
 
 from roam.control.api import Plane, create_app
 from roam.control.election import Election
+from roam.control.evacuation import Evacuation
 from roam.control.fleet import Fleet
+from roam.control.lost import LostNodes
 from roam.control.metrics import FleetMetrics
 from roam.control.models import Keys
 from roam.control.reconciler import Reconciler
@@ -85,7 +87,9 @@ async def run(store: Store, election: Election, host: str, port: int, stop: asyn
     sock = listen_socket(host, port)
     async with asyncio.TaskGroup() as tasks:
         serving = tasks.create_task(server.serve(sockets=[sock]))
-        leading = tasks.create_task(election.run(Reconciler(fleet).run))
+        reconciler = Reconciler(fleet, Evacuation(fleet, plane.metrics.evacuation),
+                                LostNodes(fleet, ttl, plane.metrics.evacuation))
+        leading = tasks.create_task(election.run(reconciler.run))
         log.info("control plane serving %s://%s:%d, %s",
                  "https" if tls else "http", host, sock.getsockname()[1], where)
         if ready is not None:

@@ -17,7 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-TIMEOUT = 5.0
+TIMEOUT = 30.0
+"""Seconds to wait for redis's answer before giving the connection up: longer than a
+node fences its VMs for while its control plane restarts (roam.control.fence pauses
+them after a lease TTL without it, until it answers again), as a client of a VM that
+must keep its connections would wait."""
 GAP = 0.05  # seconds between acknowledgements worth reporting
 
 

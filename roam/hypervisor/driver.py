@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+import numpy as np
+
 from roam.errors import ErrorCode, RoamError
 from roam.guest.client import GuestClient
 from roam.storage.provider import Buffer, Provider
@@ -105,6 +107,19 @@ class MemoryFeeder(Protocol):
 
     def invalidate(self, offset: int, length: int) -> None: ...
 
+    async def watch(self) -> None:
+        """From now on `resident` can tell what is in place."""
+        ...
+
+    def resident(self) -> np.ndarray | None:
+        """Per 4 KiB page of guest memory: in place now (None: cannot tell). What was
+        stored can be dropped again (QEMU: page cache the kernel reclaimed)."""
+        ...
+
+    def busy(self) -> bool:
+        """Stores asked for are not all done yet."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -123,9 +138,15 @@ class Machine(Protocol):
 
     async def start_incoming(self, nic: Nic) -> None: ...
 
-    async def pause(self) -> None: ...
+    async def pause(self) -> float:
+        """Stop the guest; returns when it stopped (time.time(), as the hypervisor saw
+        it: the start of a handover's downtime)."""
+        ...
 
-    async def resume(self) -> None: ...
+    async def resume(self) -> float:
+        """Run the guest; returns when it ran again (time.time(), as the hypervisor saw
+        it: the end of a handover's downtime)."""
+        ...
 
     async def save_state(self, device: Provider) -> int:
         """Device state of the paused machine into `device`; returns its length."""

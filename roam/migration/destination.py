@@ -121,12 +121,15 @@ class Destination:
     def __init__(self, channel: Channel, make_device: DeviceFactory,
                  on_authority: Callable[[bytes, dict[str, WaitingCache]], Awaitable[None]]
                  = _accept, *, prepares: bool = False, prepared_payload: bytes = b"",
-                 store: StoreOpener | None = None) -> None:
+                 store: StoreOpener | None = None,
+                 done_payload: Callable[[], Awaitable[bytes]] | None = None) -> None:
         """`prepares`: the application sends PREPARED itself (`prepared()`) once it can
         take authority at once; otherwise it goes out with READY, carrying
         `prepared_payload` (e.g. a terminator saying that it takes a copy and declines).
         `store`: open the object store a source offers blocks from (hybrid migration,
-        roam.migration.hybrid); PREPARED then waits until those blocks are here."""
+        roam.migration.hybrid); PREPARED then waits until those blocks are here.
+        `done_payload`, once authority is acknowledged: what DONE carries (e.g. when the
+        workload first answered after its resume); DONE waits for it."""
         self.channel = channel
         self.make_device = make_device
         self.on_authority = on_authority
@@ -159,6 +162,8 @@ class Destination:
         self._held_prepared: bytes | None = None
         self._store_started = 0.0
         self.store_descriptor: StoreDescriptor | None = None  # what the source offered
+        self._done_payload = done_payload
+        self._done_bytes = b""
 
     @property
     def authority_arrived(self) -> bool:
@@ -654,6 +659,8 @@ class Destination:
             return
         self.channel.send(encode_event(EventKind.AUTHORITY_ACK))
         await self.channel.drain()
+        if self._done_payload is not None:
+            self._done_bytes = await self._done_payload()
 
     def _finished(self) -> bool:
         if self.result.declined:
@@ -664,7 +671,7 @@ class Destination:
             return False
         if self._authority_task is not None and not self._authority_task.done():
             return False
-        self.channel.send(encode_event(EventKind.DONE))
+        self.channel.send(encode_event(EventKind.DONE, self._done_bytes))
         return True
 
     # -- helpers ---------------------------------------------------------------------

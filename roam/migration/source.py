@@ -186,6 +186,11 @@ class Policy:
     max_cycles: int = 20
     cycle_throttle: float = 0.0  # seconds to wait between dirty cycles
     postcopy: bool = True  # resume the destination before the last blocks arrive
+    # With post-copy, a final dirty set of at most this many bytes still goes before
+    # authority: a resumed workload then never waits for it; a larger one streams after.
+    # Scattered 4 KiB pages cost a frame each (about 70 us per page at both ends on this
+    # machine, docs/BENCHMARKS.md), so the pause grows by about 35 ms at this bound.
+    pause_send_bytes: int = 2 << 20
     precopy: bool = True  # False: hand over at once, every block streams after (lazy start)
     compression: Encoding = Encoding.RAW  # RAW, ZSTD or LZ4
     verify: bool = False  # also send every block's hash at the end for a full comparison
@@ -204,6 +209,7 @@ class SourceResult:
     suspended_seconds: float = 0.0  # suspend called to authority acknowledged
     handover_seconds: float = 0.0  # suspend called to authority sent
     priority_blocks: int = 0
+    done: bytes = b""  # what the destination's DONE carried (application data)
     payload_bytes: int = 0  # data blocks sent, before compression (not zero, not HAVE)
     have_bytes: int = 0  # named by HAVE (the destination held them): not sent
     first_pass_seconds: float = 0.0  # READY to every block sent once
@@ -416,7 +422,8 @@ class Source:
             self.result.final_dirty = sum(map(len, final))
             self._report("handover", final)
             self._send_dirty(final)
-            if not self.policy.postcopy:
+            if (not self.policy.postcopy
+                    or self._dirty_bytes(final) <= self.policy.pause_send_bytes):
                 await self._send_pending(reader)
             payload = await self._check(self.hooks.authority(), reader)
             self.channel.send(encode_event(EventKind.AUTHORITY, payload))
@@ -708,6 +715,7 @@ class Source:
             elif msg.kind == EventKind.DONE:
                 if not self._complete_sent:
                     raise ProtocolError("DONE before the source sent COMPLETE")
+                self.result.done = bytes(msg.payload)
                 if not self._done.done():
                     self._done.set_result(None)
                 self._work.set()

@@ -135,6 +135,10 @@ class PeerClient:
         return VMInfo.model_validate((await self._request(
             "POST", f"/vms/{name}/resume")).json())
 
+    async def pause(self, name: str) -> VMInfo:
+        return VMInfo.model_validate((await self._request(
+            "POST", f"/vms/{name}/pause")).json())
+
     async def migrate(self, name: str, request: MigrateRequest) -> MigrateResult:
         return MigrateResult.model_validate((await self._request(
             "POST", f"/vms/{name}/migrate", request.model_dump(), MIGRATE_TIMEOUT)).json())

@@ -121,7 +121,10 @@ def migration_ended(instance: Instance, to: str, started: float,
         outcome: Literal["completed", "declined"] = (
             "completed" if ended.outcome == "completed" else "declined")
         event = OutcomeEvent(vm=instance.spec.name, to=to, outcome=outcome,
-                             downtime_ms=ended.downtime_ms, bytes_sent=ended.bytes_sent,
+                             downtime_ms=ended.downtime_ms,
+                             first_response_ms=ended.first_response_ms,
+                             bytes_sent=ended.bytes_sent,
+                             cycles=ended.cycles, final_dirty=ended.final_dirty,
                              duration_ms=duration_ms)
     else:
         code = ended.code if isinstance(ended, RoamError) else ErrorCode.INTERNAL

@@ -12,12 +12,13 @@ and the guest runs; the rest streams in behind it (post-copy).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
 from roam.errors import ErrorCode, RoamError
-from roam.hypervisor import HypervisorError, MemoryFeeder
+from roam.hypervisor import HypervisorError
 from roam.migration.channel import Channel
 from roam.migration.destination import Destination, NewDevice
 from roam.migration.errors import Decline
@@ -25,14 +26,15 @@ from roam.migration.wire import DeviceSpec
 from roam.peer import syncing
 from roam.peer.errors import PeerError
 from roam.peer.instance import Instance, stacks
-from roam.peer.models import Prepared
+from roam.peer.memfill import MemoryFill
+from roam.peer.models import Done, Prepared
 from roam.peer.network import NetConfig
 from roam.peer.outgoing import memory_digest
 from roam.peer.packages import HeldPackages
 from roam.storage.cow import CopyOnWrite
 from roam.storage.provider import Provider
 from roam.storage.sources import SparseFileSource
-from roam.storage.waiting import WaitingCache, block_runs
+from roam.storage.waiting import WaitingCache
 from roam.sync.crypto import SyncKey
 from roam.sync.store import StoreURL
 from roam.vm import group
@@ -40,6 +42,8 @@ from roam.vm.group import COW_BLOCK, Device
 from roam.vm.states import VMState
 
 log = logging.getLogger(__name__)
+
+LIVENESS_TIMEOUT = 10.0  # seconds after authority for the guest's first answer
 
 
 class Incoming:
@@ -58,40 +62,63 @@ class Incoming:
         if publish is not None:
             self.overrides["publish"] = publish
         self.destination = Destination(channel, self._make, self._authority, prepares=True,
-                                       store=syncing.open_store)
+                                       store=syncing.open_store,
+                                       done_payload=self._liveness)
         self.instance: Instance | None = None
         self.prepared: asyncio.Task[None] | None = None
         self.started = asyncio.Event()  # `prepared` exists
         self.resumed = asyncio.Event()
-        self._feeder: MemoryFeeder | None = None
+        self._fill: MemoryFill | None = None
+        self._filler: asyncio.Task[None] | None = None
 
     def fill_memory(self) -> None:
-        """Until the VM resumes, memory blocks go into the memory the machine maps as they
-        arrive, and blocks the source sends again are invalidated there: the resumed
-        guest then faults on almost nothing."""
+        """Until the VM resumes, every memory block the destination holds goes into the
+        memory the machine maps, zero blocks included, and blocks the source sends again
+        are dropped there (roam.peer.memfill): the resumed guest faults only on the
+        blocks still missing at authority."""
         assert self.instance is not None
         feeder = self.instance.vm.machine.memory_feeder()
         if feeder is None:
             return
         cache = self.destination.devices[Device.MEMORY]
-        size = cache.block_size
-
-        def stale(blocks: list[int]) -> None:
-            for first, count in block_runs(blocks):
-                feeder.invalidate(first * size, count * size)
-
-        cache.on_arrived = feeder.store
-        cache.on_stale = stale
-        self._feeder = feeder
+        self._fill = MemoryFill(feeder, cache)
+        cache.on_arrived = self._fill.arrived
+        cache.on_stale = self._fill.stale
 
     async def _stop_filling(self) -> None:
-        """Before the guest runs: after that, its own pages must not be replaced."""
-        if self._feeder is None:
+        """Before the guest runs: the last blocks in, then no more stores (the guest's
+        own pages must not be replaced)."""
+        if self._fill is None:
             return
-        cache = self.destination.devices[Device.MEMORY]
-        cache.on_arrived = cache.on_stale = None
-        feeder, self._feeder = self._feeder, None
-        await feeder.close()
+        fill, self._fill = self._fill, None
+        filler, self._filler = self._filler, None
+        try:
+            await fill.finish(filler)
+        finally:
+            cache = self.destination.devices[Device.MEMORY]
+            cache.on_arrived = cache.on_stale = None
+
+    async def close(self) -> None:
+        """Whatever ended the incoming VM: no filler outlives it, and the feeder lets go
+        of the memory file before the mount goes."""
+        if self._filler is not None:
+            self._filler.cancel()
+            with contextlib.suppress(BaseException):
+                await self._filler
+            self._filler = None
+        if self._fill is not None:
+            fill, self._fill = self._fill, None
+            with contextlib.suppress(Exception):  # what failed was reported already
+                await fill.feeder.close()
+
+    async def _liveness(self) -> bytes:
+        """DONE's payload: when the guest first answered here (Done), once it has, or
+        nothing after LIVENESS_TIMEOUT (DONE, and the source's `roam migrate`, wait)."""
+        assert self.instance is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.instance.agent_ready.wait(), LIVENESS_TIMEOUT)
+        return Done(first_response_ms=self.instance.info.get("first_response_ms")
+                    ).model_dump_json().encode()
 
     async def _make(self, spec: DeviceSpec) -> NewDevice:
         """A sparse file per device; memory and disk of a VM made from a package this
@@ -137,6 +164,8 @@ class Incoming:
                 cache = self.destination.devices[dev]
                 (files / names[dev]).write_bytes(bytes(await cache.read_at(0, cache.size())))
         await self.instance.start_machine()
+        if self._fill is not None:  # the machine holds its memory now: fill it
+            self._filler = asyncio.create_task(self._fill.run(), name="memory-fill")
         self.destination.prepared(Prepared(underlay=self.netconf.underlay).model_dump_json().encode())
 
     async def sync_on(self) -> None:
@@ -177,6 +206,7 @@ class Incoming:
         except HypervisorError as exc:  # the guest runs; others learn its place when it talks
             log.warning("announce failed: %s", exc)
         stop_wall = handover.authority.stop_wall
+        instance.paused_wall = stop_wall or None
         instance.info["downtime_ms"] = (resumed.wall - stop_wall) * 1000 if stop_wall else None
         instance.info["resumed_at"] = resumed.wall
         self.resumed.set()

@@ -70,9 +70,11 @@ class Instance:
         self._vm: VM | None = None
         self.tls: TLSFiles | None = None  # the peer's files: outgoing migrations use them
         self.migrating = False
+        self.fenced = False  # paused by its node's agent (handle_pause), not a migration
         self.agent_ready = asyncio.Event()
         self.sync: syncing.SyncJob | None = None  # its continuous sync (roam.peer.syncing)
         self.mirror: MirrorJob | None = None  # its standby mirror (roam.peer.mirroring)
+        self.paused_wall: float | None = None  # time.time() of the pause before arriving
 
     @property
     def vm(self) -> VM:
@@ -129,7 +131,11 @@ class Instance:
         return resumed
 
     async def after_resume(self) -> None:
-        await self.vm.attach_agent()
+        answered = await self.vm.attach_agent()
+        if self.paused_wall is not None:  # arrived by migration: its liveness
+            self.info["first_response_ms"] = (answered - self.paused_wall) * 1000
+            log.info("%s answered %.1f ms after its pause on the source", self.spec.name,
+                     self.info["first_response_ms"])
         self.agent_ready.set()
 
     # -- control requests --------------------------------------------------------------
@@ -153,13 +159,28 @@ class Instance:
         return {}
 
     async def handle_resume(self, _: control.Json) -> control.Json:
-        """Settle an in-doubt migration in favour of this host: only once the operator
-        knows that the destination does not run the VM."""
-        if self.state != VMState.IN_DOUBT:
-            raise PeerError(f"{self.spec.name} is {self.state}, not in doubt",
-                            code=ErrorCode.CONFLICT)
+        """Settle an in-doubt migration in favour of this host (only once the operator
+        knows that the destination does not run the VM), or run a VM its node paused."""
+        if self.state != VMState.IN_DOUBT and not (self.state == VMState.PAUSED
+                                                   and self.fenced):
+            raise PeerError(f"{self.spec.name} is {self.state}, neither in doubt nor "
+                            "paused by its node", code=ErrorCode.CONFLICT)
         await self.vm.resume_paused()
+        self.fenced = False
         self.set_state(VMState.RUNNING)
+        return events.describe(self).model_dump(mode="json")
+
+    async def handle_pause(self, _: control.Json) -> control.Json:
+        """Pause a running VM until `resume`: its node's agent fences it when it can no
+        longer renew its lease, since the control plane may then run it elsewhere
+        (roam.control.fence)."""
+        if self.migrating or self.state != VMState.RUNNING:
+            raise PeerError(f"{self.spec.name} is {self.state}"
+                            f"{' and migrating' if self.migrating else ''}, not running",
+                            code=ErrorCode.CONFLICT)
+        await self.vm.machine.pause()
+        self.fenced = True
+        self.set_state(VMState.PAUSED)
         return events.describe(self).model_dump(mode="json")
 
     async def handle_sync(self, params: control.Json) -> control.Json:

@@ -192,6 +192,8 @@ class VMInfo(BaseModel):
     resumed_at: float | None = None  # wall clock: since then it runs on this host
     dirty_rate: float | None = None  # bytes/s dirtied, by the last cycle of a migration out
     downtime_ms: float | None = None  # QMP stop on the source to QMP cont here
+    # QMP stop on the source to the guest agent's first answer here: the guest runs again
+    first_response_ms: float | None = None
     load_state_ms: float | None = None
     cont_ms: float | None = None
     memory_checked: bool = False  # memory compared with the source's at the pause
@@ -284,6 +286,8 @@ class MigrateRequest(_Request):
 
     to: AddressText = Field(description="the destination peer's --listen address")
     postcopy: bool = True
+    # With post-copy: a final dirty set of at most this many KiB goes inside the pause
+    pause_send_kib: Annotated[int, Field(ge=0, le=1 << 30)] = 2048
     max_cycles: Annotated[int, Field(ge=1, le=100000)] = 20
     min_cycles: Annotated[int, Field(ge=0, le=100000)] = 1
     max_dirty_blocks: Annotated[int, Field(ge=0)] = 256
@@ -330,6 +334,9 @@ class MigrateResult(BaseModel):
     state_save_ms: float
     downtime_ms: float
     priority_blocks: int
+    # The destination's: the pause here to the guest agent's first answer there (None
+    # when the destination did not say: an older peer, or no answer in time).
+    first_response_ms: float | None = None
     first_pass_ms: float = 0.0
     first_pass_payload_bytes: int = 0
     have_bytes: int = 0
@@ -385,6 +392,24 @@ class Prepared(BaseModel):
     backup: bool = False
 
 
+class Done(BaseModel):
+    """A destination peer's DONE payload: when the guest first answered after its resume
+    there (its liveness), measured from the source's pause."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)  # a number, not text
+
+    first_response_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Done:
+        """The payload as sent; an empty or unreadable one says nothing (it is a figure
+        for reports, never a reason to fail a migration that completed)."""
+        try:
+            return cls.model_validate_json(payload or b"{}")
+        except ValueError:
+            return cls()
+
+
 BACKUP = Prepared(backup=True).model_dump_json().encode()
 """The PREPARED payload of a terminator or mounter: the source's `roam migrate` exits 0."""
 
@@ -436,7 +461,10 @@ class OutcomeEvent(BaseModel):
     code: ErrorCode | None = None
     detail: str | None = None
     downtime_ms: float | None = None
+    first_response_ms: float | None = None
     bytes_sent: int | None = None
+    cycles: int | None = None  # pre-copy passes, when it completed
+    final_dirty: int | None = None  # blocks still dirty at the pause
     duration_ms: float
 
 

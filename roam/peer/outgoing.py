@@ -8,7 +8,7 @@ redirected) and turns the engine's outcome into the VM's next state:
    machine's memory is flushed into the memory device (`before_collect`);
 2. once the handover is decided, the guest's before_suspend hook (`before_suspend`),
    one last short cycle while it runs;
-3. `suspend`: flush memory again, redirect the VM's frames to the destination (overlay),
+3. `suspend`: redirect the VM's frames to the destination (overlay), flush memory again,
    pause (state paused), save the device state below the tracker;
 4. `authority`: the payload (roam.vm.group.Authority and the device state, sent once);
 5. on abort or decline, `resume` undoes 3 (state running); an unacknowledged authority
@@ -34,7 +34,7 @@ from roam.migration.wire import Encoding
 from roam.network import overlay
 from roam.peer import events, syncing
 from roam.peer.errors import PeerError
-from roam.peer.models import Prepared
+from roam.peer.models import Done, Prepared
 from roam.peer.packages import package_id
 from roam.storage.provider import Provider
 from roam.vm import group
@@ -64,6 +64,7 @@ class Migrated:
     state_save_ms: float  # pause to the device state saved and memory flushed
     downtime_ms: float  # pause to the destination's acknowledgement (an upper bound)
     priority_blocks: int
+    first_response_ms: float | None  # pause to the guest's first answer there (its DONE)
     first_pass_ms: float  # the destination ready to every block sent once
     first_pass_payload_bytes: int  # data (not zero, not held) sent by the first pass
     have_bytes: int  # named, not sent: the destination held them (a package's files)
@@ -89,6 +90,8 @@ def policy_from(params: dict[str, Any]) -> Policy:
         max_cycles=int(params.get("max_cycles", defaults.max_cycles)),
         cycle_throttle=float(params.get("cycle_throttle", defaults.cycle_throttle)),
         postcopy=bool(params.get("postcopy", defaults.postcopy)),
+        pause_send_bytes=int(params.get("pause_send_kib", defaults.pause_send_bytes >> 10))
+        << 10,
         compression=COMPRESSIONS[str(params.get("compression", "none"))],
         verify=bool(params.get("verify", defaults.verify)),
     )
@@ -161,13 +164,14 @@ class Outgoing:
     async def suspend(self) -> None:
         instance = self.instance
         machine = instance.vm.machine
-        # Write back what the guest dirtied during the last cycle while it still runs:
-        # the flush after the pause then carries only the last few milliseconds.
-        await machine.flush_memory()
         if instance.spec.overlay is not None:
             await self._redirect()
-        marks = self.marks = Marks(stop_wall=time.time(), stop=time.perf_counter())
-        await machine.pause()
+        # Write back what the guest dirtied during the last cycle while it still runs,
+        # right before the pause: the flush inside it then carries only what the guest
+        # dirtied in the few milliseconds between.
+        await machine.flush_memory()
+        marks = self.marks = Marks(stop=time.perf_counter())
+        marks.stop_wall = await machine.pause()
         instance.set_state(VMState.PAUSED)
         # The memory flush overlaps the state save; the engine's flush after this hook
         # then finds (almost) nothing left. The state goes below the tracker: it travels
@@ -226,6 +230,7 @@ class Outgoing:
             downtime_ms=_ack_downtime(marks, result.suspended_seconds,
                                       result.handover_seconds),
             priority_blocks=result.priority_blocks,
+            first_response_ms=Done.parse(result.done).first_response_ms,
             first_pass_ms=result.first_pass_seconds * 1000,
             first_pass_payload_bytes=result.first_pass_payload_bytes,
             have_bytes=result.have_bytes,

@@ -348,6 +348,10 @@ class Peer:
         worker = self.table.find_live(name)
         return VMInfo.model_validate(await worker.call("resume", timeout=60.0))
 
+    async def pause(self, name: str) -> VMInfo:
+        worker = self.table.find_live(name)
+        return VMInfo.model_validate(await worker.call("pause", timeout=60.0))
+
     async def migrate(self, name: str, request: MigrateRequest) -> MigrateResult:
         worker = self.table.find_live(name)
         return MigrateResult.model_validate(

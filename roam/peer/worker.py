@@ -52,10 +52,10 @@ async def _control(instance: Instance, incoming: Incoming | None = None
     server = await control.serve(instance.workdir / control.SOCKET, {
         "info": instance.handle_info, "exec": instance.handle_exec,
         "migrate": instance.handle_migrate, "stop": instance.handle_stop,
-        "resume": instance.handle_resume, "sync": instance.handle_sync,
-        "sync_stop": instance.handle_sync_stop, "sync_gc": instance.handle_sync_gc,
-        "mirror": instance.handle_mirror, "mirror_stop": instance.handle_mirror_stop,
-        "hibernate": instance.handle_hibernate},
+        "resume": instance.handle_resume, "pause": instance.handle_pause,
+        "sync": instance.handle_sync, "sync_stop": instance.handle_sync_stop,
+        "sync_gc": instance.handle_sync_gc, "mirror": instance.handle_mirror,
+        "mirror_stop": instance.handle_mirror_stop, "hibernate": instance.handle_hibernate},
         {"events": events.stream(instance)})
     watching = asyncio.create_task(events.watch(instance, incoming))
     try:
@@ -155,6 +155,7 @@ async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
             finally:
                 if incoming.prepared is not None:
                     incoming.prepared.cancel()
+                await incoming.close()
                 await instance.close()
     finally:
         if not received.done():

@@ -148,6 +148,12 @@ class WaitingCache:
         """`mark_present` for the run of `count` blocks from `first`."""
         self._mark_range(first, first + count)
 
+    def present_mask(self) -> np.ndarray:
+        """Which blocks are present, as a read-only view (valid until the next await)."""
+        view = self._present.view()
+        view.flags.writeable = False
+        return view
+
     def is_present(self, block: int) -> bool:
         return bool(self._present[block])
 

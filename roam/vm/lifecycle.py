@@ -56,15 +56,17 @@ class VM:
         started = time.perf_counter()
         await self.machine.load_state(state)
         loaded = time.perf_counter()
-        await self.machine.resume()
-        wall = time.time()
+        wall = await self.machine.resume()
         return Resumed((loaded - started) * 1000, (time.perf_counter() - loaded) * 1000, wall)
 
-    async def attach_agent(self, timeout: float = AGENT_TIMEOUT) -> None:  # noqa: ASYNC109
+    async def attach_agent(self, timeout: float = AGENT_TIMEOUT) -> float:  # noqa: ASYNC109
         """A session with the agent of a resumed guest (roam.guest.client.fresh_session),
-        and its after_resume hook."""
+        and its after_resume hook. Returns when (time.time()) the agent first answered:
+        the guest runs again (its liveness)."""
         self.agent = await self.machine.guard(fresh_session(self.machine.open_agent, timeout))
+        answered = time.time()
         await self.machine.guard(self.agent.after_resume())
+        return answered
 
     async def before_suspend(self) -> None:
         """The guest's before_suspend hook; a failure is logged, not raised."""

@@ -5,6 +5,8 @@
     running  --> migrating          (pre-copy to a destination; the guest still runs)
     migrating --> running           (the migration failed before the pause)
     migrating --> paused            (paused for the handover)
+    running  --> paused             (fenced: its node lost its control plane; resumed
+                                     when the control plane says it still runs here)
     paused   --> running            (aborted before authority, or declined: resumed here)
     paused   --> in-doubt           (authority sent, never acknowledged: stays paused)
     paused   --> handed-over        (acknowledged, then post-copy failed: the
@@ -45,7 +47,7 @@ LIVE = frozenset(VMState) - _FINAL - {VMState.MIRROR}
 TRANSITIONS: dict[VMState, frozenset[VMState]] = {
     VMState.STARTING: frozenset({VMState.RUNNING}),
     VMState.INCOMING: frozenset({VMState.RUNNING}),
-    VMState.RUNNING: frozenset({VMState.MIGRATING}),
+    VMState.RUNNING: frozenset({VMState.MIGRATING, VMState.PAUSED}),
     VMState.MIGRATING: frozenset({VMState.RUNNING, VMState.PAUSED}),
     VMState.PAUSED: frozenset({VMState.RUNNING, VMState.IN_DOUBT, VMState.HANDED_OVER,
                                VMState.MIGRATED}),

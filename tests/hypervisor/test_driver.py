@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,11 @@ async def test_save_on_one_machine_resume_on_another(blueprint: Blueprint, workd
         await vm.boot(Nic.detached(), ready_timeout=300)
         result = await vm.exec(["sh", "-c", f"echo kept > /run/token; cat {BOOT_ID}"], 30)
         boot_id = result.stdout
+        # pause and resume say when QEMU stopped and ran the guest (its events' clock).
+        before = time.time()
+        stopped = await machine.pause()
+        ran = await machine.resume()
+        assert before - 1 <= stopped <= ran <= time.time() + 1
         assert await vm.suspend(state) > 0
         await vm.close()
     second = workdir / "second"

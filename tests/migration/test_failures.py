@@ -112,7 +112,8 @@ async def test_local_writes_after_handover_beat_late_remote_blocks(socket_pair: 
     src_ch, dst_ch = await socket_pair()
     dest = Destination(dst_ch, memory_device, resumed_vm)
     result, _ = await asyncio.gather(
-        Source(src_ch, [dev], SourceHooks(suspend=suspend), Policy(postcopy=True)).run(),
+        Source(src_ch, [dev], SourceHooks(suspend=suspend),
+               Policy(postcopy=True, pause_send_bytes=0)).run(),
         dest.run(),
     )
     assert result.final_dirty >= 2

@@ -114,13 +114,43 @@ async def test_any_pair_of_asyncio_streams_carries_a_migration(tmp_path: Path) -
 
     dest = Destination(dst_ch, memory_device, resumed)
     result, _ = await asyncio.gather(
-        Source(src_ch, [dev], SourceHooks(suspend=suspend, authority=authority)).run(),
+        Source(src_ch, [dev], SourceHooks(suspend=suspend, authority=authority),
+               Policy(pause_send_bytes=0)).run(),
         dest.run())
     assert result.outcome == "completed" and result.final_dirty == 1
     assert await _read_all(dest.devices["d"], size) == await _read_all(src, size)
     await src_ch.close()
     await dst_ch.close()
     server.close()
+
+
+async def test_a_small_final_set_arrives_before_authority(socket_pair: Pair) -> None:
+    """Post-copy on, but a final dirty set within `pause_send_bytes` goes inside the
+    pause: the resumed workload never waits for it. DONE carries what the destination's
+    `done_payload` said once the workload ran."""
+    size = 2 * 1024 * 1024
+    src = MemorySource(size)
+    await src.write_at(0, os.urandom(size))
+    dev = SourceDevice.stack("d", src, BS)
+    seen: list[bool] = []
+
+    async def suspend() -> None:
+        await dev.tracker.write_at(BS * 3, b"changed at the pause")
+
+    async def resumed(payload: bytes, devices: dict[str, WaitingCache]) -> None:
+        seen.append(devices["d"].is_present(3))
+
+    async def liveness() -> bytes:
+        return b"it answered"
+
+    src_ch, dst_ch = await socket_pair()
+    dest = Destination(dst_ch, memory_device, resumed, done_payload=liveness)
+    result, _ = await asyncio.gather(
+        Source(src_ch, [dev], SourceHooks(suspend=suspend), Policy(postcopy=True)).run(),
+        dest.run())
+    assert result.final_dirty == 1 and seen == [True]
+    assert result.done == b"it answered"
+    assert await _read_all(dest.devices["d"], size) == await _read_all(src, size)
 
 
 async def test_destination_that_has_older_content_receives_only_what_differs(

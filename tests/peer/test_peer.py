@@ -64,6 +64,9 @@ def test_idle_chain_a_b_c_a(peers: dict[str, Peer], snapshot: Path) -> None:
         _gone(src, "chain")
         moved = dst.vms()["chain"]
         assert moved["state"] == "running" and moved["downtime_ms"] > 0
+        # The guest's first answer came after its resume, and the source heard of it.
+        assert result["first_response_ms"] == moved["first_response_ms"]
+        assert moved["first_response_ms"] >= moved["downtime_ms"]
         assert dst.sh("chain", "redis-cli get hop").strip() == src.name
         dst.sh("chain", f"redis-cli set hop {dst.name} >/dev/null")
     a.stop("chain")
@@ -74,7 +77,8 @@ def test_busy_guest_postcopy_verifier(peers: dict[str, Peer], snapshot: Path) ->
     a.run(snapshot, "busy")
     start_busy(a, "busy")
     seq_before = int(a.sh("busy", "cat /tmp/busy.log").split()[-1])
-    result = json.loads(a.migrate("busy", b, "--max-cycles", "4").stdout)
+    result = json.loads(a.migrate("busy", b, "--max-cycles", "4", "--pause-send-kib", "0"
+                                  ).stdout)
     assert result["outcome"] == "completed" and result["final_dirty"] > 0
     passes = wait_passes(b, "busy", 0)
     # The verifier kept its history across the hop: a later pass on B checked every page

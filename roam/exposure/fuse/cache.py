@@ -17,18 +17,27 @@ exec, cannot send). So the kernel must hold the inode for another reason (QEMU h
 file mapped); until then a store or invalidation finds nothing and is skipped.
 Use it only while nothing writes to the file through a mapping (a VM that has not
 resumed): a store replaces the page's content.
+
+Stored pages are ordinary page cache: clean, never referenced, the first the kernel
+reclaims when it needs memory. `watch` maps the file (no descriptor is kept: a mapping
+holds the file, and a child's exec drops a mapping without a FLUSH) so that `resident`
+can tell, with mincore, which pages are still there; a caller stores again what was
+dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import logging
+import mmap
 import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyfuse3
 
 from roam.errors import RoamError
@@ -40,6 +49,15 @@ FUSE_NOTIFY_INVAL_INODE = 2
 # struct fuse_out_header {u32 len; s32 error (the notification code); u64 unique (0)}, then
 # struct fuse_notify_inval_inode_out {u64 ino; s64 off; s64 len}: the kernel's stable ABI.
 _INVAL = struct.Struct("=IiQQqq")
+PAGE = mmap.PAGESIZE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class PageCacheError(RoamError):
@@ -77,6 +95,37 @@ class PageCacheFeeder:
         self.stored = 0  # bytes
         self.skipped = 0  # bytes offered while the kernel held no inode
         self.invalidated = 0  # bytes
+        self._map: tuple[int, int] | None = None  # (address, length) of our mapping
+
+    async def watch(self) -> None:
+        """Map the file read-only, so that `resident` can answer (and stores find an
+        inode from now on). The open and close run in a thread: this loop serves them."""
+        def mapping() -> tuple[int, int]:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                length = os.fstat(fd).st_size
+                address = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+                if address in (None, MAP_FAILED):
+                    raise OSError(ctypes.get_errno(), f"mmap of {self.path} failed")
+                return int(address), length
+            finally:
+                os.close(fd)
+        if self._map is None:
+            self._map = await asyncio.to_thread(mapping)
+
+    def resident(self) -> np.ndarray | None:
+        """Per page of the file: in the page cache now (None before `watch`)."""
+        if self._map is None:
+            return None
+        address, length = self._map
+        vector = np.zeros(-(-length // PAGE), dtype=np.uint8)
+        if _libc.mincore(address, length, vector.ctypes.data) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore of {self.path} failed")
+        return (vector & 1).astype(np.bool_)
+
+    def busy(self) -> bool:
+        """Stores or invalidations are still queued."""
+        return self._last is not None and not self._last.done()
 
     def store(self, offset: int, data: Buffer) -> None:
         """Put `data` at `offset` (copied now: the caller may reuse its buffer)."""
@@ -86,15 +135,17 @@ class PageCacheFeeder:
         """Drop [offset, offset + length) from the page cache."""
         self._submit(self._invalidate, offset, length)
 
-    async def close(self, *, drop_stores: bool = True) -> None:
-        """Wait until every invalidation asked for is done, and the stores too unless
-        `drop_stores` (what is still queued then is left to readers: at a resume, waiting
-        for it would only lengthen the pause); PageCacheError if an invalidation failed
-        (stale pages may be left behind)."""
+    async def close(self, *, drop_stores: bool = False) -> None:
+        """Wait until every invalidation and every store asked for is done (with
+        `drop_stores`, stores still queued are left to readers instead); PageCacheError
+        if an invalidation failed (stale pages may be left behind)."""
         self._closing = drop_stores
         if self._last is not None:
             await asyncio.wait([self._last])
         await asyncio.to_thread(self._thread.shutdown)
+        if self._map is not None:
+            _libc.munmap(*self._map)  # no request to the daemon (only a close sends one)
+            self._map = None
         log.info("page cache of %s: %.0f MiB stored (%.0f MiB before anyone held the file), "
                  "%.1f MiB invalidated", self.path, self.stored / 2**20, self.skipped / 2**20,
                  self.invalidated / 2**20)

@@ -108,11 +108,11 @@ class QemuMachine:
     async def start_incoming(self, nic: Nic) -> None:
         await self._process(nic).start(incoming=True)
 
-    async def pause(self) -> None:
-        await self.vm.pause()
+    async def pause(self) -> float:
+        return await self.vm.pause()
 
-    async def resume(self) -> None:
-        await self.vm.resume()
+    async def resume(self) -> float:
+        return await self.vm.resume()
 
     async def save_state(self, device: Provider) -> int:
         return await self.vm.save_state(device)

@@ -51,6 +51,11 @@ class QemuVM:
         # save or load is seen as soon as it happens, without polling query-migrate.
         self._migration_events = EventListener("MIGRATION")
         self._qmp.register_listener(self._migration_events)
+        # The run state's changes, timed by QEMU itself: a handover's downtime is measured
+        # from the source's STOP event to the destination's RESUME event, as QEMU's own
+        # migration would be.
+        self._run_events = EventListener(("STOP", "RESUME"))
+        self._qmp.register_listener(self._run_events)
 
     @property
     def pid(self) -> int | None:
@@ -131,11 +136,25 @@ class QemuVM:
         except QMPError as exc:
             raise QemuError(f"QMP {name}: {exc}") from exc
 
-    async def pause(self) -> None:
-        await self.command("stop")
+    async def pause(self) -> float:
+        """`stop`; returns the wall clock of QEMU's STOP event."""
+        return await self._run_state("stop", "STOP")
 
-    async def resume(self) -> None:
-        await self.command("cont")
+    async def resume(self) -> float:
+        """`cont`; returns the wall clock of QEMU's RESUME event."""
+        return await self._run_state("cont", "RESUME")
+
+    async def _run_state(self, command: str, event_name: str) -> float:
+        self._run_events.clear()
+        await self.command(command)
+        # QEMU sends the event before the command's answer: it is queued by now, unless
+        # the guest was already in that state (then there is none, and now is as good).
+        while not self._run_events.empty():
+            event = await self._run_events.get()  # queued: no wait
+            if event["event"] == event_name:
+                stamp = cast(dict[str, int], event["timestamp"])
+                return stamp["seconds"] + stamp["microseconds"] / 1e6
+        return time.time()
 
     async def save_state(self, device: Provider) -> int:
         """Write the device state (not memory) into the state device; the VM must be paused.
