@@ -52,11 +52,28 @@ def sync_lag(sync: Info | None) -> str:
     return lag if sync["state"] == "running" else f"{sync['state']} {lag}"
 
 
+def mirror_lag(mirror: Info | None) -> str:
+    """A VM's standby mirror (either end, docs/MIRROR.md) as `peer ls` shows it."""
+    if mirror is None:
+        return ""
+    lag = f"{mirror['lag_bytes'] / 2**20:.1f} MiB {duration(mirror['lag_seconds'])}"
+    state = "" if mirror["state"] == "running" else f" {mirror['state']}"
+    return f"{mirror['role']}{state} {lag}"
+
+
+def lags(vm: Info) -> str:
+    """The SYNC/MIRROR LAG cell: the sync's, then the mirror's."""
+    mirror = mirror_lag(vm.get("mirror"))
+    sync = sync_lag(vm.get("sync"))
+    return sync if not mirror else mirror if sync == "-" else f"{sync}; {mirror}"
+
+
 def table(vms: list[Info], *, states: bool) -> Table:
     """The VMs (with `uptime_s`, see with_uptime) as a table; `states` (a peer's VMs)
-    adds STATE (they may be starting, paused, in doubt...) and SYNC LAG (docs/SYNC.md)."""
+    adds STATE (they may be starting, paused, in doubt, a standby mirror...) and SYNC/MIRROR
+    LAG (docs/SYNC.md, docs/MIRROR.md)."""
     grid = Table("NAME", *(["STATE"] if states else []), "UP", "MEMORY", "CPUS", "DIRTY",
-                 *(["SYNC LAG"] if states else []), "ACCEL", "PUBLISH", "PID")
+                 *(["SYNC/MIRROR LAG"] if states else []), "ACCEL", "PUBLISH", "PID")
     for vm in vms:
         ports = ", ".join(f"{p['host_addr']}:{p['host_port']}->{p['guest_port']}/"
                           f"{p['protocol']}" for p in vm.get("publish") or [])
@@ -65,6 +82,6 @@ def table(vms: list[Info], *, states: bool) -> Table:
                      duration(vm.get("uptime_s")),
                      "-" if memory is None else f"{memory} MiB",
                      str(vm.get("cpus") or "-"), rate(vm.get("dirty_rate")),
-                     *([sync_lag(vm.get("sync"))] if states else []),
+                     *([lags(vm)] if states else []),
                      vm.get("accel") or "-", ports, str(vm.get("pid") or "-"))
     return grid

@@ -58,9 +58,13 @@ from roam.peer.client import PeerClient
 from roam.peer.models import (
     GatewayRequest,
     GcRequest,
+    HibernateRequest,
     MigrateRequest,
     MigrateResult,
+    MirrorRequest,
     ProgressEvent,
+    PromoteRequest,
+    RestoreRequest,
     RunRequest,
     SyncRequest,
 )
@@ -217,7 +221,9 @@ def run_vm(
         help="Package directory (never changed).")] = None,
     from_: Annotated[str | None, typer.Option(
         "--from", help="Start lazily from `roam registry serve` at this address instead "
-                       "of a local package.")] = None,
+                       "of a local package; or, with s3://BUCKET/PREFIX/NAME, restore "
+                       "the VM from its newest sealed sync point there (after a host "
+                       "loss or `roam peer hibernate`) under a new epoch.")] = None,
     publish: Annotated[list[str], typer.Option(
         "--publish", "-p", help="Port forward HOSTPORT:GUESTPORT or ADDR:HOSTPORT:GUESTPORT "
                                 "on the host where the VM runs (set up again on each host "
@@ -235,6 +241,14 @@ def run_vm(
 ) -> None:
     """Resume PACKAGE (or the registry's package) as a VM on the peer; returns once it
     runs."""
+    if from_ is not None and from_.startswith("s3://"):
+        if package is not None or sync_to is not None or gateway is not None:
+            raise typer.BadParameter("a restore from a bucket takes no package, "
+                                     "--sync-to or overlay")
+        restore = _request(RestoreRequest, name=name, publish=publish,
+                           endpoint_url=endpoint_url, **{"from": from_})
+        _print(_with_peer(via, lambda p: p.restore(restore)))
+        return
     sync = None if sync_to is None else {"to": sync_to, "endpoint_url": endpoint_url}
     request = _request(RunRequest, name=name, publish=publish, gateway=gateway, vni=vni,
                        package=str(package.absolute()) if package else None,
@@ -269,6 +283,10 @@ def sync_cmd(
     limit: Annotated[int, typer.Option(help="Chunks uploaded per check.")] = 256,
     concurrency: Annotated[int, typer.Option(help="Uploads at once.")] = 8,
     keep: Annotated[int, typer.Option(help="Sync points kept.")] = 3,
+    checkpoint_every: Annotated[float | None, typer.Option(
+        help="Seconds between sealed sync points: the VM pauses while what changed goes "
+             "up, and the point is memory, disk and device state of one instant (`roam "
+             "peer run --from` restores from the newest).")] = None,
     grace: Annotated[float, typer.Option(
         help="With --gc: seconds an unnamed object is spared (another VM's sync may be "
              "about to name it).")] = 600.0,
@@ -288,8 +306,68 @@ def sync_cmd(
         return
     request = _request(SyncRequest, to=to, endpoint_url=endpoint_url,
                        check_period=check_period, max_age=max_age, min_changes=min_changes,
-                       limit=limit, concurrency=concurrency, keep=keep)
+                       limit=limit, concurrency=concurrency, keep=keep,
+                       checkpoint_every=checkpoint_every)
     _print(_with_peer(via, lambda p: p.sync(name, request)))
+
+
+@app.command("hibernate")
+def hibernate_cmd(
+    name: Annotated[str, typer.Argument(help="A VM running on the peer.")],
+    via: Via,
+    to: Annotated[str, typer.Option(
+        help="s3://BUCKET/PREFIX (the VM lands in PREFIX/NAME); a VM that does not sync "
+             "there yet first uploads everything.")],
+    endpoint_url: EndpointUrl = None,
+) -> None:
+    """Seal a final consistent point of the VM in a bucket and stop it; `roam peer run
+    --from s3://BUCKET/PREFIX/NAME` resumes it, here or on another peer."""
+    request = _request(HibernateRequest, to=to, endpoint_url=endpoint_url)
+    _print(_with_peer(via, lambda p: p.hibernate(name, request)))
+
+
+@app.command("mirror")
+def mirror_cmd(
+    name: Annotated[str, typer.Argument(help="A VM running on the peer.")],
+    via: Via,
+    to: Annotated[str | None, typer.Option(
+        help="The standby peer's --listen address: it keeps a copy of the VM's devices "
+             "(never runs it).")] = None,
+    stop: Annotated[bool, typer.Option(
+        "--stop", help="End the VM's mirror (on either end; the standby's copy stays).")
+    ] = False,
+    check_period: Annotated[float, typer.Option(
+        help="Seconds between sends of what changed.")] = 1.0,
+    checkpoint_every: Annotated[float | None, typer.Option(
+        help="Seconds between consistent checkpoints: the VM pauses while its changes "
+             "are read (`peer ls` shows the pause), the standby seals them as a package. "
+             "Without it the standby has a warm copy but no point to restore from.")
+    ] = None,
+) -> None:
+    """Keep a warm copy of a running VM on another peer, over the migration protocol.
+    `roam migrate` to that peer later sends only what changed since the last checkpoint;
+    `roam peer promote` there runs the VM from it if this peer is lost."""
+    if (to is None) == (not stop):
+        raise typer.BadParameter("give one of --to and --stop")
+    if stop:
+        _with_peer(via, lambda p: p.mirror_stop(name))
+        return
+    request = _request(MirrorRequest, to=to, check_period=check_period,
+                       checkpoint_every=checkpoint_every)
+    _print(_with_peer(via, lambda p: p.mirror(name, request)))
+
+
+@app.command("promote")
+def promote_cmd(
+    name: Annotated[str, typer.Argument(help="A VM this peer keeps a standby mirror of.")],
+    via: Via,
+    publish: Annotated[list[str] | None, typer.Option(
+        help="[ADDR:]HOSTPORT:GUESTPORT[/udp] to forward here.")] = None,
+) -> None:
+    """Run a standby mirror's VM from its newest checkpoint (its source is lost), under
+    a new authority epoch: from then on this peer refuses the old copy."""
+    request = _request(PromoteRequest, publish=publish or [])
+    _print(_with_peer(via, lambda p: p.promote(name, request)))
 
 
 @app.command("gateway")

@@ -55,9 +55,11 @@ class Caps(enum.IntFlag):
     LZ4 = 2
     CONTENT = 4  # HAVE lists and blocks sent as "you already have this"
     STORE = 8  # the destination can take blocks from an object store (STORE, SAFE)
+    MIRROR = 16  # source: a standby mirror, not a migration (docs/MIRROR.md)
 
 
 ALL_CAPS = Caps.ZSTD | Caps.LZ4 | Caps.CONTENT | Caps.STORE
+KNOWN_CAPS = ALL_CAPS | Caps.MIRROR  # a migration's ends never advertise MIRROR
 
 
 class Encoding(enum.IntEnum):
@@ -76,6 +78,9 @@ class EventKind(enum.IntEnum):
     COMPLETE = 5  # source: every block has been sent
     DONE = 6  # destination: every block is present and verified
     PREPARED = 7  # destination: can take authority at once (payload: application data)
+    CHECKPOINT = 8  # mirror source: the blocks so far are one instant (payload: JSON, state)
+    CHECKPOINT_ACK = 9  # mirror: that instant is sealed on disk (payload: JSON)
+    MIRRORED = 10  # mirror source: a cycle ended (payload: JSON, its lag)
 
 
 class ErrorCode(enum.IntEnum):
@@ -380,7 +385,7 @@ def _hello(body: memoryview) -> Hello:
     magic, version, caps = _HELLO.unpack(body)
     if magic != MAGIC:
         raise ProtocolError("HELLO: not a roam peer (bad magic)")
-    return Hello(version, Caps(caps & ALL_CAPS))
+    return Hello(version, Caps(caps & KNOWN_CAPS))
 
 
 def _group(body: memoryview) -> Group:

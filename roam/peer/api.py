@@ -29,6 +29,7 @@ from roam.errors import ErrorCode, RoamError
 from roam.peer import problems
 from roam.peer.models import (
     MAX_LOG_CHUNK,
+    Checkpoint,
     Event,
     ExecRequest,
     ExecResult,
@@ -36,11 +37,16 @@ from roam.peer.models import (
     GatewayRequest,
     GcRequest,
     GcResult,
+    HibernateRequest,
     LogChunk,
     LogName,
     MigrateRequest,
     MigrateResult,
+    MirrorInfo,
+    MirrorRequest,
     PeerInfo,
+    PromoteRequest,
+    RestoreRequest,
     RunRequest,
     SyncInfo,
     SyncRequest,
@@ -70,6 +76,11 @@ class PeerService(Protocol):
     async def sync(self, name: str, request: SyncRequest) -> SyncInfo: ...
     async def sync_stop(self, name: str) -> None: ...
     async def sync_gc(self, name: str, request: GcRequest) -> GcResult: ...
+    async def mirror(self, name: str, request: MirrorRequest) -> MirrorInfo: ...
+    async def mirror_stop(self, name: str) -> None: ...
+    async def promote(self, name: str, request: PromoteRequest) -> VMInfo: ...
+    async def restore(self, request: RestoreRequest) -> VMInfo: ...
+    async def hibernate(self, name: str, request: HibernateRequest) -> Checkpoint: ...
     def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk: ...
     def gateways(self) -> list[GatewayInfo]: ...
     def gateway(self, name: str) -> GatewayInfo: ...
@@ -201,6 +212,31 @@ def create_app(peer: PeerService) -> FastAPI:
                                                   description="bytes at most")] = 65536
                       ) -> LogChunk:
         return peer.log(name, log, offset, limit)
+
+    @app.put("/vms/{name}/mirror", summary="Keep a warm copy of the VM's devices on a "
+                                           "standby peer (docs/MIRROR.md)")
+    async def mirror_vm(name: VMName, request: MirrorRequest) -> MirrorInfo:
+        return await peer.mirror(name, request)
+
+    @app.delete("/vms/{name}/mirror", status_code=204, summary="End the VM's mirror (on "
+                                                               "either end; the copy stays)")
+    async def stop_mirror(name: VMName) -> None:
+        await peer.mirror_stop(name)
+
+    @app.post("/mirrors/{name}/promote", status_code=201, summary=(
+        "Run a standby mirror's VM from its newest checkpoint under a new epoch"))
+    async def promote_mirror(name: VMName, request: PromoteRequest) -> VMInfo:
+        return await peer.promote(name, request)
+
+    @app.post("/restores", status_code=201, summary=(
+        "Run a VM from its newest sealed sync point in a bucket under a new epoch"))
+    async def restore_vm(request: RestoreRequest) -> VMInfo:
+        return await peer.restore(request)
+
+    @app.post("/vms/{name}/hibernate", summary=(
+        "Seal a final point of the VM in a bucket and stop it"))
+    async def hibernate_vm(name: VMName, request: HibernateRequest) -> Checkpoint:
+        return await peer.hibernate(name, request)
 
     @app.get("/gateways", summary="The overlay gateways this peer holds")
     async def list_gateways() -> list[GatewayInfo]:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from roam.errors import ErrorCode, RoamError
 from roam.migration.channel import TLSFiles
 from roam.peer.models import (
+    Checkpoint,
     Event,
     EventEnvelope,
     ExecRequest,
@@ -30,11 +31,16 @@ from roam.peer.models import (
     GatewayRequest,
     GcRequest,
     GcResult,
+    HibernateRequest,
     LogChunk,
     LogName,
     MigrateRequest,
     MigrateResult,
+    MirrorInfo,
+    MirrorRequest,
     PeerInfo,
+    PromoteRequest,
+    RestoreRequest,
     RunRequest,
     SnapshotEvent,
     SyncInfo,
@@ -147,6 +153,25 @@ class PeerClient:
     async def sync_gc(self, name: str, request: GcRequest) -> GcResult:
         return GcResult.model_validate((await self._request(
             "POST", f"/vms/{name}/sync/gc", request.model_dump(), MIGRATE_TIMEOUT)).json())
+
+    async def mirror(self, name: str, request: MirrorRequest) -> MirrorInfo:
+        return MirrorInfo.model_validate((await self._request(
+            "PUT", f"/vms/{name}/mirror", request.model_dump(), RUN_TIMEOUT)).json())
+
+    async def mirror_stop(self, name: str) -> None:
+        await self._request("DELETE", f"/vms/{name}/mirror")
+
+    async def promote(self, name: str, request: PromoteRequest) -> VMInfo:
+        return VMInfo.model_validate((await self._request(
+            "POST", f"/mirrors/{name}/promote", request.model_dump(), RUN_TIMEOUT)).json())
+
+    async def restore(self, request: RestoreRequest) -> VMInfo:
+        return VMInfo.model_validate((await self._request(
+            "POST", "/restores", request.model_dump(by_alias=True), MIGRATE_TIMEOUT)).json())
+
+    async def hibernate(self, name: str, request: HibernateRequest) -> Checkpoint:
+        return Checkpoint.model_validate((await self._request(
+            "POST", f"/vms/{name}/hibernate", request.model_dump(), MIGRATE_TIMEOUT)).json())
 
     async def gateways(self) -> list[GatewayInfo]:
         return TypeAdapter(list[GatewayInfo]).validate_python(

@@ -92,6 +92,7 @@ def describe(instance: Instance) -> VMInfo:
     return VMInfo.model_validate({
         **instance.info, "name": instance.spec.name, "state": instance.state,
         "sync": instance.sync.info() if instance.sync is not None else None,
+        "mirror": instance.mirror.info() if instance.mirror is not None else None,
         "ready": instance.agent_ready.is_set(),
         "publish": [asdict(f) for f in instance.spec.forwards()],
         "overlay": instance.spec.overlay})

@@ -26,9 +26,10 @@ from roam.migration.errors import LostPeer
 from roam.migration.source import SourceDevice
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer import events, syncing
+from roam.peer import events, sealing, syncing
 from roam.peer.errors import PeerError
-from roam.peer.models import ExecRequest, GcRequest, MigrateRequest, SyncRequest
+from roam.peer.mirroring import MirrorJob
+from roam.peer.models import ExecRequest, GcRequest, MigrateRequest, MirrorRequest, SyncRequest
 from roam.peer.network import NetConfig
 from roam.peer.outgoing import Outgoing, policy_from
 from roam.storage.cow import CopyOnWrite
@@ -36,6 +37,7 @@ from roam.storage.provider import Provider
 from roam.storage.sources import SparseFileSource
 from roam.sync.crypto import SyncKey
 from roam.sync.store import StoreURL
+from roam.sync.syncer import SyncState
 from roam.vm import control, group
 from roam.vm.group import COW_BLOCK, Device, VMSpec
 from roam.vm.lifecycle import VM, Resumed
@@ -71,6 +73,7 @@ class Instance:
         self.fenced = False  # paused by its node's agent (handle_pause), not a migration
         self.agent_ready = asyncio.Event()
         self.sync: syncing.SyncJob | None = None  # its continuous sync (roam.peer.syncing)
+        self.mirror: MirrorJob | None = None  # its standby mirror (roam.peer.mirroring)
         self.paused_wall: float | None = None  # time.time() of the pause before arriving
 
     @property
@@ -194,6 +197,9 @@ class Instance:
         await self.start_sync(StoreURL.parse(request.to), request.endpoint_url, key,
                               syncing.policy_of(request))
         assert self.sync is not None
+        if request.checkpoint_every is not None:
+            self.sync.checkpointer = asyncio.create_task(
+                sealing.checkpoints(self, self.sync, request.checkpoint_every))
         return self.sync.info().model_dump(mode="json")
 
     async def start_sync(self, url: StoreURL, endpoint_url: str | None, key: SyncKey,
@@ -215,6 +221,50 @@ class Instance:
                             "garbage where it syncs", code=ErrorCode.CONFLICT)
         result = await syncing.collect(self.sync, GcRequest.model_validate(params))
         return result.model_dump(mode="json")
+
+    async def handle_hibernate(self, _: control.Json) -> control.Json:
+        """Once the sync caught up: a final sealed point, and the VM stops (for good
+        here: `roam peer run --from` resumes it from the bucket)."""
+        job = self.sync
+        if job is None or job.task is None or job.task.done():
+            raise PeerError(f"{self.spec.name} does not sync: nothing to hibernate to",
+                            code=ErrorCode.CONFLICT)
+        while job.syncer.state != SyncState.RUNNING:  # the first pass is not over
+            if job.task.done():
+                raise PeerError(f"{self.spec.name}'s sync stopped: {job.info().error}",
+                                code=ErrorCode.CONFLICT)
+            await asyncio.sleep(0.2)
+        point = await sealing.seal(self, job, stop=True)
+        self.set_state(VMState.STOPPED)
+        self.finished.set()
+        return point.model_dump(mode="json")
+
+    async def handle_mirror(self, params: control.Json) -> control.Json:
+        """Start mirroring to a standby peer (params: a MirrorRequest)."""
+        request = MirrorRequest.model_validate(params)
+        if self.state != VMState.RUNNING:
+            raise PeerError(f"{self.spec.name} is {self.state}, not running",
+                            code=ErrorCode.CONFLICT)
+        if self.mirror is not None and self.mirror.task is not None \
+                and not self.mirror.task.done():
+            raise PeerError(f"{self.spec.name} mirrors to {self.mirror.request.to} already "
+                            "(stop that first)", code=ErrorCode.CONFLICT)
+        job = MirrorJob(self, request)
+        try:
+            await job.start()
+        except PeerLost as exc:
+            raise LostPeer(str(exc)) from exc
+        self.mirror = job
+        events.changed(self)
+        return job.info().model_dump(mode="json")
+
+    async def handle_mirror_stop(self, _: control.Json) -> control.Json:
+        if self.mirror is None:
+            raise PeerError(f"{self.spec.name} has no mirror", code=ErrorCode.CONFLICT)
+        job, self.mirror = self.mirror, None
+        await job.stop()
+        events.changed(self)
+        return {}
 
     async def handle_migrate(self, params: control.Json) -> control.Json:
         request = MigrateRequest.model_validate(params)
@@ -240,6 +290,9 @@ class Instance:
         return asdict(result)
 
     async def close(self) -> None:
+        if self.mirror is not None:
+            mirror, self.mirror = self.mirror, None
+            await mirror.stop()
         if self.sync is not None:
             job, self.sync = self.sync, None
             await job.stop()

@@ -28,7 +28,7 @@ from roam.network.forward import PortForward
 from roam.network.overlay import OverlaySpec
 
 VMState = Literal["starting", "incoming", "running", "migrating", "paused", "in-doubt",
-                  "handed-over", "migrated", "stopped"]
+                  "handed-over", "migrated", "stopped", "mirror"]
 """A VM's state under its peer. `in-doubt` needs an operator (docs/MIGRATION.md);
 `handed-over` means the destination owns the VM although post-copy failed."""
 
@@ -95,6 +95,16 @@ StoreURLText = Annotated[str, AfterValidator(_store_url)]
 EndpointURL = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
 
 
+class Checkpoint(BaseModel):
+    """A consistent point of a VM: memory, disk and device state of one instant, taken
+    during a pause of `pause_ms` (docs/MIRROR.md)."""
+
+    seq: int
+    epoch: int  # the authority epoch it was taken under
+    at: float  # wall clock of the pause
+    pause_ms: float  # QMP stop to cont on the source
+
+
 class SyncInfo(BaseModel):
     """A VM's continuous sync to an object store (docs/SYNC.md)."""
 
@@ -109,6 +119,58 @@ class SyncInfo(BaseModel):
     requests: int  # to the store
     sync_point: int | None  # the newest manifest written
     error: str | None  # the last failure (retrying), or why it stopped
+    checkpoint: Checkpoint | None = None  # the newest sealed point (docs/MIRROR.md)
+
+
+class MirrorInfo(BaseModel):
+    """A standby mirror, as either end shows it: `role` source (the VM runs here and is
+    mirrored to `peer`) or standby (a copy of the VM that runs at `peer`)."""
+
+    role: Literal["source", "standby"]
+    peer: str  # the other end: its address (source), or "(remote)" (standby)
+    state: Literal["first-pass", "running", "stopped"]
+    lag_bytes: int  # changed on the source and not on the standby yet (as of `at`)
+    lag_seconds: float  # since the standby last heard that it was up to date
+    sent_bytes: int  # blocks' bytes sent (source) or received (standby)
+    checkpoint: Checkpoint | None = None  # the newest sealed (standby) or acknowledged
+    checkpoints: int = 0  # taken (source) or sealed (standby) since the mirror started
+    error: str | None = None  # why it stopped, if it did
+
+
+class MirrorRequest(_Request):
+    """Keep a warm copy of the VM's devices on another peer (`roam peer mirror --help`)."""
+
+    to: AddressText = Field(description="the standby peer's --listen address")
+    check_period: Annotated[float, Field(gt=0, le=3600, description=(
+        "seconds between sends of what changed"))] = 1.0
+    checkpoint_every: Annotated[float | None, Field(gt=0, le=86400, description=(
+        "seconds between consistent checkpoints (a short pause); none: no checkpoint "
+        "but the first"))] = None
+
+
+class RestoreRequest(_Request):
+    """Run a VM from its newest sealed sync point (`roam peer run --from s3://...`)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Name
+    from_: Annotated[StoreURLText, Field(
+        alias="from", description="s3://BUCKET/PREFIX/NAME: where the VM synced")]
+    endpoint_url: EndpointURL | None = None
+    publish: list[ForwardText] = []
+
+
+class HibernateRequest(_Request):
+    """Seal a final point in the bucket and stop the VM (`roam peer hibernate`)."""
+
+    to: StoreURLText = Field(description="s3://BUCKET/PREFIX (the VM lands in PREFIX/NAME)")
+    endpoint_url: EndpointURL | None = None
+
+
+class PromoteRequest(_Request):
+    """Run a standby mirror's VM from its newest checkpoint (`roam peer promote`)."""
+
+    publish: list[ForwardText] = []
 
 
 class VMInfo(BaseModel):
@@ -136,6 +198,9 @@ class VMInfo(BaseModel):
     cont_ms: float | None = None
     memory_checked: bool = False  # memory compared with the source's at the pause
     sync: SyncInfo | None = None  # its continuous sync, if it has one
+    mirror: MirrorInfo | None = None  # its standby mirror (either end), if it has one
+    epoch: int = 0  # authority epoch: raised by each restore from a checkpoint
+    last_pause_ms: float | None = None  # the last checkpoint's pause (mirror or sync)
 
 
 class SyncRequest(_Request):
@@ -155,6 +220,8 @@ class SyncRequest(_Request):
         "chunks uploaded per check, after the first pass"))] = 256
     concurrency: Annotated[int, Field(ge=1, le=64, description="uploads at once")] = 8
     keep: Annotated[int, Field(ge=1, le=1000, description="sync points kept")] = 3
+    checkpoint_every: Annotated[float | None, Field(gt=0, le=86400, description=(
+        "seconds between sealed (consistent) sync points: a short pause each"))] = None
 
 
 class GcRequest(_Request):

@@ -34,10 +34,11 @@ from roam.migration.channel import Address, TLSFiles
 from roam.network.forward import PortForward
 from roam.network.overlay import OverlaySpec
 from roam.network.vmnet import VmNetwork
-from roam.peer import api, host, statedir, syncing, systemd
+from roam.peer import api, host, mirrored, sealing, statedir, syncing, systemd
 from roam.peer.client import PEER_SOCKET
 from roam.peer.events import Hub
 from roam.peer.models import (
+    Checkpoint,
     Event,
     EventEnvelope,
     ExecRequest,
@@ -46,12 +47,17 @@ from roam.peer.models import (
     GatewayRequest,
     GcRequest,
     GcResult,
+    HibernateRequest,
     LogChunk,
     LogName,
     MigrateRequest,
     MigrateResult,
+    MirrorInfo,
+    MirrorRequest,
     PeerInfo,
     ProgressEvent,
+    PromoteRequest,
+    RestoreRequest,
     RunRequest,
     SnapshotEvent,
     SyncInfo,
@@ -64,6 +70,7 @@ from roam.peer.network import NetConfig
 from roam.peer.packages import HeldPackages
 from roam.peer.table import VMTable, Worker
 from roam.sync.crypto import SyncKey
+from roam.sync.reader import ChunkReader
 from roam.sync.store import ObjectStore, StoreURL
 from roam.vm import control
 from roam.vm.package import Package, PackageError
@@ -107,6 +114,8 @@ class Peer:
         self.tls = tls  # migrations in and out use mutual TLS with these files
         self.vms_dir = state_dir / "vms"
         self.held = HeldPackages(state_dir / "packages")
+        self.mirrors_dir = state_dir / "mirrors"  # standby mirrors (roam.peer.mirrored)
+        self.restores_dir = state_dir / "restores"  # VMs restored from a bucket (sealing)
         self.given = packages or []
         self.table = VMTable()
         self.events = Hub()
@@ -186,7 +195,8 @@ class Peer:
             log.info("incoming migration from %s", peer or "a local peer")
             try:
                 tls = ["--incoming-tls"] if self.tls else []
-                await self._spawn(["--incoming-fd", str(conn.fileno()), *tls], conn.fileno())
+                await self._spawn(["--incoming-fd", str(conn.fileno()), *tls,
+                                   "--mirrors", str(self.mirrors_dir)], conn.fileno())
             except OSError as exc:
                 log.error("cannot start a worker for an incoming migration: %s", exc)
             finally:
@@ -277,7 +287,8 @@ class Peer:
             return VMInfo(name=name, state="starting")
         return worker.info
 
-    async def run(self, request: RunRequest) -> VMInfo:
+    async def run(self, request: RunRequest, epoch: int = 0) -> VMInfo:
+        """Start a VM; `epoch`: the authority epoch it runs under (a promotion's)."""
         name = request.name
         if self.table.taken(name):
             raise RoamError(f"a VM called {name!r} already runs on this peer",
@@ -285,7 +296,7 @@ class Peer:
         if request.sync is not None:  # a store that refuses us: no VM is started
             await ObjectStore(StoreURL.parse(request.sync.to),
                               request.sync.endpoint_url).check()
-        args = ["--name", name]
+        args = ["--name", name, *(["--epoch", str(epoch)] if epoch else [])]
         for spec in request.publish:
             args += ["--publish", spec]
         if request.gateway is not None and request.vni is not None:
@@ -368,6 +379,72 @@ class Peer:
         worker = self.table.find_live(name)
         return GcResult.model_validate(await worker.call("sync_gc", request.model_dump(),
                                                          timeout=600.0))
+
+    async def mirror(self, name: str, request: MirrorRequest) -> MirrorInfo:
+        worker = self.table.find_live(name)
+        info = MirrorInfo.model_validate(await worker.call("mirror", request.model_dump(),
+                                                           timeout=60.0))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await worker.wait_for(lambda w: w.info is not None and w.info.mirror is not None)
+        return info
+
+    async def mirror_stop(self, name: str) -> None:
+        worker = self.table.find(name)
+        await worker.call("mirror_stop" if worker.live else "stop", timeout=60.0)
+
+    async def restore(self, request: RestoreRequest) -> VMInfo:
+        """Run a VM from its newest sealed sync point (after a host loss, or a
+        hibernation), under a new epoch recorded in the bucket first. The bucket's
+        objects open with this peer's sync key (STATE_DIR/sync.key): the source's."""
+        name = request.name
+        if self.table.taken(name):
+            raise RoamError(f"a VM called {name!r} already runs on this peer",
+                            code=ErrorCode.CONFLICT)
+        url = StoreURL.parse(request.from_)
+        parent, _, vm = url.prefix.rpartition("/")
+        if not vm:
+            raise RoamError(f"{url} names no VM: give s3://BUCKET/PREFIX/NAME",
+                            code=ErrorCode.BAD_REQUEST)
+        key_path = syncing.key_file(self.state_dir)
+        if not key_path.exists():
+            raise RoamError(f"no sync key in {key_path}: copy the source peer's there",
+                            code=ErrorCode.NOT_FOUND)
+        store = ObjectStore(StoreURL(url.bucket, parent), request.endpoint_url)
+        reader = ChunkReader(store, SyncKey.load(key_path))
+        self.restores_dir.mkdir(mode=0o700, exist_ok=True)
+        package, epoch = await sealing.restore(reader, vm, self.restores_dir / name)
+        return await self.run(RunRequest(name=name, package=str(package),
+                                         publish=request.publish), epoch=epoch)
+
+    async def hibernate(self, name: str, request: HibernateRequest) -> Checkpoint:
+        """Seal a final point in the bucket (syncing there first if the VM does not
+        yet: the whole VM goes up) and stop the VM."""
+        worker = self.table.find_live(name)
+        if worker.info is None or worker.info.sync is None or worker.info.sync.state == "stopped":
+            await self.sync(name, SyncRequest(to=request.to, endpoint_url=request.endpoint_url))
+        return Checkpoint.model_validate(await worker.call("hibernate", timeout=MIGRATE_TIMEOUT))
+
+    async def promote(self, name: str, request: PromoteRequest) -> VMInfo:
+        """Run a standby mirror's VM from its newest checkpoint, under a new epoch. Its
+        source must be gone: a mirror still receiving is stopped first."""
+        control.check_name(name)
+        if self.table.taken(name):
+            raise RoamError(f"a VM called {name!r} already runs on this peer",
+                            code=ErrorCode.CONFLICT)
+        for worker in list(self.table.workers.values()):
+            if worker.name == name and worker.info is not None and not worker.exited \
+                    and worker.info.state == "mirror":
+                with contextlib.suppress(RoamError, OSError):
+                    await worker.call("stop", timeout=30.0)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(30):
+                        await worker.wait_for(lambda w: w.exited)
+        checkpoint, epoch = mirrored.promote(self.mirrors_dir / name)
+        log.info("promoting the mirror of %s: checkpoint %s under epoch %d", name,
+                 checkpoint, epoch)
+        return await self.run(RunRequest(name=name, package=str(checkpoint),
+                                         publish=request.publish), epoch=epoch)
 
     def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk:
         """Up to `limit` bytes of the VM's `log` from `offset` (its worker's directory)."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from roam.migration.hybrid import SafeChunks, StoreOffer
 from roam.migration.wire import StoreDescriptor
 from roam.peer import events
-from roam.peer.models import GcRequest, GcResult, SyncInfo, SyncRequest
+from roam.peer.models import Checkpoint, GcRequest, GcResult, SyncInfo, SyncRequest
 from roam.sync import gc
 from roam.sync.crypto import KEY_FILE, SyncKey
 from roam.sync.reader import ChunkReader
@@ -52,6 +52,8 @@ class SyncJob:
     task: asyncio.Task[None] | None = None
     reporter: asyncio.Task[None] | None = None
     failure: str | None = None
+    checkpoint: Checkpoint | None = None  # the newest sealed point (roam.peer.sealing)
+    checkpointer: asyncio.Task[None] | None = None  # seals one every so often
 
     def launch(self) -> None:
         """Run the sync (again, after `hold`)."""
@@ -74,6 +76,7 @@ class SyncJob:
     def info(self) -> SyncInfo:
         status = self.syncer.status()
         fields = asdict(status)
+        fields["checkpoint"] = self.checkpoint
         if self.task is None or self.task.done():
             fields["state"] = SyncState.STOPPED
             fields["error"] = self.failure or status.error
@@ -88,6 +91,10 @@ class SyncJob:
                 await self.task
 
     async def stop(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.checkpointer
         await self.hold()
         if self.reporter is not None:
             self.reporter.cancel()

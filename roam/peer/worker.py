@@ -26,14 +26,17 @@ import uvloop
 
 from roam import logs
 from roam.migration.channel import Address, Channel, FrameProtocol, TLSFiles, connect
+from roam.migration.wire import Hello, MsgType, decode
 from roam.network.leases import state_dir as net_state_dir
 from roam.network.overlay import OverlaySpec
 from roam.peer import events
 from roam.peer.errors import PeerError
 from roam.peer.incoming import Incoming
 from roam.peer.instance import Instance, from_package
+from roam.peer.mirrored import Standby, is_mirror
 from roam.peer.network import NetConfig
 from roam.peer.packages import HeldPackages
+from roam.storage.provider import Buffer
 from roam.vm import control
 
 log = logging.getLogger("roam.peer.worker")
@@ -51,7 +54,8 @@ async def _control(instance: Instance, incoming: Incoming | None = None
         "migrate": instance.handle_migrate, "stop": instance.handle_stop,
         "resume": instance.handle_resume, "pause": instance.handle_pause,
         "sync": instance.handle_sync, "sync_stop": instance.handle_sync_stop,
-        "sync_gc": instance.handle_sync_gc},
+        "sync_gc": instance.handle_sync_gc, "mirror": instance.handle_mirror,
+        "mirror_stop": instance.handle_mirror_stop, "hibernate": instance.handle_hibernate},
         {"events": events.stream(instance)})
     watching = asyncio.create_task(events.watch(instance, incoming))
     try:
@@ -89,9 +93,10 @@ async def _first(awaitable: Awaitable[T], watched: asyncio.Task[object]) -> T:
 
 async def run_package(workdir: Path, package: Path, name: str, publish: list[str],
                       netconf: NetConfig, overlay: OverlaySpec | None = None,
-                      tls: TLSFiles | None = None) -> None:
+                      tls: TLSFiles | None = None, epoch: int = 0) -> None:
     instance = from_package(package, name, publish, workdir, netconf, overlay)
     instance.tls = tls
+    instance.info["epoch"] = epoch
     try:
         async with _control(instance), instance.exposure():
             try:
@@ -161,6 +166,51 @@ async def run_incoming(workdir: Path, channel: Channel, netconf: NetConfig,
             await cache.close()
 
 
+class _Replay:
+    """A channel whose first frame was read already (to tell a mirror from a migration)
+    and is handed out once more by the first `recv`."""
+
+    def __init__(self, channel: FrameProtocol, kind: MsgType, body: bytes) -> None:
+        self.channel = channel
+        self._first: tuple[MsgType, memoryview] | None = (kind, memoryview(body))
+        self.bytes_sent = channel.bytes_sent
+        self.bytes_received = channel.bytes_received
+
+    def send(self, *parts: Buffer) -> None:
+        self.channel.send(*parts)
+
+    async def drain(self) -> None:
+        await self.channel.drain()
+
+    async def recv(self) -> tuple[MsgType, memoryview]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self.channel.recv()
+
+    def limit_queue(self, nbytes: int) -> None:
+        self.channel.limit_queue(nbytes)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def run_accepted(workdir: Path, channel: FrameProtocol, netconf: NetConfig,
+                       mirrors: Path | None, tls: TLSFiles | None,
+                       held: HeldPackages | None) -> None:
+    """A connection the peer accepted: a standby mirror (capability MIRROR in its HELLO)
+    or a VM migrating in."""
+    kind, body = await channel.recv()
+    first = bytes(body)
+    message = decode(kind, memoryview(first))
+    if isinstance(message, Hello) and is_mirror(message):
+        if mirrors is None:
+            raise PeerError("this peer keeps no mirrors (no --mirrors)")
+        await Standby(channel, workdir, mirrors, held).run()  # its HELLO is read
+        return
+    await run_incoming(workdir, _Replay(channel, kind, first), netconf, None, None, tls, held)
+
+
 def _or_failed(received: asyncio.Task[object], incoming: Incoming) -> asyncio.Task[object]:
     """`received`, or a failure to prepare the VM here, whichever comes first: a source
     that waits for PREPARED learns why it will not come, and keeps its VM. Once authority
@@ -206,6 +256,10 @@ def main() -> None:
     parser.add_argument("--incoming-fd", type=int)
     parser.add_argument("--packages", type=Path,
                         help="the peer's record of the packages it holds (HeldPackages)")
+    parser.add_argument("--mirrors", type=Path,
+                        help="where the peer keeps standby mirrors (roam.peer.mirrored)")
+    parser.add_argument("--epoch", type=int, default=0,
+                        help="the authority epoch the VM runs under (a promotion's)")
     parser.add_argument("--from", dest="registry", help="a registry to start lazily from")
     parser.add_argument("--incoming-tls", action="store_true",
                         help="the incoming connection is a migration: require mutual TLS")
@@ -230,12 +284,11 @@ def main() -> None:
     elif args.incoming_fd is not None:
         async def incoming() -> None:
             channel = await accepted(args.incoming_fd, tls if args.incoming_tls else None)
-            await run_incoming(args.workdir, channel, netconf, args.name,
-                               args.publish or None, tls, held)
+            await run_accepted(args.workdir, channel, netconf, args.mirrors, tls, held)
         uvloop.run(incoming())
     elif args.package is not None and args.name:
         uvloop.run(run_package(args.workdir, args.package, args.name, args.publish, netconf,
-                               overlay, tls))
+                               overlay, tls, args.epoch))
     else:
         parser.error("give --incoming-fd, --from, or --package and --name")
 

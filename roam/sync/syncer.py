@@ -211,6 +211,7 @@ class Syncer:
         self.state = SyncState.FIRST_PASS
         self.known: set[bytes] = set()  # addresses the store holds
         self.seq: int | None = None  # newest manifest
+        self.sealed_seq: int | None = None  # newest sealed manifest: retention keeps it
         self.totals = _Totals()
         self.error: str | None = None
         self.retrying = asyncio.Event()  # set while the store fails
@@ -293,7 +294,8 @@ class Syncer:
                 d.take(chunks)
                 jobs += [_Job(d, int(c), now) for c in chunks]
             await self._upload(jobs)
-            return await self._write_manifest(sealed=True, epoch=epoch)
+            self.sealed_seq = await self._write_manifest(sealed=True, epoch=epoch)
+            return self.sealed_seq
 
     # -- picking -------------------------------------------------------------------------
 
@@ -415,7 +417,8 @@ class Syncer:
             raise
         self.seq = seq
         old = [manifest_key(self.vm, s) for s in range(max(0, seq - 2 * self.policy.keep),
-                                                      seq - self.policy.keep + 1)]
+                                                      seq - self.policy.keep + 1)
+               if s != self.sealed_seq]
         with contextlib.suppress(SyncError):  # retention is best effort; --gc finishes it
             await self.store.delete(old)
         log.debug("sync point %d of %s written", seq, self.vm)

@@ -37,10 +37,11 @@ class VMState(enum.StrEnum):
     HANDED_OVER = "handed-over"
     MIGRATED = "migrated"
     STOPPED = "stopped"
+    MIRROR = "mirror"  # a standby copy of a VM that runs elsewhere (roam.peer.mirrored)
 
 
 _FINAL = frozenset({VMState.MIGRATED, VMState.STOPPED})
-LIVE = frozenset(VMState) - _FINAL
+LIVE = frozenset(VMState) - _FINAL - {VMState.MIRROR}
 """States in which this host holds the VM (running or not)."""
 
 TRANSITIONS: dict[VMState, frozenset[VMState]] = {
@@ -54,6 +55,7 @@ TRANSITIONS: dict[VMState, frozenset[VMState]] = {
     VMState.HANDED_OVER: frozenset(),
     VMState.MIGRATED: frozenset(),
     VMState.STOPPED: frozenset(),
+    VMState.MIRROR: frozenset(),
 }
 
 

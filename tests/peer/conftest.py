@@ -104,6 +104,19 @@ class Peer:
                                  str(self.dir), *options], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
+    def lose(self, name: str) -> None:
+        """The host is lost: VM `name`'s worker (QEMU dies with it) and the peer get
+        SIGKILL. Then, as a restarted peer would, the dead worker's FUSE mount is
+        detached (a dead daemon's mount stays until unmounted)."""
+        os.kill(self.vms()[name]["pid"], signal.SIGKILL)
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        time.sleep(0.5)  # the kernel tears the worker down
+        for line in Path("/proc/mounts").read_text().splitlines():
+            mount = line.split()[1]
+            if mount.startswith(f"{self.dir}/"):
+                subprocess.run(["umount", "-l", mount], check=False)
+
     def close(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:

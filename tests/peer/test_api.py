@@ -40,7 +40,10 @@ from roam.peer.models import (
     LogName,
     MigrateRequest,
     MigrateResult,
+    MirrorInfo,
+    MirrorRequest,
     PeerInfo,
+    PromoteRequest,
     RunRequest,
     SnapshotEvent,
     SyncInfo,
@@ -118,6 +121,17 @@ class Stub:
         self._vm(name)
         return GcResult(manifests_deleted=request.keep, objects_deleted=0, bytes_freed=0,
                         objects_kept=0)
+
+    async def mirror(self, name: str, request: MirrorRequest) -> MirrorInfo:
+        self._vm(name)
+        return MirrorInfo(role="source", peer=request.to, state="first-pass", lag_bytes=0,
+                          lag_seconds=0.0, sent_bytes=0)
+
+    async def mirror_stop(self, name: str) -> None:
+        self._vm(name)
+
+    async def promote(self, name: str, request: PromoteRequest) -> VMInfo:
+        raise RoamError(f"no checkpoint of {name}", code=ErrorCode.NOT_FOUND)
 
     def log(self, name: str, log: LogName, offset: int, limit: int) -> LogChunk:
         self._vm(name)
