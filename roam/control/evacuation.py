@@ -46,12 +46,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel
 
 from roam.control import scheduler
-from roam.control.fleet import Fleet, Versioned, View
+from roam.control.fleet import Fleet, Versioned, View, move_off
 from roam.control.models import (
     ControlEvent,
     ControlKind,
     Keys,
-    Move,
     NodeRecord,
     VMPhase,
     VMRecord,
@@ -252,7 +251,7 @@ class Evacuation:
         for count in self._counted:
             count()
         for name in starting:
-            await self.fleet.update(Keys.vm(name), VMRecord, _evacuation_move)
+            await self.fleet.update(Keys.vm(name), VMRecord, move_off("evacuation"))
         for kind, fields in said:
             await event(self.fleet, kind, **fields)
 
@@ -359,9 +358,3 @@ class Evacuation:
             starting.append(name)
         return starting
 
-
-def _evacuation_move(record: VMRecord) -> VMRecord | None:
-    if record.desired.move is not None or record.status.target is not None:
-        return None
-    record.desired.move = Move(reason="evacuation")
-    return record

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
@@ -23,6 +23,7 @@ from roam.control.models import (
     ControlKind,
     Drain,
     Keys,
+    Move,
     NodeRecord,
     NodeState,
     NodeView,
@@ -80,6 +81,17 @@ class View:
                         memory_used_mib=sum(v.spec.memory_mib for v in here),
                         cpus_used=sum(v.spec.cpus for v in here),
                         draining=None if drain is None else drain.value)
+
+
+def move_off(reason: Literal["drain", "evacuation"]) -> Callable[[VMRecord], VMRecord | None]:
+    """The update that asks for a VM's move off its node (a drain's, an evacuation's),
+    unless one is asked for or under way already."""
+    def update(record: VMRecord) -> VMRecord | None:
+        if record.desired.move is not None or record.status.target is not None:
+            return None
+        record.desired.move = Move(reason=reason)
+        return record
+    return update
 
 
 def vm_view(record: VMRecord) -> VMView:

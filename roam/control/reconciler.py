@@ -20,12 +20,11 @@ import time
 
 from roam.control import scheduler
 from roam.control.evacuation import Evacuation
-from roam.control.fleet import Fleet, View
+from roam.control.fleet import Fleet, View, move_off
 from roam.control.lost import LostNodes
 from roam.control.models import (
     ControlKind,
     Keys,
-    Move,
     NodeRecord,
     VMPhase,
     VMRecord,
@@ -160,7 +159,7 @@ class Reconciler:
                             and v.status.failures < MAX_FAILURES),
                            key=lambda n: (-here[n].spec.priority, n))  # highest first
             for name in ready[:max(0, drain.value.max_parallel - len(moving))]:
-                await self.fleet.update(Keys.vm(name), VMRecord, _drain_move)
+                await self.fleet.update(Keys.vm(name), VMRecord, move_off("drain"))
             if not moving and not ready:
                 left = ", ".join(f"{n} ({v.status.phase.value}"
                                  f"{', ' + v.status.detail if v.status.detail else ''})"
@@ -244,10 +243,4 @@ def _lost(record: VMRecord) -> VMRecord | None:
     record.status.detail = f"node {record.status.node} missed its lease"
     return record
 
-
-def _drain_move(record: VMRecord) -> VMRecord | None:
-    if record.desired.move is not None or record.status.target is not None:
-        return None
-    record.desired.move = Move(reason="drain")
-    return record
 
