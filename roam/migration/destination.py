@@ -493,8 +493,11 @@ class Destination:
 
     async def _blocks(self, msg: Blocks) -> None:
         spec = self._device(msg.device)[0]
-        if msg.first + msg.count > spec.nblocks:
+        last = msg.first + (int(msg.offsets[-1]) + 1 if len(msg.offsets) else msg.count)
+        if last > spec.nblocks:
             raise ProtocolError(f"BLOCKS beyond the end of device {spec.name}")
+        if msg.encoding == Encoding.SCATTER and Caps.SCATTER not in self._peer_caps:
+            raise ProtocolError("SCATTER blocks from a source that did not advertise them")
         self.result.blocks_received += msg.count
         if msg.encoding == Encoding.ZERO:
             await self._zero(msg.device, msg.first, msg.count)
@@ -502,6 +505,8 @@ class Destination:
             await self._have(msg)
         elif msg.encoding == Encoding.RAW:
             await self._raw(msg)
+        elif msg.encoding == Encoding.SCATTER:
+            await self._scatter(msg)
         else:
             await self._compressed(msg)
 
@@ -571,6 +576,32 @@ class Destination:
         if not carried.all():
             for lo, n in runs(~carried):
                 await self._zero(msg.device, msg.first + lo, n)
+
+    async def _scatter(self, msg: Blocks) -> None:
+        """Scattered blocks with one hash over those carried (the others are zero): one
+        verification for the frame, the present map updated once."""
+        spec, cache, _ = self._device(msg.device)
+        bs = spec.block_size
+        carried = np.unpackbits(np.frombuffer(msg.carried, dtype=np.uint8), count=msg.count,
+                                bitorder="little").view(np.bool_)
+        blocks = msg.offsets.astype(np.int64) + msg.first
+        sent = blocks[carried]
+        expected = len(sent) * bs
+        if len(sent) and sent[-1] == spec.nblocks - 1:
+            expected -= spec.nblocks * bs - spec.size  # the device's last block is short
+        if len(msg.payload) != expected:
+            raise ProtocolError(f"BLOCKS payload is {len(msg.payload)} bytes, "
+                                f"{expected} expected")
+        if block_hash(msg.payload) != msg.hash(0):
+            self._refetch(msg.device, blocks.tolist(), "block hash mismatch")
+            return
+        self._written_ever[msg.device][sent] = True
+        self.result.dropped_blocks += len(sent) - await cache.write_remote_blocks(
+            sent, msg.payload)
+        zero = blocks[~carried]
+        if len(zero):
+            for first, count in block_runs(zero):
+                await self._zero(msg.device, first, count)
 
     async def _compressed(self, msg: Blocks) -> None:
         spec, cache, _ = self._device(msg.device)

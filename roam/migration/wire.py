@@ -11,7 +11,7 @@ import enum
 import json
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -56,9 +56,10 @@ class Caps(enum.IntFlag):
     CONTENT = 4  # HAVE lists and blocks sent as "you already have this"
     STORE = 8  # the destination can take blocks from an object store (STORE, SAFE)
     MIRROR = 16  # source: a standby mirror, not a migration (docs/MIRROR.md)
+    SCATTER = 32  # SCATTER blocks: many blocks of one device that are not consecutive
 
 
-ALL_CAPS = Caps.ZSTD | Caps.LZ4 | Caps.CONTENT | Caps.STORE
+ALL_CAPS = Caps.ZSTD | Caps.LZ4 | Caps.CONTENT | Caps.STORE | Caps.SCATTER
 KNOWN_CAPS = ALL_CAPS | Caps.MIRROR  # a migration's ends never advertise MIRROR
 
 
@@ -68,6 +69,7 @@ class Encoding(enum.IntEnum):
     LZ4 = 2
     ZERO = 3  # every block of the run is zero: no hashes, no payload
     HAVE = 4  # the receiver has this content already: blake3 per unit of blocks, no payload
+    SCATTER = 5  # RAW for a sorted list of blocks from `first` (capability SCATTER)
 
 
 class EventKind(enum.IntEnum):
@@ -167,6 +169,8 @@ class Hello:
 
 
 _NOTHING = memoryview(b"")
+_NO_OFFSETS: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
+MAX_SCATTER = 1 << 16  # blocks per SCATTER frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +186,11 @@ class Blocks:
     hashes: memoryview
     lengths: tuple[int, ...]  # encoded length per block for ZSTD/LZ4; empty otherwise
     payload: memoryview
-    carried: memoryview = _NOTHING  # RAW: bit i (LSB first) set = block i is sent
+    carried: memoryview = _NOTHING  # RAW, SCATTER: bit i (LSB first) set = block i is sent
     unit: int = 0  # HAVE: blocks per digest
+    # SCATTER: block i is `first + offsets[i]` (strictly ascending, offsets[0] == 0);
+    # empty for the other encodings, whose block i is `first + i`.
+    offsets: npt.NDArray[np.uint32] = field(default_factory=lambda: _NO_OFFSETS)
 
     def hash(self, i: int) -> bytes:
         n = CONTENT_HASH_LEN if self.encoding == Encoding.HAVE else HASH_LEN
@@ -286,6 +293,18 @@ def encode_raw_header(device: int, first: int, count: int, carried: bytes, run_h
     return frame(MsgType.BLOCKS, body_len) + fixed + carried + run_hash
 
 
+def encode_scatter_header(device: int, blocks: npt.NDArray[np.int64], carried: bytes,
+                          payload_hash: bytes, payload_len: int) -> bytes:
+    """Header of a SCATTER BLOCKS frame: `blocks` strictly ascending (at most
+    MAX_SCATTER), `carried` has bit i set for each block in the payload (the others are
+    zero), `payload_hash` is the payload's xxh3_128."""
+    first = int(blocks[0])
+    offsets = (blocks - first).astype(">u4").tobytes()
+    fixed = _BLOCKS.pack(device, Encoding.SCATTER, first, len(blocks))
+    body_len = len(fixed) + len(offsets) + len(carried) + len(payload_hash) + payload_len
+    return frame(MsgType.BLOCKS, body_len) + fixed + offsets + carried + payload_hash
+
+
 def encode_have_blocks(device: int, first: int, count: int, unit: int, digests: bytes) -> bytes:
     """A HAVE BLOCKS frame: `count` blocks the receiver holds, one blake3 per `unit`."""
     body = _BLOCKS.pack(device, Encoding.HAVE, first, count) + _UNIT.pack(unit) + digests
@@ -296,7 +315,7 @@ def encode_blocks_header(device: int, encoding: Encoding, first: int, count: int
                          hashes: bytes, lengths: list[int], payload_len: int) -> bytes:
     """Header, fixed part, hashes and lengths of a ZSTD, LZ4 or ZERO BLOCKS frame; the
     payload follows."""
-    if encoding in (Encoding.RAW, Encoding.HAVE):
+    if encoding in (Encoding.RAW, Encoding.HAVE, Encoding.SCATTER):
         raise ValueError(f"{encoding.name} frames have encoders of their own")
     lens = struct.pack(f"!{len(lengths)}I", *lengths) if lengths else b""
     fixed = _BLOCKS.pack(device, encoding, first, count)
@@ -408,6 +427,8 @@ def _blocks(body: memoryview) -> Blocks:
     pos = _BLOCKS.size
     if encoding == Encoding.RAW:
         return _raw_blocks(body, device, first, count)
+    if encoding == Encoding.SCATTER:
+        return _scatter_blocks(body, device, first, count)
     unit = 0
     if encoding == Encoding.HAVE:
         (unit,) = _UNIT.unpack_from(body, pos)
@@ -434,8 +455,10 @@ def _blocks(body: memoryview) -> Blocks:
     return Blocks(device, encoding, first, count, hashes, lengths, payload, unit=unit)
 
 
-def _raw_blocks(body: memoryview, device: int, first: int, count: int) -> Blocks:
-    pos = _BLOCKS.size
+def _raw_blocks(body: memoryview, device: int, first: int, count: int,
+                pos: int = _BLOCKS.size, *, only_zero: bool = False) -> Blocks:
+    """The map, hash and payload of a RAW frame from `pos`; `only_zero`: a map that
+    marks no block is allowed (SCATTER: a list of scattered zero blocks)."""
     nmap = carried_len(count)
     carried = body[pos : pos + nmap]
     run_hash = body[pos + nmap : pos + nmap + HASH_LEN]
@@ -443,10 +466,25 @@ def _raw_blocks(body: memoryview, device: int, first: int, count: int) -> Blocks
         raise ProtocolError("BLOCKS: body shorter than its block count requires")
     if count % 8 and carried[-1] >> (count % 8):
         raise ProtocolError("BLOCKS: RAW map marks blocks beyond the run")
-    if not any(carried):
+    if not only_zero and not any(carried):
         raise ProtocolError("BLOCKS: RAW run carries no block (an all-zero run is ZERO)")
     return Blocks(device, Encoding.RAW, first, count, run_hash, (),
                   body[pos + nmap + HASH_LEN :], carried)
+
+
+def _scatter_blocks(body: memoryview, device: int, first: int, count: int) -> Blocks:
+    """A SCATTER frame: the block offsets, then the same map, hash and payload as RAW."""
+    if count > MAX_SCATTER:
+        raise ProtocolError(f"BLOCKS: SCATTER of {count} blocks exceeds {MAX_SCATTER}")
+    pos = _BLOCKS.size + 4 * count
+    if pos > len(body):
+        raise ProtocolError("BLOCKS: body shorter than its block count requires")
+    offsets = np.frombuffer(body[_BLOCKS.size : pos], dtype=">u4").astype(np.uint32)
+    if offsets[0] != 0 or (count > 1 and not (offsets[1:] > offsets[:-1]).all()):
+        raise ProtocolError("BLOCKS: SCATTER offsets do not start at 0 and ascend")
+    raw = _raw_blocks(body, device, first, count, pos, only_zero=True)
+    return Blocks(device, Encoding.SCATTER, first, count, raw.hashes, (), raw.payload,
+                  raw.carried, offsets=offsets)
 
 
 def _range(kind: MsgType) -> _Decoder:

@@ -126,6 +126,25 @@ class WaitingCache:
             self.on_arrived(block * bs, data)
         return accepted
 
+    async def write_remote_blocks(self, blocks: Blocks, data: Buffer) -> int:
+        """Store blocks from the source that are not consecutive: `blocks` ascending,
+        `data` their contents concatenated (the device's last block may be short). One
+        write per block below, but the present map is updated once for all of them.
+        Returns how many were accepted (the VM's own writes keep the others)."""
+        bs = self.block_size
+        view = memoryview(data).cast("B")
+        keep = ~self._local_written[blocks]
+        accepted = 0
+        for i in np.flatnonzero(keep).tolist():
+            block = int(blocks[i])
+            part = view[i * bs : (i + 1) * bs]
+            if await self.remote.write_checked(block * bs, part):
+                accepted += 1
+                if self.on_arrived is not None:
+                    self.on_arrived(block * bs, part)
+        self._mark_present(blocks[keep])
+        return accepted
+
     def mark_absent(self, blocks: Iterable[int] | Blocks) -> None:
         """The source changed these blocks: reads wait until the new copy arrives."""
         wanted = np.unique(np.asarray(blocks if isinstance(blocks, np.ndarray)

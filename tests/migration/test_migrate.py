@@ -8,10 +8,16 @@ import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from roam.migration import destination as destination_module
 from roam.migration.channel import Channel, StreamChannel
 from roam.migration.destination import Destination, NewDevice
 from roam.migration.source import Policy, Source, SourceDevice, SourceHooks
-from roam.migration.wire import DeviceSpec, Encoding
+from roam.migration.wire import ALL_CAPS, Caps, DeviceSpec, Encoding, MsgType
+from roam.storage.bitmap import block_runs
+from roam.storage.provider import Buffer
 from roam.storage.sources import MemorySource
 from roam.storage.waiting import WaitingCache
 from tests.migration.conftest import memory_device
@@ -232,3 +238,52 @@ async def test_source_suspends_only_once_the_destination_is_prepared(socket_pair
     assert seen_at_suspend == [b'{"underlay": "192.0.2.7"}']
     assert src_result.cycles >= 2  # it went on collecting while it waited
     assert await _read_all(dest.devices["mem"], size) == await _read_all(src, size)
+
+
+@pytest.mark.parametrize("peer_scatters", [True, False])
+async def test_a_scattered_final_set_goes_in_few_frames(
+        socket_pair: Pair, monkeypatch: pytest.MonkeyPatch, peer_scatters: bool) -> None:
+    """Pages dirtied at the pause, scattered over the device (as a busy guest's are), go
+    together in one SCATTER frame when the destination reads them (zero pages without
+    payload); an older destination, without the capability, gets one RAW frame per run."""
+    page, size = 4096, 8 * 1024 * 1024
+    src = MemorySource(size)
+    await src.write_at(0, os.urandom(size))
+    dev = SourceDevice.stack("mem", src, page)
+    rng = random.Random(7)
+    pages = sorted(rng.sample(range(size // page), 300))
+    zeroed = set(pages[::15])
+    if not peer_scatters:
+        monkeypatch.setattr(destination_module, "ALL_CAPS", ALL_CAPS & ~Caps.SCATTER)
+    src_ch, dst_ch = await socket_pair()
+    after_pause: list[int] = []  # encoding of each BLOCKS frame sent inside the pause
+    send = src_ch.send
+
+    def record(*parts: Buffer) -> None:
+        head = bytes(parts[0][:11])
+        if suspended and head[0] == MsgType.BLOCKS:
+            after_pause.append(head[10])
+        send(*parts)
+
+    suspended = False
+
+    async def suspend() -> None:
+        nonlocal suspended
+        for p in pages:
+            await dev.tracker.write_at(p * page, bytes(page) if p in zeroed
+                                       else rng.randbytes(page))
+        suspended = True
+
+    monkeypatch.setattr(src_ch, "send", record)
+    dest = Destination(dst_ch, memory_device)
+    result, dst_result = await asyncio.gather(
+        Source(src_ch, [dev], SourceHooks(suspend=suspend),
+               Policy(pause_send_bytes=4 << 20, verify=True)).run(),
+        dest.run())
+    assert result.final_dirty == len(pages) and dst_result.integrity_errors == 0
+    assert await _read_all(dest.devices["mem"], size) == await _read_all(src, size)
+    if peer_scatters:
+        assert after_pause == [Encoding.SCATTER]
+    else:
+        runs = len(block_runs(np.array(pages)))
+        assert Encoding.SCATTER not in after_pause and len(after_pause) >= runs > 200

@@ -49,10 +49,16 @@ def _check_message(kind: MsgType, body: bytes, msg: w.Message) -> None:
     """A decoded message is internally consistent: nothing unchecked got through."""
     if isinstance(msg, w.Blocks):
         assert msg.count >= 1
-        if msg.encoding == Encoding.RAW:
+        if msg.encoding in (Encoding.RAW, Encoding.SCATTER):
             assert len(msg.hashes) == w.HASH_LEN
-            assert len(msg.carried) == w.carried_len(msg.count) and any(msg.carried)
+            assert len(msg.carried) == w.carried_len(msg.count)
+            assert msg.encoding == Encoding.SCATTER or any(msg.carried)
             assert int.from_bytes(msg.carried, "little") >> msg.count == 0
+            if msg.encoding == Encoding.SCATTER:
+                assert len(msg.offsets) == msg.count <= w.MAX_SCATTER and msg.offsets[0] == 0
+                assert (msg.offsets[1:] > msg.offsets[:-1]).all()
+            else:
+                assert not len(msg.offsets)
         elif msg.encoding == Encoding.HAVE:
             assert 1 <= msg.unit <= w.MAX_UNIT and not msg.unit & (msg.unit - 1)
             units = -(-msg.count // msg.unit)
@@ -186,6 +192,18 @@ def blocks_frames(draw: st.DrawFn) -> tuple[bytes, tuple[object, ...]]:
         hashes = draw(digest16)
         payload = draw(st.binary(max_size=200))
         frame = w.encode_raw_header(device, first, count, carried, hashes, len(payload))
+    elif encoding == Encoding.SCATTER:
+        offsets = sorted(draw(st.sets(st.integers(1, 2**32 - 1), min_size=count - 1,
+                                      max_size=count - 1)))
+        bits = draw(st.lists(st.booleans(), min_size=count, max_size=count))
+        carried = sum(1 << i for i, b in enumerate(bits) if b).to_bytes(w.carried_len(count),
+                                                                        "little")
+        hashes = draw(digest16)
+        payload = draw(st.binary(max_size=200))
+        first = min(first, 2**64 - 1 - 2**32)
+        frame = w.encode_scatter_header(device, np.array([first] + [first + o for o in offsets],
+                                                         dtype=np.int64),
+                                        carried, hashes, len(payload))
     elif encoding == Encoding.HAVE:
         unit = 1 << draw(st.integers(0, 16))
         n = -(-count // unit)
@@ -426,6 +444,25 @@ def _raw(device: int, first: int, blocks: list[bytes | None], *, hashes: bytes |
                                len(payload)) + payload
 
 
+def _scatter(device: int, blocks: dict[int, bytes | None], *, hashes: bytes | None = None,
+             extra: bytes = b"") -> bytes:
+    """A SCATTER frame of these blocks by number (None: a zero block, not in the payload)."""
+    numbers = sorted(blocks)
+    payload = b"".join(b for n in numbers if (b := blocks[n]) is not None) + extra
+    if hashes is None:
+        hashes = xxhash.xxh3_128_digest(payload)
+    carried = sum(1 << i for i, n in enumerate(numbers) if blocks[n] is not None)
+    return w.encode_scatter_header(device, np.array(numbers, dtype=np.int64),
+                                   carried.to_bytes(w.carried_len(len(numbers)), "little"),
+                                   hashes, len(payload)) + payload
+
+
+def _swap_offsets(frame: bytes) -> bytes:
+    """A SCATTER frame with its second and third block offsets swapped."""
+    at = 8 + 16 + 4  # header, fixed part, offset 0
+    return frame[:at] + frame[at + 4 : at + 8] + frame[at : at + 4] + frame[at + 8 :]
+
+
 def _have(device: int, first: int, count: int, unit: int, digests: bytes) -> bytes:
     return w.encode_have_blocks(device, first, count, unit, digests)
 
@@ -484,6 +521,19 @@ def _bad_destination_cases() -> dict[str, tuple[list[bytes], str]]:
             0, 0, 2, b"\x00", bytes(16), 0)], "carries no block"),
         "raw short of its zero blocks": ([*PREFIX, _raw(0, 0, [ok0, None], extra=ok0)],
                                          "payload"),
+        "scatter beyond end": ([*PREFIX, _scatter(0, {0: ok0, 4: ok0})], "beyond the end"),
+        "scatter short payload": ([*PREFIX, _scatter(0, {0: ok0, 2: ok0[:-1]})], "payload"),
+        "scatter long payload": ([*PREFIX, _scatter(0, {0: ok0, 2: None}, extra=b"!")],
+                                 "payload"),
+        "scatter last block full size": ([*PREFIX, _scatter(0, {1: ok0, 3: ok0})], "payload"),
+        "scatter unasked": ([w.encode_hello(w.ALL_CAPS & ~Caps.SCATTER), w.encode_group(GROUP),
+                             _scatter(0, {0: ok0, 2: ok0})], "did not advertise"),
+        "scatter offsets not ascending": ([*PREFIX, _swap_offsets(_scatter(0, {0: ok0, 1: ok0,
+                                                                             2: ok0}))],
+                                          "ascend"),
+        "scatter corrupt three times": (
+            [*PREFIX] + [_scatter(1, {0: ok0, 1: None}, hashes=bytes(16))] * 4,
+            "failed verification"),
         "have unit not a power of two": ([*PREFIX, _have(0, 0, 3, 3, bytes(32))], "unit 3"),
         "have without a have list": ([*PREFIX, _have(0, 0, 1, 1, bytes(32))],
                                      "HAVE lists' units"),
@@ -583,6 +633,22 @@ async def test_destination_accepts_a_good_sequence() -> None:
     assert kinds[0] == MsgType.HELLO and MsgType.ERROR not in kinds
 
 
+async def test_destination_applies_scattered_blocks() -> None:
+    """SCATTER frames: data blocks, zero blocks and the device's short last block land
+    where their numbers say, in one frame each."""
+    a = [os.urandom(BS), os.urandom(BS), os.urandom(BS), os.urandom(100)]
+    b0 = os.urandom(BS)
+    frames = [*PREFIX, _scatter(0, {0: a[0], 2: a[2]}), _scatter(0, {1: a[1], 3: a[3]}),
+              _scatter(1, {0: b0, 1: None}),
+              w.encode_event(EventKind.AUTHORITY, b"p"), w.encode_event(EventKind.COMPLETE)]
+    outcome, peer, dest = await destination_session(frames, close_peer=False)
+    assert isinstance(outcome, DestinationResult), outcome
+    assert bytes(await dest.devices["a"].read_at(0, SIZES["a"])) == b"".join(a)
+    assert bytes(await dest.devices["b"].read_at(0, SIZES["b"])) == b0 + bytes(BS)
+    assert outcome.blocks_received == 6 and outcome.integrity_errors == 0
+    assert MsgType.ERROR not in [k for k, _ in peer.frames]
+
+
 # Structured fuzz: valid frames with fields near the group's bounds, plus garbage.
 
 dev_ids = st.sampled_from([0, 0, 0, 1, 1, 2])  # mostly real devices: go deeper
@@ -591,7 +657,7 @@ block_nos = st.integers(0, 7)
 
 @st.composite
 def to_destination(draw: st.DrawFn) -> bytes:
-    choice = draw(st.integers(0, 12))
+    choice = draw(st.integers(0, 13))
     if choice == 0:
         return draw(st.binary(min_size=1, max_size=40))
     if choice == 1:
@@ -608,6 +674,15 @@ def to_destination(draw: st.DrawFn) -> bytes:
         corrupt = draw(st.booleans())
         return _raw(device, first, blocks, hashes=bytes(16) if corrupt else None,
                     extra=draw(st.sampled_from([b"", b"x"])))
+    if choice == 9:
+        size = SIZES["a" if device == 0 else "b"]
+        numbers = draw(st.sets(block_nos, min_size=1, max_size=4))
+        scattered: dict[int, bytes | None] = {
+            n: None if draw(st.booleans()) else
+            os.urandom(max(0, min(BS, size - n * BS))) for n in numbers}
+        corrupt = draw(st.booleans())
+        return _scatter(device, scattered, hashes=bytes(16) if corrupt else None,
+                        extra=draw(st.sampled_from([b"", b"x"])))
     if choice == 4:
         n = draw(st.integers(1, 3))
         if draw(st.booleans()):
@@ -625,7 +700,7 @@ def to_destination(draw: st.DrawFn) -> bytes:
                               draw(st.binary(max_size=8)))
     if choice == 8:
         return w.encode_group(GROUP)
-    if choice >= 10:  # well-formed blocks that fit: they let a conversation get far
+    if 10 <= choice <= 12:  # well-formed blocks that fit: they let a conversation get far
         size = SIZES["a" if device == 0 else "b"]
         first = min(first, (size - 1) // BS)
         return _raw(device, first, [os.urandom(min(BS, size - first * BS))])
