@@ -214,6 +214,9 @@ class Policy:
     compression: Encoding = Encoding.RAW  # RAW, ZSTD or LZ4
     verify: bool = False  # also send every block's hash at the end for a full comparison
     await_prepared: bool = False  # suspend only after the destination sent PREPARED
+    # Group scattered blocks in SCATTER frames when the destination reads them; False
+    # sends a frame per run as to an older peer (bench/scattered_pages.py compares them).
+    scatter: bool = True
 
 
 @dataclass
@@ -569,7 +572,7 @@ class Source:
 
     def _scatter(self) -> bool:
         """SCATTER frames are used when the destination reads them and blocks go raw."""
-        return Caps.SCATTER in self._caps and self._compressor is None
+        return self.policy.scatter and Caps.SCATTER in self._caps and self._compressor is None
 
     def _next_batch(self) -> tuple[int, Blocks] | None:
         for dev, queue in enumerate(self._order):
@@ -615,12 +618,12 @@ class Source:
             data = await device.tracker.inner.read_at(lo * bs, (hi - lo) * bs)
             pages[s:e] = np.frombuffer(data, dtype=np.uint8).reshape(-1, bs)[blocks[s:e] - lo]
         zero = zero_blocks(pages.data, bs)
-        payload = pages if not zero.any() else pages[~zero]
+        payload = (pages if not zero.any() else pages[~zero]).reshape(-1).data  # flat bytes
         carried = np.packbits(~zero, bitorder="little").tobytes()
-        self.result.payload_bytes += payload.nbytes
+        self.result.payload_bytes += len(payload)
         self.result.blocks_sent += len(blocks)
-        self.channel.send(encode_scatter_header(dev, blocks, carried, block_hash(payload.data),
-                                                payload.nbytes), payload.data)
+        self.channel.send(encode_scatter_header(dev, blocks, carried, block_hash(payload),
+                                                len(payload)), payload)
         await self.channel.drain()
 
     async def _send_run(self, dev: int, first: int, count: int) -> None:
