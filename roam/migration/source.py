@@ -207,9 +207,10 @@ class Policy:
     postcopy: bool = True  # resume the destination before the last blocks arrive
     # With post-copy, a final dirty set of at most this many bytes still goes before
     # authority: a resumed workload then never waits for it; a larger one streams after.
-    # Scattered 4 KiB pages cost a frame each (about 70 us per page at both ends on this
-    # machine, docs/BENCHMARKS.md), so the pause grows by about 35 ms at this bound.
-    pause_send_bytes: int = 2 << 20
+    # Scattered 4 KiB pages go together in SCATTER frames (about 12 us per page at both
+    # ends on this machine, docs/BENCHMARKS.md): about 25 ms at this bound. An older peer
+    # gets a frame per page (about 70 us each): lower the bound for it.
+    pause_send_bytes: int = 8 << 20
     precopy: bool = True  # False: hand over at once, every block streams after (lazy start)
     compression: Encoding = Encoding.RAW  # RAW, ZSTD or LZ4
     verify: bool = False  # also send every block's hash at the end for a full comparison
