@@ -585,18 +585,22 @@ class Source:
 
     async def _send_batch(self, dev: int, blocks: Blocks) -> None:
         """Pending blocks of one device, ascending: runs of SCATTER_RUN blocks or more as
-        runs (RAW, ZERO, HAVE), the shorter ones together in one SCATTER frame. A device
-        the destination offered content for, a short last block and a span too wide for
-        the frame's offsets go as runs too."""
+        runs (RAW, ZERO, HAVE), the shorter ones together in one SCATTER frame. Runs in
+        units the destination offered content for (HAVE), a short last block and a span
+        too wide for the frame's offsets go as runs too."""
         breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
         starts = np.concatenate(([0], breaks))
         lengths = np.diff(np.concatenate((starts, [len(blocks)])))
         spec = self.group.devices[dev]
-        if (self._peer_has[dev] or int(blocks[-1]) - int(blocks[0]) >= 1 << 32
-                or (int(blocks[-1]) == spec.nblocks - 1 and spec.size % spec.block_size)):
+        if int(blocks[-1]) - int(blocks[0]) >= 1 << 32 or (
+                int(blocks[-1]) == spec.nblocks - 1 and spec.size % spec.block_size):
             alone = np.ones(len(starts), dtype=np.bool_)
         else:
             alone = lengths >= SCATTER_RUN
+            if known := self._peer_has[dev]:
+                units = np.fromiter(known, dtype=np.int64, count=len(known))
+                held = np.isin(blocks // self._have_unit[dev], units)
+                alone |= np.logical_or.reduceat(held, starts)
         if not alone.all():
             await self._send_scatter(dev, blocks[np.repeat(~alone, lengths)])
         for start, n in zip(starts[alone].tolist(), lengths[alone].tolist(), strict=True):
