@@ -472,7 +472,7 @@ def migrate(
     pause_send_kib: Annotated[int, typer.Option(
         help="With post-copy, a final dirty set of at most this many KiB is still sent "
              "inside the pause (the resumed guest then never waits for it); 0 streams "
-             "every final block after the resume.")] = 8192,
+             "every final block after the resume.")] = 2048,
     max_cycles: Annotated[int, typer.Option(help="Dirty cycles before the handover.")] = 20,
     min_cycles: Annotated[int, typer.Option(help="Dirty cycles at least.")] = 1,
     max_dirty_blocks: Annotated[int, typer.Option(

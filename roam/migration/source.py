@@ -208,9 +208,9 @@ class Policy:
     # With post-copy, a final dirty set of at most this many bytes still goes before
     # authority: a resumed workload then never waits for it; a larger one streams after.
     # Scattered 4 KiB pages go together in SCATTER frames (about 12 us per page at both
-    # ends on this machine, docs/BENCHMARKS.md): about 25 ms at this bound. An older peer
-    # gets a frame per page (about 70 us each): lower the bound for it.
-    pause_send_bytes: int = 8 << 20
+    # ends in bench/scattered_pages.py, 70 us a frame per page to an older peer); the one
+    # VM run with 8 MiB here did not show a shorter pause (docs/BENCHMARKS.md), so 2 MiB.
+    pause_send_bytes: int = 2 << 20
     precopy: bool = True  # False: hand over at once, every block streams after (lazy start)
     compression: Encoding = Encoding.RAW  # RAW, ZSTD or LZ4
     verify: bool = False  # also send every block's hash at the end for a full comparison

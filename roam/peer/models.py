@@ -287,7 +287,7 @@ class MigrateRequest(_Request):
     to: AddressText = Field(description="the destination peer's --listen address")
     postcopy: bool = True
     # With post-copy: a final dirty set of at most this many KiB goes inside the pause
-    pause_send_kib: Annotated[int, Field(ge=0, le=1 << 30)] = 8192
+    pause_send_kib: Annotated[int, Field(ge=0, le=1 << 30)] = 2048
     max_cycles: Annotated[int, Field(ge=1, le=100000)] = 20
     min_cycles: Annotated[int, Field(ge=0, le=100000)] = 1
     max_dirty_blocks: Annotated[int, Field(ge=0)] = 256
