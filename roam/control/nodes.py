@@ -98,7 +98,7 @@ async def heartbeat(fleet: Fleet, name: str, beat: Heartbeat) -> NodeWork:
             continue
         if after is not None and after.status != before.status:
             await _announce(fleet, before, after)
-    return work(await fleet.view(), name)
+    return work(await fleet.view(), name, [vm for vm in beat.vms if vm.state in ELSEWHERE])
 
 
 def observe(vm: VMRecord, node: str, seen: PeerVM | None, cpu_model: str) -> VMRecord | None:
@@ -211,9 +211,22 @@ async def _announce(fleet: Fleet, before: VMRecord, after: VMRecord) -> None:
             await fleet.event(ControlKind.VM_STOPPED, vm=name, node=before.status.node)
 
 
-def work(view: View, name: str) -> NodeWork:
-    """What node `name` should be doing, by the records in `view`."""
+ELSEWHERE = ("running", "paused")
+"""Peer states of a copy that must stop if its VM is placed on another node."""
+
+
+def work(view: View, name: str, reported: list[PeerVM] | None = None) -> NodeWork:
+    """What node `name` should be doing, by the records in `view`. A copy it `reported`
+    (running or paused) of a VM placed on another node is stopped: e.g. this node was
+    lost, and the VM restarted elsewhere from its checkpoint under a newer epoch."""
     items: list[Work] = []
+    for seen in reported or []:
+        found = view.vms.get(seen.name)
+        if found is None:
+            continue
+        status = found.value.status
+        if status.node is not None and name not in (status.node, status.target):
+            items.append(Work(action="stop", vm=found.value.spec, epoch=status.epoch))
     for vm in (v.value for v in view.vms.values()):
         status = vm.status
         if status.node != name:

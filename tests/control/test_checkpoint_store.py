@@ -7,8 +7,8 @@ tests/control/test_evacuation.py does.
   is told to, reports it done, and the VM waits in its store until a node fits, where
   it is restored; the events say so. One without a store is said to be lost.
 - A lost node's VM with a store is placed elsewhere 2 TTL after the lease expired, to be
-  restored from its last checkpoint under a new epoch; the old node, back, is given
-  nothing for it and the API says it runs elsewhere (its fence stops its copy).
+  restored from its last checkpoint under a new epoch; the old node, back, is told to
+  stop its copy.
 """
 
 from __future__ import annotations
@@ -152,7 +152,8 @@ async def test_a_lost_nodes_vm_restarts_elsewhere_from_its_store_after_2_ttl(
 
     n1 = await control.join("n1", "0.1")  # back: its copy is paused by its fence
     answer = await beat(control, "n1", n1, ["web", "bare"], state="paused")
-    assert actions(answer) == []  # nothing to run, migrate or sync for web here
+    # Its copy of web (placed on n2 now) is stopped; bare, still n1's, stays.
+    assert actions(answer) == [("stop", "web", False)]
     assert answer["syncs"] == []
     vm = await control.call("GET", "/vms/web")
     assert (vm["status"]["phase"], vm["status"]["node"]) == ("running", "n2")
