@@ -158,3 +158,23 @@ async def test_a_lost_nodes_vm_restarts_elsewhere_from_its_store_after_2_ttl(
     vm = await control.call("GET", "/vms/web")
     assert (vm["status"]["phase"], vm["status"]["node"]) == ("running", "n2")
     await control.close()
+
+
+async def test_a_vm_without_time_to_move_hibernates_instead(tmp_path: Path) -> None:
+    control = await Control.open(tmp_path / "data")
+    src = await control.join("src", "0.01", memory=64 * GIB)
+    await control.join("dst", "0.5", memory=8 * GIB)
+    await create(control, "slow", 6000, STORE)  # 6000 MiB at 100 MiB/s: past 8 s
+    await create(control, "small", 256, STORE)
+    await control.reconciler.reconcile()
+    await beat(control, "src", src, ["slow", "small"])
+    await control.call("POST", "/nodes/src/notice", {"deadline_seconds": 8}, expect=202)
+    await control.reconciler.reconcile()
+    hibernating = await control.events("hibernating")
+    assert [e["vm"] for e in hibernating] == ["slow"]
+    assert "would resume about" in hibernating[0]["detail"]
+    assert await control.events("will_be_lost") == []
+    answer = await beat(control, "src", src, ["slow", "small"])
+    assert sorted((w["action"], w["vm"]["name"]) for w in answer["work"]) == [
+        ("hibernate", "slow"), ("migrate", "small")]
+    await control.close()
