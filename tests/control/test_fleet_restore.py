@@ -38,6 +38,8 @@ from tests.vm.conftest import snapshot
 
 __all__ = ["snapshot"]
 
+pytestmark = pytest.mark.slow
+
 TTL = 4.0
 VM = "ck"
 
