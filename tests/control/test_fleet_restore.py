@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from roam.package import Package
 
 from roam.control.models import VMSpec
 from roam.demo.fleet import NET, NODES, ROLES, FleetDemo
@@ -32,6 +31,7 @@ from roam.network.lab import lab
 from roam.peer.client import PeerClient
 from roam.spot import Cloud
 from roam.sync.crypto import KEY_FILE, SyncKey
+from roam.vm.package import Package
 from tests.blueprint.boot import short_dir
 from tests.sync.s3 import CREDENTIALS, MotoServer
 from tests.vm.conftest import snapshot
