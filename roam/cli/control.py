@@ -354,6 +354,13 @@ def vm_create(
     priority: Annotated[int, typer.Option(
         help="Higher moves first when its node is evacuated or drained (-1000 to 1000).")
     ] = 0,
+    sync_to: Annotated[str | None, typer.Option(
+        help="s3://BUCKET/PREFIX: its node syncs it there with sealed checkpoints, so an "
+             "evacuation that cannot move it in time hibernates it there, and a lost "
+             "node's copy restarts elsewhere from the last checkpoint (S3 credentials "
+             "and endpoint: the nodes' AWS_* environment).")] = None,
+    checkpoint_every: Annotated[float, typer.Option(
+        help="Seconds between its sealed checkpoints (with --sync-to).")] = 60.0,
     wait: Wait = True,
     control: Control = DEFAULT_URL, token: Token = None, ca: Ca = None, as_json: Json = False,
 ) -> None:
@@ -374,7 +381,8 @@ def vm_create(
             "name": name, "package": None if package is None else str(package.absolute()),
             "from": from_, "memory_mib": memory_mib, "cpus": cpus or 1, "publish": publish,
             "gateway": gateway, "vni": vni, "cpu_model": cpu_model, "spread": spread,
-            "group": group, "priority": priority})
+            "group": group, "priority": priority, "sync_to": sync_to,
+            "checkpoint_every": checkpoint_every})
     except ValidationError as exc:
         raise invalid(exc) from None
 

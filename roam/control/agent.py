@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from roam.control.models import (
     Registered,
     Registration,
     Report,
+    SyncWork,
     Work,
 )
 from roam.control.watch import SpotWatch
@@ -47,10 +49,13 @@ from roam.peer.client import PeerClient
 from roam.peer.models import (
     LIVE_STATES,
     GatewayRequest,
+    HibernateRequest,
     MigrateRequest,
     OutcomeEvent,
+    RestoreRequest,
     RunRequest,
     SnapshotEvent,
+    SyncRequest,
     VMInfo,
 )
 from roam.peer.models import (
@@ -85,6 +90,7 @@ class NodeAgent:
         self._busy: set[str] = set()  # VMs with work under way
         self._reports: list[Report] = []
         self._gateways: set[str] = set()  # the gateways this agent made
+        self._sealing: set[str] = set()  # VMs it started syncing with checkpoints here
         self._nudge = asyncio.Event()
         self._tasks: asyncio.TaskGroup | None = None
 
@@ -167,7 +173,10 @@ class NodeAgent:
             elif item.action == "stop" and vm is not None and vm.state in LIVE_STATES \
                     and vm.state != "migrating":
                 self._start(name, self._stop(peer, item))
+            elif item.action == "hibernate" and vm is not None and vm.state == "running":
+                self._start(name, self._hibernate(peer, item))
         await self._hold_gateways(peer, work.gateways)
+        await self._seal(peer, work.syncs, here)
 
     def _start(self, name: str, work: Coroutine[Any, Any, Report]) -> None:
         assert self._tasks is not None
@@ -185,12 +194,19 @@ class NodeAgent:
 
     async def _run(self, peer: PeerClient, item: Work) -> Report:
         spec = item.vm
-        log.info("starting %s (epoch %d)", spec.name, item.epoch)
-        request = RunRequest.model_validate({
-            "name": spec.name, "package": spec.package, "from": spec.from_,
-            "publish": [] if spec.gateway else spec.publish, "gateway": spec.gateway,
-            "vni": spec.vni})
-        report = await _done("run", item, peer.run(request))
+        publish = [] if spec.gateway else spec.publish
+        store = spec.store()
+        if item.restore and store is not None:
+            log.info("restoring %s from %s (epoch %d)", spec.name, store, item.epoch)
+            report = await _done("run", item, peer.restore(RestoreRequest.model_validate({
+                "name": spec.name, "from": store, "endpoint_url": _endpoint(),
+                "publish": publish})))
+        else:
+            log.info("starting %s (epoch %d)", spec.name, item.epoch)
+            request = RunRequest.model_validate({
+                "name": spec.name, "package": spec.package, "from": spec.from_,
+                "publish": publish, "gateway": spec.gateway, "vni": spec.vni})
+            report = await _done("run", item, peer.run(request))
         if not report.ok:  # e.g. a timeout: it must not start later, unknown to anyone
             with contextlib.suppress(RoamError):
                 await peer.stop(spec.name)
@@ -207,6 +223,39 @@ class NodeAgent:
                 raise RoamError(f"{item.to_node} declined {item.vm.name}",
                                 code=ErrorCode.DECLINED)
         return await _done("migrate", item, migrate())
+
+    async def _hibernate(self, peer: PeerClient, item: Work) -> Report:
+        to = item.vm.sync_to
+        assert to is not None
+        log.info("hibernating %s to %s", item.vm.name, to)
+        self._sealing.discard(item.vm.name)
+        return await _done("hibernate", item, peer.hibernate(
+            item.vm.name, HibernateRequest(to=to, endpoint_url=_endpoint())))
+
+    async def _seal(self, peer: PeerClient, syncs: list[SyncWork],
+                    here: dict[str, VMInfo]) -> None:
+        """Make every VM in `syncs` that runs here sync with checkpoints. One that
+        arrived by a migration syncs on already, without them: its sync starts again
+        with them (what the bucket holds costs no upload)."""
+        wanted = {s.vm for s in syncs}
+        self._sealing &= {n for n, vm in here.items() if vm.state in LIVE_STATES} & wanted
+        for sync in syncs:
+            vm = here.get(sync.vm)
+            if sync.vm in self._sealing or sync.vm in self._busy or vm is None \
+                    or vm.state != "running":
+                continue
+            try:
+                if vm.sync is not None:
+                    await peer.sync_stop(sync.vm)
+                await peer.sync(sync.vm, SyncRequest(
+                    to=sync.to, endpoint_url=_endpoint(),
+                    checkpoint_every=sync.checkpoint_every))
+            except RoamError as exc:
+                log.warning("sync of %s to %s: %s", sync.vm, sync.to, exc.message)
+                continue
+            self._sealing.add(sync.vm)
+            log.info("%s syncs to %s with a checkpoint every %.0f s", sync.vm, sync.to,
+                     sync.checkpoint_every)
 
     async def _stop(self, peer: PeerClient, item: Work) -> Report:
         log.info("stopping %s", item.vm.name)
@@ -263,6 +312,12 @@ class NodeAgent:
                 await self.control.relay(self.name, PeerEvents(events=batch))
             except RoamError as exc:
                 log.debug("relaying %d events: %s", len(batch), exc.message)
+
+
+def _endpoint() -> str | None:
+    """The S3 endpoint of this node's environment (AWS_ENDPOINT_URL), as its peer's;
+    credentials stay in the peer's environment and never travel through the API."""
+    return os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 async def _done(action: str, item: Work, work: Coroutine[Any, Any, object]) -> Report:

@@ -219,7 +219,7 @@ def create_app(plane: Plane) -> FastAPI:
             r.desired.running = True
             if r.status.phase in (VMPhase.STOPPED, VMPhase.FAILED):
                 r.status.phase, r.status.node, r.status.detail = VMPhase.PENDING, None, None
-                r.status.peer = None
+                r.status.peer, r.status.restore = None, False  # afresh, from its package
             return r
         return await _update_vm(fleet, name, start)
 

@@ -14,11 +14,13 @@ POST /nodes/{name}/notice. The API cordons the node and stores a `NoticeRecord` 
   `OVERHEAD` of connecting and starting the destination is paid once per round of
   `max_parallel` moves. Memory is the VM's whole size, which over-estimates a guest
   that touched little of it;
-- says at once, with a `will_be_lost` event, which VMs cannot make it: no node has room
-  for them, or their estimate ends after the deadline. Such a VM would be hibernated to
-  its checkpoint store; checkpoints are **(planned)** (issue 16), so no VM has one yet
-  and the event says it will be lost. One that has room but not (estimated) time is
-  still moved, after every VM that can make it;
+- says at once which VMs cannot make it: no node has room for them, or their estimate
+  ends after the deadline. One with a checkpoint store (`spec.sync_to`) is hibernated
+  (a `hibernating` event; its node seals a last checkpoint there and stops it; then
+  `hibernated`): the reconciler restores it from there on a node that fits, as soon as
+  one does (`restoring`). One without gets a `will_be_lost` event; if it has room but
+  not (estimated) time it is still moved, after every VM that can make it. A VM whose
+  hibernation fails is moved like the others if it can be;
 - starts moves (`Move(reason="evacuation")`, given a target by the reconciler's usual
   move step) up to the notice's `max_parallel` at once;
 - records each VM's margin once it runs elsewhere: the deadline minus the moment it
@@ -252,6 +254,9 @@ class Evacuation:
             count()
         for name in starting:
             await self.fleet.update(Keys.vm(name), VMRecord, move_off("evacuation"))
+        for name, leaving in record.vms.items():
+            if leaving.state == Leaving.HIBERNATING and before.vms[name].state == Leaving.WAITING:
+                await self.fleet.update(Keys.vm(name), VMRecord, _hibernate(record.node))
         for kind, fields in said:
             await event(self.fleet, kind, **fields)
 
@@ -276,6 +281,12 @@ class Evacuation:
                 "vm": name, "node": node, "to": status.node, "deadline": record.deadline,
                 "margin_ms": leaving.margin_ms,
                 "detail": f"resumed {leaving.margin_ms / 1000:.1f} s before the deadline"})]
+        if leaving.state == Leaving.HIBERNATING:
+            if status.phase == VMPhase.HIBERNATED or (status.node != node and status.restore):
+                leaving.state = Leaving.HIBERNATED
+                return []  # the node's report said so (a `hibernated` event)
+            if status.phase == VMPhase.RUNNING and status.node == node:
+                leaving.state = Leaving.WAITING  # it failed: moved if it can make it
         if now >= record.deadline:
             return self._lose(record, name, leaving, "the deadline passed before it "
                               "resumed elsewhere", "deadline")
@@ -308,7 +319,7 @@ class Evacuation:
         rounds = 0  # of max_parallel moves
         for name in order(record):
             leaving = record.vms[name]
-            if leaving.state.final:
+            if leaving.state.final or leaving.state == Leaving.HIBERNATING:
                 continue
             vm = view.vms.get(name)
             why = None
@@ -329,13 +340,21 @@ class Evacuation:
                     why = (f"it would resume about {finish - now:.0f} s from now "
                            f"({leaving.memory_mib} MiB at {rate:.0f} MiB/s after the VMs "
                            f"before it), {record.deadline - now:.0f} s before the deadline")
-            if why is not None and not leaving.warned:
+            if why is not None and vm is not None and vm.value.spec.sync_to is not None \
+                    and leaving.state == Leaving.WAITING and not leaving.warned:
+                leaving.warned = True
+                leaving.state, leaving.detail = Leaving.HIBERNATING, why
+                said.append((ControlKind.HIBERNATING, {
+                    "vm": name, "node": record.node, "deadline": record.deadline,
+                    "detail": f"{why}; it hibernates to {vm.value.spec.store()} and is "
+                              "restored where a node fits"}))
+            elif why is not None and not leaving.warned:
                 leaving.warned = True
                 leaving.detail = why
                 said.append((ControlKind.WILL_BE_LOST, {
                     "vm": name, "node": record.node, "deadline": record.deadline,
-                    "detail": f"{why}; it has no checkpoint store to hibernate to "
-                              "(checkpoints are planned), so it will be lost"}))
+                    "detail": f"{why}; it has no checkpoint store to hibernate to, so it "
+                              "will be lost"}))
         return said, stuck
 
     def _starts(self, record: NoticeRecord, view: View, stuck: set[str]) -> list[str]:
@@ -358,3 +377,15 @@ class Evacuation:
             starting.append(name)
         return starting
 
+
+
+def _hibernate(node: str) -> Callable[[VMRecord], VMRecord | None]:
+    """The change that tells `node` to hibernate a VM that runs there (not moving)."""
+    def update(record: VMRecord) -> VMRecord | None:
+        status = record.status
+        if status.node != node or status.phase != VMPhase.RUNNING \
+                or status.target is not None or record.desired.move is not None:
+            return None
+        status.phase = VMPhase.HIBERNATING
+        return record
+    return update

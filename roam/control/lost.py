@@ -14,11 +14,18 @@ that keeps a VM in one place:
   new authority epoch (the node's copy, if it comes back, is then stopped, as any copy
   whose epoch is behind).
 
-A restart needs the VM's memory and disks as they were: its last checkpoint. Checkpoints
-are **(planned)** (issue 16): no VM has one yet, so after 2 TTL `LostNodes` says, once
-per VM, that it stays lost (a `vm_lost` event, roam_vms_lost_total{reason="node_lost"});
-it stays assigned to its node and runs again there if the node comes back (its agent
-resumes it once the control plane confirms it is still the VM's node).
+A restart needs the VM's memory and disks as they were: its last sealed checkpoint, in
+its checkpoint store (`vm create --sync-to s3://BUCKET/PREFIX`: its node syncs it there
+with checkpoints). After 2 TTL `LostNodes` makes such a VM pending again with `restore`
+set (a `restoring` event when it is placed): the reconciler places it on a node that
+fits, with a new epoch, and that node restores it (the peer's restore, which writes the
+next authority epoch to the bucket, so the old copy can no longer seal a point there).
+The old node, if it comes back, finds it placed elsewhere and stops its paused copy
+(roam.control.fence). A VM without a store cannot be restarted with its state: `LostNodes`
+says, once per VM, that it stays lost (a `vm_lost` event,
+roam_vms_lost_total{reason="node_lost"}); it stays assigned to its node and runs again
+there if the node comes back (its agent resumes it once the control plane confirms it is
+still the VM's node).
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ from roam.control.evacuation import EvacuationMetrics, event
 from roam.control.fleet import Fleet
 from roam.control.models import ControlKind, Keys, VMPhase, VMRecord
 
-STAYS_LOST = ("its node has been lost for 2 lease TTLs and it has no checkpoint to "
-              "restart from elsewhere (checkpoints are planned): it stays lost until its "
-              "node comes back")
+STAYS_LOST = ("its node has been lost for 2 lease TTLs and it has no checkpoint store to "
+              "restart from elsewhere: it stays lost until its node comes back")
+RESTARTS = "its node has been lost for 2 lease TTLs: it restarts from its last checkpoint"
 
 
 class LostNodes:
@@ -55,6 +62,10 @@ class LostNodes:
                         or status.detail == STAYS_LOST:
                     continue
 
+                if vm.value.spec.sync_to is not None:
+                    await self._restart(vm_name, name)
+                    continue
+
                 def stays(record: VMRecord) -> VMRecord | None:
                     if record.status.phase != VMPhase.LOST or record.status.detail == STAYS_LOST:
                         return None
@@ -65,3 +76,20 @@ class LostNodes:
                     self.metrics.lost.labels("node_lost").inc()
                     await event(self.fleet, ControlKind.VM_LOST, vm=vm_name, node=name,
                                 detail=STAYS_LOST)
+
+    async def _restart(self, vm_name: str, node: str) -> None:
+        """Make `vm_name` pending, to be restored from its store where it fits."""
+        def pending(record: VMRecord) -> VMRecord | None:
+            if record.status.phase != VMPhase.LOST or record.status.node != node:
+                return None
+            status = record.status
+            status.phase, status.node, status.target, status.peer = \
+                VMPhase.PENDING, None, None, None
+            status.restore, status.started, status.detail = True, False, RESTARTS
+            record.desired.move = None
+            return record
+        updated = await self.fleet.update(Keys.vm(vm_name), VMRecord, pending)
+        if updated is not None and updated.status.detail == RESTARTS \
+                and updated.status.phase == VMPhase.PENDING:
+            await event(self.fleet, ControlKind.RESTORING, vm=vm_name, node=node,
+                        detail=f"{RESTARTS} in {updated.spec.store()}")

@@ -34,6 +34,7 @@ from roam.peer.models import (
     ForwardText,
     IPv4Text,
     Name,
+    StoreURLText,
     Vni,
 )
 from roam.peer.models import Event as PeerEvent
@@ -202,6 +203,15 @@ class VMSpec(_Request):
                      Field(description="the VMs spread among each other")] = None
     priority: Annotated[int, Field(ge=-1000, le=1000, description=(
         "higher moves first when its node is evacuated (roam.control.evacuation)"))] = 0
+    sync_to: Annotated[StoreURLText | None, Field(description=(
+        "s3://BUCKET/PREFIX: its node syncs it there (PREFIX/NAME) with sealed "
+        "checkpoints, to hibernate it or restart it elsewhere from them"))] = None
+    checkpoint_every: Annotated[float, Field(gt=0, le=86400, description=(
+        "seconds between its sealed checkpoints (with sync_to)"))] = 60.0
+
+    def store(self) -> str | None:
+        """Where its checkpoints are: s3://BUCKET/PREFIX/NAME, if it has a store."""
+        return None if self.sync_to is None else f"{self.sync_to.rstrip('/')}/{self.name}"
 
     @model_validator(mode="after")
     def _consistent(self) -> VMSpec:
@@ -244,6 +254,8 @@ class VMPhase(enum.StrEnum):
     LOST = "lost"  # its node missed its lease: it may still run there
     IN_DOUBT = "in-doubt"  # a migration's authority was never acknowledged
     FAILED = "failed"  # it did not start, or its worker exited
+    HIBERNATING = "hibernating"  # its node seals a last checkpoint and stops it
+    HIBERNATED = "hibernated"  # in its checkpoint store only: restored where it fits
 
 
 class Status(BaseModel):
@@ -256,6 +268,7 @@ class Status(BaseModel):
     failures: int = 0  # failed migrations since it last moved
     detail: str | None = None  # why it is pending, failed, in doubt
     peer: PeerVM | None = None  # as its node's peer last reported it
+    restore: bool = False  # its next start restores its last checkpoint (spec.sync_to)
 
 
 class VMRecord(BaseModel):
@@ -291,7 +304,7 @@ class Report(_Request):
     """How something a node was asked to do ended (sent with the next heartbeat)."""
 
     vm: Name
-    action: Literal["run", "migrate", "stop"]
+    action: Literal["run", "migrate", "stop", "hibernate"]
     ok: bool
     code: ErrorCode | None = None
     detail: Annotated[str, StringConstraints(max_length=4000)] = ""
@@ -311,11 +324,20 @@ class Work(BaseModel):
     """One thing a node should do now. Nodes act idempotently: `run` only what their
     peer does not have, `migrate` only what runs there, `stop` only what is there."""
 
-    action: Literal["run", "migrate", "stop"]
+    action: Literal["run", "migrate", "stop", "hibernate"]
     vm: VMSpec
     epoch: int
     to: str | None = None  # migrate: the destination peer's migration address
     to_node: str | None = None
+    restore: bool = False  # run: from its last checkpoint in spec.sync_to
+
+
+class SyncWork(BaseModel):
+    """A VM placed on this node that syncs with checkpoints while it runs here."""
+
+    vm: Name
+    to: str  # s3://BUCKET/PREFIX
+    checkpoint_every: float
 
 
 class GatewayWork(BaseModel):
@@ -329,6 +351,7 @@ class NodeWork(BaseModel):
 
     work: list[Work]
     gateways: list[GatewayWork]
+    syncs: list[SyncWork] = []
 
 
 class PeerEvents(_Request):
@@ -368,6 +391,9 @@ class ControlKind(enum.StrEnum):
     WILL_BE_LOST = "will_be_lost"  # a VM cannot leave in time, or has nowhere to go
     VM_LOST = "vm_lost"  # the deadline passed (or its lost node stays lost) without it
     EVACUATION_FINISHED = "evacuation_finished"
+    HIBERNATING = "hibernating"  # a VM that cannot leave in time goes to its store
+    HIBERNATED = "hibernated"  # it is in its store only, until a node fits
+    RESTORING = "restoring"  # it starts again from its last checkpoint (a new epoch)
 
 
 class ControlEvent(BaseModel):

@@ -27,6 +27,7 @@ from roam.control.models import (
     Registered,
     Registration,
     Report,
+    SyncWork,
     VMPhase,
     VMRecord,
     Work,
@@ -97,7 +98,7 @@ async def heartbeat(fleet: Fleet, name: str, beat: Heartbeat) -> NodeWork:
             continue
         if after is not None and after.status != before.status:
             await _announce(fleet, before, after)
-    return work(await fleet.view(), name)
+    return work(await fleet.view(), name, [vm for vm in beat.vms if vm.state in ELSEWHERE])
 
 
 def observe(vm: VMRecord, node: str, seen: PeerVM | None, cpu_model: str) -> VMRecord | None:
@@ -118,15 +119,16 @@ def observe(vm: VMRecord, node: str, seen: PeerVM | None, cpu_model: str) -> VMR
     elif status.node == node:
         if seen is not None:
             status.peer = seen
-            if status.phase != VMPhase.STOPPING:
+            if status.phase not in (VMPhase.STOPPING, VMPhase.HIBERNATING):
                 status.phase = _PHASES.get(seen.state, status.phase)
             if seen.state == "running":
                 status.started = True
+                status.restore = False
                 status.cpu_model = status.cpu_model or cpu_model
                 if status.phase == VMPhase.RUNNING:
                     status.detail = None
-        elif status.target is not None:
-            return None  # migrating: it settles when the target reports it
+        elif status.target is not None or status.phase == VMPhase.HIBERNATING:
+            return None  # migrating or hibernating: it settles by the report
         elif status.phase == VMPhase.STOPPING or not new.desired.running:
             status.phase, status.node, status.peer = VMPhase.STOPPED, None, None
         elif status.phase == VMPhase.PLACED and not status.started:
@@ -144,7 +146,16 @@ def observe(vm: VMRecord, node: str, seen: PeerVM | None, cpu_model: str) -> VMR
 async def _report(fleet: Fleet, node: str, report: Report) -> None:
     def apply(vm: VMRecord) -> VMRecord | None:
         status = vm.status
-        if status.node != node or report.ok:
+        if status.node != node:
+            return None
+        if report.action == "hibernate" and status.phase == VMPhase.HIBERNATING:
+            if report.ok:  # its last checkpoint is sealed: it waits for a node there
+                status.phase, status.node, status.peer = VMPhase.HIBERNATED, None, None
+                status.restore, status.detail = True, f"hibernated to {vm.spec.store()}"
+            else:  # it runs on where it was
+                status.phase, status.detail = VMPhase.RUNNING, report.detail
+            return vm
+        if report.ok:
             return None
         if report.action == "run" and status.phase == VMPhase.PLACED:
             status.phase, status.detail = VMPhase.FAILED, report.detail
@@ -169,6 +180,14 @@ async def _report(fleet: Fleet, node: str, report: Report) -> None:
         if exc.code != ErrorCode.NOT_FOUND:
             raise
         return
+    if report.action == "hibernate":
+        if after is not None and after.status.phase == VMPhase.HIBERNATED:
+            await fleet.event(ControlKind.HIBERNATED, vm=report.vm, node=node,
+                              detail=after.status.detail)
+        elif after is not None:
+            await fleet.event(ControlKind.VM_FAILED, vm=report.vm, node=node,
+                              detail=f"not hibernated: {report.code}: {report.detail}")
+        return
     if not report.ok:
         kind = (ControlKind.MIGRATION_FAILED if report.action == "migrate"
                 else ControlKind.VM_FAILED)
@@ -192,9 +211,22 @@ async def _announce(fleet: Fleet, before: VMRecord, after: VMRecord) -> None:
             await fleet.event(ControlKind.VM_STOPPED, vm=name, node=before.status.node)
 
 
-def work(view: View, name: str) -> NodeWork:
-    """What node `name` should be doing, by the records in `view`."""
+ELSEWHERE = ("running", "paused")
+"""Peer states of a copy that must stop if its VM is placed on another node."""
+
+
+def work(view: View, name: str, reported: list[PeerVM] | None = None) -> NodeWork:
+    """What node `name` should be doing, by the records in `view`. A copy it `reported`
+    (running or paused) of a VM placed on another node is stopped: e.g. this node was
+    lost, and the VM restarted elsewhere from its checkpoint under a newer epoch."""
     items: list[Work] = []
+    for seen in reported or []:
+        found = view.vms.get(seen.name)
+        if found is None:
+            continue
+        status = found.value.status
+        if status.node is not None and name not in (status.node, status.target):
+            items.append(Work(action="stop", vm=found.value.spec, epoch=status.epoch))
     for vm in (v.value for v in view.vms.values()):
         status = vm.status
         if status.node != name:
@@ -206,12 +238,20 @@ def work(view: View, name: str) -> NodeWork:
             target = view.nodes[status.target].value.registration
             items.append(Work(action="migrate", vm=vm.spec, epoch=status.epoch,
                               to=target.peer, to_node=status.target))
+        elif status.phase == VMPhase.HIBERNATING:
+            items.append(Work(action="hibernate", vm=vm.spec, epoch=status.epoch))
         elif status.phase == VMPhase.PLACED and not status.started:
-            items.append(Work(action="run", vm=vm.spec, epoch=status.epoch))
+            items.append(Work(action="run", vm=vm.spec, epoch=status.epoch,
+                              restore=status.restore))
     underlay = view.nodes[name].value.registration.underlay if name in view.nodes else None
     gateways = [GatewayWork(name=v.value.spec.name, vni=v.value.spec.vni,
                             publish=v.value.spec.publish)
                 for v in view.vms.values()
                 if underlay is not None and v.value.spec.gateway == underlay
                 and v.value.spec.vni is not None]
-    return NodeWork(work=items, gateways=gateways)
+    syncs = [SyncWork(vm=v.spec.name, to=v.spec.sync_to,
+                      checkpoint_every=v.spec.checkpoint_every)
+             for v in (r.value for r in view.vms.values())
+             if v.spec.sync_to is not None and v.status.node == name
+             and v.status.target is None and v.status.phase == VMPhase.RUNNING]
+    return NodeWork(work=items, gateways=gateways, syncs=syncs)

@@ -53,10 +53,12 @@ class Leaving(enum.StrEnum):
     EVACUATED = "evacuated"  # runs elsewhere
     LOST = "lost"  # the deadline passed without it, or it stopped or failed
     GONE = "gone"  # deleted meanwhile
+    HIBERNATING = "hibernating"  # no room or time: its node seals it to its store
+    HIBERNATED = "hibernated"  # in its checkpoint store, restored where a node fits
 
     @property
     def final(self) -> bool:
-        return self in (Leaving.EVACUATED, Leaving.LOST, Leaving.GONE)
+        return self in (Leaving.EVACUATED, Leaving.LOST, Leaving.GONE, Leaving.HIBERNATED)
 
 
 class VMEvacuation(BaseModel):
@@ -89,6 +91,10 @@ class NoticeRecord(BaseModel):
         return [n for n, v in self.vms.items() if v.state == Leaving.EVACUATED]
 
     @property
+    def hibernated(self) -> list[str]:
+        return [n for n, v in self.vms.items() if v.state == Leaving.HIBERNATED]
+
+    @property
     def lost(self) -> list[str]:
         return [n for n, v in self.vms.items() if v.state == Leaving.LOST]
 
@@ -101,6 +107,8 @@ def order(record: NoticeRecord) -> list[str]:
 def summary(record: NoticeRecord) -> str:
     margins = [v.margin_ms for v in record.vms.values() if v.margin_ms is not None]
     text = f"{len(record.evacuated)} evacuated, {len(record.lost)} lost"
+    if record.hibernated:
+        text += f", {len(record.hibernated)} hibernated"
     if margins:
         text += f"; smallest margin {min(margins) / 1000:.1f} s"
     return text

@@ -3,10 +3,11 @@
 Each pass reads the fleet and takes the decisions that only one instance may take, each
 a compare-and-swap on the record it read: mark nodes lost (their VMs `lost`, never
 started elsewhere before roam.control.lost allows it) and back; place pending VMs;
-give drains their next moves (at most `max_parallel` in flight per drained node, highest
-priority first); evacuate nodes under a spot notice (roam.control.evacuation); give
-moves a target; delete records of deleted VMs that run nowhere. Nodes carry the decisions
-out (roam.control.nodes). A pass runs after every change in the store and at least once
+restore hibernated VMs where they fit; give drains their next moves (at most
+`max_parallel` in flight per drained node, highest priority first);
+evacuate nodes under a spot notice (roam.control.evacuation); give moves a target;
+delete records of deleted VMs that run nowhere. Nodes carry the decisions out
+(roam.control.nodes). A pass runs after every change in the store and at least once
 a second; since everything it needs is in the store, a control plane restarted in the
 middle of a drain picks it up where it was.
 """
@@ -120,8 +121,8 @@ class Reconciler:
         view = await self.fleet.view()
         for name, vm in sorted(view.vms.items()):
             record = vm.value
-            if record.status.phase != VMPhase.PENDING or not record.desired.running \
-                    or record.desired.deleted:
+            if record.status.phase not in (VMPhase.PENDING, VMPhase.HIBERNATED) \
+                    or not record.desired.running or record.desired.deleted:
                 continue
             try:
                 node = scheduler.place(record, view)
@@ -131,15 +132,20 @@ class Reconciler:
             cpu = view.nodes[node].value.registration.cpu.model
 
             def placed(r: VMRecord, node: str = node, cpu: str = cpu) -> VMRecord | None:
-                if r.status.phase != VMPhase.PENDING:
+                if r.status.phase not in (VMPhase.PENDING, VMPhase.HIBERNATED):
                     return None
                 r.status.phase, r.status.node, r.status.detail = VMPhase.PLACED, node, None
                 r.status.epoch += 1
                 r.status.started = False
                 r.status.cpu_model = r.spec.cpu_model or r.status.cpu_model or cpu
                 return r
-            await self.fleet.update(Keys.vm(name), VMRecord, placed)
+            updated = await self.fleet.update(Keys.vm(name), VMRecord, placed)
             await self.fleet.event(ControlKind.PLACED, vm=name, node=node)
+            if updated is not None and updated.status.restore:
+                await self.fleet.event(
+                    ControlKind.RESTORING, vm=name, node=node,
+                    detail=f"from its last checkpoint in {record.spec.store()}, "
+                           f"epoch {updated.status.epoch}")
             view = await self.fleet.view()  # the next placement counts this one
 
     async def _drains(self) -> None:

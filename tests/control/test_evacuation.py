@@ -10,7 +10,7 @@ test heartbeats as nodes would, as tests/control/test_api.py does).
   still moves, after those that can make it; at the deadline what has not left is lost.
 - Notices are fuzzed: bad ones are bad requests and change nothing.
 - A lost node's VMs are never started elsewhere; after 2 TTL the control plane says they
-  stay lost (no checkpoints yet).
+  stay lost when they have no checkpoint store (test_checkpoint_store.py: with one).
 """
 
 from __future__ import annotations

@@ -26,22 +26,23 @@ def free_port() -> int:
 
 
 class MotoServer:
-    """`python -m moto.server` on 127.0.0.1. `auth=True`: credentials are checked (and
-    none is valid), for the wrong-credentials fault."""
+    """`python -m moto.server` on 127.0.0.1 (or `host`: an address other namespaces
+    reach). `auth=True`: credentials are checked (and none is valid), for the
+    wrong-credentials fault."""
 
-    def __init__(self, auth: bool = False) -> None:
+    def __init__(self, auth: bool = False, host: str = "127.0.0.1") -> None:
         self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"http://{host}:{self.port}"
         env = {**os.environ, **CREDENTIALS}
         if auth:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-m", "moto.server", "-H", host, "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 30
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((host, self.port), timeout=1).close()
                 break
             except OSError:
                 assert self.process.poll() is None and time.monotonic() < deadline, \
