@@ -22,6 +22,7 @@ import pytest
 
 from roam.peer.client import PEER_SOCKET, PeerClient
 from roam.peer.models import ExecResult, RunRequest, VMInfo
+from roam.peer.network import NetConfig
 from tests.blueprint.boot import short_dir
 from tests.vm.conftest import ROAM, roam, run_dir, snapshot
 
@@ -118,12 +119,17 @@ class Peer:
                 subprocess.run(["umount", "-l", mount], check=False)
 
     def close(self) -> None:
+        lost = self.process.poll() is not None
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+        if lost:  # killed and not restarted: remove the VM networks it left, as a restart would
+            net = NetConfig(directory=self.dir / "net",
+                            prefix=NetConfig.default_prefix(self.dir))
+            asyncio.run(net.host().sweep())
 
 
 def serve_in_background(*args: str, socket: Path) -> subprocess.Popen[str]:
